@@ -1,0 +1,33 @@
+# Two commands that work on a fresh machine:
+#   make demo   -> create .venv, install, build the bundled demo recipe
+#   make test   -> create .venv, install, run the test suite
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+export NO_ALBUMENTATIONS_UPDATE := 1
+export HF_HUB_OFFLINE := 1
+export PYSPARK_PYTHON := $(abspath $(BIN)/python)
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/laionbuild: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools<81" wheel
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(BIN)/laionbuild
+
+demo: setup
+	test -d .dvc || $(BIN)/dvc init --quiet
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/laionbuild build
+	@echo "Demo built: data/dataset, data/embeddings, data/index, data/metrics/funnel.json"
+
+test: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -x -q
+
+bench: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/bench_spine.py
+
+clean:
+	rm -rf data

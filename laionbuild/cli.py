@@ -1,0 +1,158 @@
+"""`laionbuild` command line: compose a recipe, build it with DVC, run one stage, show status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .atomic import atomic_write_text
+from .config import RecipeError, compose, load_params, to_yaml
+from .layout import GLOBAL_STAGES, PART_DIRS, PER_PART_STAGES, STAGES, part_of
+
+log = logging.getLogger("laionbuild")
+
+
+def _dvc(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
+    """Run DVC from this environment, with this environment's bin first on PATH so the stage
+    commands in dvc.yaml (`laionbuild stage ...`) resolve to this installation."""
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return subprocess.run([sys.executable, "-m", "dvc", *args], env=env, text=True,
+                          capture_output=capture, check=False)
+
+
+def prune_stale_parts(parts: list[int]) -> list[Path]:
+    """Remove workspace outputs of parts no longer in the recipe. They stay in DVC's cache (and
+    come back from it when the part is added again); removing them keeps the global stages'
+    directory dependencies equal to a build that never had the part, so DVC's run-cache can
+    restore their outputs instead of recomputing."""
+    removed = []
+    for directory in PART_DIRS.values():
+        if not directory.is_dir():
+            continue
+        for child in sorted(directory.iterdir()):
+            part = part_of(child)
+            if part is not None and part not in parts:
+                shutil.rmtree(child)
+                removed.append(child)
+    return removed
+
+
+def cmd_compose(args) -> int:
+    cfg = compose(args.overrides, conf_dir=args.conf_dir)
+    atomic_write_text(args.output, to_yaml(cfg))
+    for path in prune_stale_parts(list(cfg.subset.parts)):
+        log.info("removed %s from the workspace (part not in subset.parts; kept in DVC's cache)", path)
+    print(f"wrote {args.output} (recipe={cfg.recipe.name}, parts={list(cfg.subset.parts)})")
+    return 0
+
+
+def cmd_build(args) -> int:
+    cmd_compose(args)
+    repro = ["repro"]
+    if args.force:
+        repro.append("--force")
+    if args.stage:
+        if args.stage not in STAGES and args.stage.split("@")[0] not in STAGES:
+            raise RecipeError(f"--stage: unknown stage `{args.stage}`; stages: {', '.join(STAGES)}")
+        repro.append(args.stage)
+    return _dvc(*repro).returncode
+
+
+def cmd_stage(args) -> int:
+    from .stages import run_stage
+
+    cfg = load_params(args.params)
+    run_stage(args.name, cfg, args.part)
+    return 0
+
+
+def stage_status() -> list[tuple[str, str]]:
+    """(stage name as DVC knows it, built|stale|missing) for every stage of params.yaml's recipe."""
+    import yaml
+
+    cfg = load_params("params.yaml")
+    lock = {}
+    if Path("dvc.lock").exists():
+        lock = (yaml.safe_load(Path("dvc.lock").read_text()) or {}).get("stages", {})
+    result = _dvc("status", "--json", capture=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"dvc status failed: {result.stderr.strip()}")
+    changed = json.loads(result.stdout or "{}")
+    names = [f"{s}@{p}" for s in PER_PART_STAGES for p in cfg.subset.parts] + list(GLOBAL_STAGES)
+    rows = []
+    for name in names:
+        if name not in lock:
+            state = "missing"
+        elif name in changed:
+            deleted = any(
+                isinstance(entry, dict) and any(v == "deleted" for d in entry.values() if isinstance(d, dict)
+                                                for v in d.values())
+                for entry in changed[name])
+            state = "missing" if deleted else "stale"
+        else:
+            state = "built"
+        rows.append((name, state))
+    return rows
+
+
+def cmd_status(args) -> int:
+    rows = stage_status()
+    width = max(len(n) for n, _ in rows)
+    for name, state in rows:
+        print(f"{name:<{width}}  {state}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="laionbuild", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def overrides(p):
+        p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. recipe=demo select.min_clip_similarity=0.3")
+        p.add_argument("--conf-dir", default="conf", help="config directory (default: conf)")
+        p.add_argument("--output", default="params.yaml", help="where to write the composed recipe")
+
+    p = sub.add_parser("compose", help="compose conf/ into params.yaml (validated)")
+    overrides(p)
+    p.set_defaults(func=cmd_compose)
+
+    p = sub.add_parser("build", help="compose, then `dvc repro`")
+    overrides(p)
+    p.add_argument("--stage", help="build only up to this stage (e.g. embed, embed@0, select)")
+    p.add_argument("--force", action="store_true", help="rerun stages even if up to date")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
+    p.add_argument("name", choices=STAGES)
+    p.add_argument("--part", type=int, help="part id, for per-part stages")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("status", help="per stage and part: built / stale / missing")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RecipeError as exc:
+        print(f"laionbuild: error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"laionbuild: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

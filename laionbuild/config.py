@@ -1,0 +1,267 @@
+"""The recipe schema: one dataclass per config group, mirrored by `conf/<group>/<option>.yaml`.
+
+Hydra composes the YAML; this module types it. Every composed recipe and every `params.yaml`
+a stage loads goes through `load_config`/`validate`, because DVC's own Hydra composition
+(`dvc exp run -S ...`) writes `params.yaml` without our code in the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+GROUPS = ("recipe", "source", "subset", "prepare", "download", "embed", "tag", "select", "assemble", "index", "engine")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be built. The message names the key (and file) at fault."""
+
+
+@dataclass
+class RecipeInfo:
+    name: str = "unnamed"
+    description: str = ""
+
+
+@dataclass
+class SourceConfig:
+    name: str = "custom"
+    # Any fsspec URL or a path relative to the project root.
+    base_url: str = ""
+    # File name of part N inside base_url, formatted with `part=N`.
+    part_pattern: str = "part-{part:05d}.parquet"
+    num_parts: int = 1
+    format: str = "parquet"  # parquet | csv | tsv | jsonl
+    # canonical column -> column in the source files (url and caption are required).
+    columns: Dict[str, str] = field(default_factory=lambda: {"url": "url", "caption": "caption"})
+
+
+@dataclass
+class SubsetConfig:
+    name: str = "all"
+    parts: List[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
+class PrepareConfig:
+    # Rows with equal values in these canonical columns are duplicates; the first one wins.
+    dedup_keys: List[str] = field(default_factory=lambda: ["url", "caption"])
+    # Drop rows whose NSFW tag is "NSFW" (rows with a missing tag are kept).
+    drop_nsfw: bool = True
+
+
+@dataclass
+class LocalServerConfig:
+    # URLs on this host are served from `root` on 127.0.0.1 while the download stage runs.
+    host: Optional[str] = None
+    root: Optional[str] = None
+
+
+@dataclass
+class DownloadConfig:
+    image_size: int = 256
+    resize_mode: str = "border"  # no | border | keep_ratio | keep_ratio_largest | center_crop
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    number_sample_per_shard: int = 10000
+    processes_count: int = 2
+    thread_count: int = 32
+    timeout: int = 10
+    retries: int = 0
+    min_image_size: int = 0
+    max_aspect_ratio: Optional[float] = None  # None: no limit
+    compute_hash: Optional[str] = "sha256"
+    local_server: LocalServerConfig = field(default_factory=LocalServerConfig)
+
+
+@dataclass
+class EmbedConfig:
+    model: str = "ViT-B-32"  # any open_clip architecture
+    # An open_clip pretrained tag (e.g. laion2b_s34b_b79k), a local checkpoint path, or
+    # `random` (seeded untrained weights: offline, and labelled untrained in every output).
+    pretrained: str = "laion2b_s34b_b79k"
+    seed: int = 0
+    batch_size: int = 64
+    num_prepro_workers: int = 2
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class TagConfig:
+    # Which tags the tag stage computes. clip_similarity and the image sizes are always there.
+    clip_similarity: bool = True
+
+
+@dataclass
+class SelectConfig:
+    # Keep samples whose CLIP image-text cosine is >= this (None: no CLIP rule).
+    min_clip_similarity: Optional[float] = None
+
+
+@dataclass
+class AssembleConfig:
+    samples_per_shard: int = 10000
+    embeddings_per_file: int = 1_000_000
+
+
+@dataclass
+class IndexConfig:
+    index_key: Optional[str] = None  # None: autofaiss picks one
+    metric_type: str = "ip"
+    max_index_memory_usage: str = "4G"
+    current_memory_available: str = "8G"
+    max_index_query_time_ms: float = 10.0
+    nb_cores: Optional[int] = None
+
+
+@dataclass
+class EngineConfig:
+    name: str = "local"  # local | spark
+    master: str = "local[2]"
+
+
+@dataclass
+class Config:
+    recipe: RecipeInfo = field(default_factory=RecipeInfo)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    subset: SubsetConfig = field(default_factory=SubsetConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    tag: TagConfig = field(default_factory=TagConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    assemble: AssembleConfig = field(default_factory=AssembleConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
+SOURCE_FORMATS = ("parquet", "csv", "tsv", "jsonl")
+ENCODE_FORMATS = ("jpg", "png", "webp")
+CANONICAL_REQUIRED = ("url", "caption")
+CANONICAL_COLUMNS = ("url", "caption", "sample_id", "width", "height", "license", "nsfw", "similarity")
+
+
+def _check(condition: bool, key: str, message: str, where: str) -> None:
+    if not condition:
+        raise RecipeError(f"{where}: invalid value for `{key}`: {message}")
+
+
+def validate(cfg: Config | DictConfig, where: str = "recipe") -> None:
+    """Range and cross-field checks that types alone cannot express."""
+    c = cfg
+    _check(bool(c.source.base_url), "source.base_url", "must be set (a path or fsspec URL)", where)
+    _check(c.source.num_parts >= 1, "source.num_parts", f"must be >= 1, got {c.source.num_parts}", where)
+    _check(c.source.format in SOURCE_FORMATS, "source.format", f"must be one of {SOURCE_FORMATS}", where)
+    try:
+        c.source.part_pattern.format(part=0)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise RecipeError(f"{where}: invalid value for `source.part_pattern`: {exc!r}; use {{part}}") from None
+    for canonical in CANONICAL_REQUIRED:
+        _check(canonical in c.source.columns, f"source.columns.{canonical}", "is required", where)
+    for canonical in c.source.columns:
+        _check(canonical in CANONICAL_COLUMNS, f"source.columns.{canonical}",
+               f"unknown canonical column; known: {CANONICAL_COLUMNS}", where)
+
+    parts = list(c.subset.parts)
+    _check(len(parts) > 0, "subset.parts", "must not be empty", where)
+    _check(len(set(parts)) == len(parts), "subset.parts", f"has repeated part ids: {parts}", where)
+    for part in parts:
+        _check(0 <= part < c.source.num_parts, "subset.parts",
+               f"part {part} does not exist in source `{c.source.name}` (parts 0..{c.source.num_parts - 1})", where)
+
+    for key in c.prepare.dedup_keys:
+        _check(key in CANONICAL_COLUMNS, "prepare.dedup_keys", f"`{key}` is not a canonical column", where)
+
+    d = c.download
+    _check(d.resize_mode in RESIZE_MODES, "download.resize_mode", f"must be one of {RESIZE_MODES}", where)
+    _check(d.encode_format in ENCODE_FORMATS, "download.encode_format", f"must be one of {ENCODE_FORMATS}", where)
+    _check(d.image_size > 0, "download.image_size", f"must be > 0, got {d.image_size}", where)
+    _check(0 <= d.encode_quality <= 100, "download.encode_quality", "must be in [0, 100]", where)
+    _check(d.number_sample_per_shard > 0, "download.number_sample_per_shard", "must be > 0", where)
+    _check(d.processes_count > 0, "download.processes_count", "must be > 0", where)
+    _check(d.thread_count > 0, "download.thread_count", "must be > 0", where)
+    _check(d.timeout > 0, "download.timeout", "must be > 0", where)
+    _check(d.retries >= 0, "download.retries", "must be >= 0", where)
+    _check(d.min_image_size >= 0, "download.min_image_size", f"must be >= 0, got {d.min_image_size}", where)
+    _check(d.max_aspect_ratio is None or d.max_aspect_ratio >= 1, "download.max_aspect_ratio", "must be >= 1", where)
+    _check((d.local_server.host is None) == (d.local_server.root is None), "download.local_server",
+           "set both host and root, or neither", where)
+
+    e = c.embed
+    _check(bool(e.model), "embed.model", "must name an open_clip architecture", where)
+    _check(bool(e.pretrained), "embed.pretrained", "must be a pretrained tag, a checkpoint path or `random`", where)
+    _check(e.batch_size > 0, "embed.batch_size", "must be > 0", where)
+    _check(e.num_prepro_workers >= 0, "embed.num_prepro_workers", "must be >= 0", where)
+    _check(e.device == "auto" or e.device == "cpu" or e.device.startswith("cuda"), "embed.device",
+           "must be auto, cpu, cuda or cuda:N", where)
+
+    threshold = c.select.min_clip_similarity
+    _check(threshold is None or (-1.0 <= threshold <= 1.0 and not math.isnan(threshold)),
+           "select.min_clip_similarity", f"a cosine similarity must be in [-1, 1], got {threshold}", where)
+
+    _check(c.assemble.samples_per_shard > 0, "assemble.samples_per_shard", "must be > 0", where)
+    _check(c.assemble.embeddings_per_file > 0, "assemble.embeddings_per_file", "must be > 0", where)
+    _check(c.index.metric_type in ("ip", "l2"), "index.metric_type", "must be ip or l2", where)
+    _check(c.index.nb_cores is None or c.index.nb_cores > 0, "index.nb_cores", "must be > 0", where)
+    _check(c.index.max_index_query_time_ms > 0, "index.max_index_query_time_ms", "must be > 0", where)
+    _check(c.engine.name in ("local", "spark"), "engine.name", "must be local or spark", where)
+
+
+def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    reason = str(exc).splitlines()[0]
+    return f"invalid key `{key}`: {reason}" if key else reason
+
+
+def to_config(raw: Dict[str, Any] | DictConfig, where: str = "recipe") -> Config:
+    """Type-check `raw` against the schema (unknown keys, wrong types) then range-check it."""
+    try:
+        schema = OmegaConf.structured(Config)
+        merged = OmegaConf.merge(schema, raw)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise RecipeError(f"{where}: {_omegaconf_message(exc)}") from None
+    validate(cfg, where)
+    return cfg
+
+
+def load_params(path: str | Path = "params.yaml") -> Config:
+    """Load and validate the composed recipe a DVC stage runs with."""
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(f"{path}: not found; run `laionbuild compose` first")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as exc:  # YAML syntax errors come in many types
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, DictConfig):
+        raise RecipeError(f"{path}: expected a mapping of config groups at the top level")
+    # DVC's Hydra composition may leave Hydra's own keys out but never adds others.
+    return to_config(raw, where=str(path))
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def compose(overrides: List[str], conf_dir: str | Path = "conf", config_name: str = "config") -> Config:
+    """Compose `conf/config.yaml` with Hydra override grammar, then validate."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    conf_dir = Path(conf_dir).resolve()
+    if not (conf_dir / f"{config_name}.yaml").exists():
+        raise RecipeError(f"{conf_dir / (config_name + '.yaml')}: not found")
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            raw = hydra_compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise RecipeError(f"composing {conf_dir}: {str(exc).splitlines()[0]}") from None
+    return to_config(raw, where=f"recipe composed from {conf_dir.name}/ with overrides {list(overrides)}")

@@ -1,0 +1,48 @@
+"""Where every stage reads and writes. `dvc.yaml` declares the same paths.
+
+Per-part stages write one directory per part (`data/<stage dir>/part_N/`), each with a
+`stats.json` of the counts that stage contributes to the funnel. Global stages write one
+directory. Unfinished work lives under `data/.tmp/` (atomic renames) and `data/.work/`
+(resumable scratch, e.g. img2dataset's shards of a part being downloaded); both are ignored by
+git and DVC and never sit inside a stage's dependency.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DATA = Path("data")
+TMP = DATA / ".tmp"
+WORK = DATA / ".work"
+
+# per-part stage -> output directory under data/
+PART_DIRS = {
+    "fetch": DATA / "raw",
+    "prepare": DATA / "prepared",
+    "download": DATA / "images",
+    "embed": DATA / "embed",
+    "tag": DATA / "tags",
+}
+PER_PART_STAGES = tuple(PART_DIRS)
+GLOBAL_STAGES = ("select", "assemble", "index", "report")
+STAGES = PER_PART_STAGES + GLOBAL_STAGES
+
+SELECTED = DATA / "selected"
+DATASET = DATA / "dataset"
+EMBEDDINGS = DATA / "embeddings"
+INDEX = DATA / "index"
+METRICS = DATA / "metrics"
+FUNNEL = METRICS / "funnel.json"
+STATS_FILE = "stats.json"
+
+
+def part_dir(stage: str, part: int) -> Path:
+    return PART_DIRS[stage] / f"part_{part}"
+
+
+def part_of(path: Path) -> int | None:
+    """`data/raw/part_7` -> 7; None for anything else."""
+    name = path.name
+    if name.startswith("part_") and name[5:].isdigit():
+        return int(name[5:])
+    return None

@@ -1,0 +1,25 @@
+"""One module per stage. Each exposes `run(cfg, part)` (per-part stages) or `run(cfg)` (global
+stages): a plain function of its inputs, its param section and its outputs, so the DVC command,
+a test and an engine's executor all call it the same way."""
+
+from __future__ import annotations
+
+import importlib
+
+from ..layout import GLOBAL_STAGES, PER_PART_STAGES
+
+
+def run_stage(name: str, cfg, part: int | None = None) -> None:
+    if name not in PER_PART_STAGES + GLOBAL_STAGES:
+        raise ValueError(f"unknown stage `{name}`; stages: {', '.join(PER_PART_STAGES + GLOBAL_STAGES)}")
+    module = importlib.import_module(f"laionbuild.stages.{name}")
+    if name in PER_PART_STAGES:
+        if part is None:
+            raise ValueError(f"stage `{name}` runs per part: pass --part N")
+        if part not in cfg.subset.parts:
+            raise ValueError(f"part {part} is not in subset.parts {list(cfg.subset.parts)}")
+        module.run(cfg, part)
+    else:
+        if part is not None:
+            raise ValueError(f"stage `{name}` is global: it takes no --part")
+        module.run(cfg)

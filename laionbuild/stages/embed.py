@@ -1,0 +1,102 @@
+"""embed: clip-retrieval inference over one part's shards -> image and text embeddings in
+clip-retrieval's layout (`data/embed/part_N/{img_emb,text_emb,metadata}/..._0.npy|parquet`),
+rows sorted in download order (clip_inference's prepro workers interleave shards), plus
+`model.json` saying which weights made them (and whether they are untrained)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..atomic import atomic_dir, read_json, write_json
+from ..funnel import Counts
+from ..layout import TMP, part_dir
+from ..models import describe, resolve
+from .download import KEY_COLUMN, shard_files
+
+log = logging.getLogger(__name__)
+METADATA_COLUMNS = ["image_path", "caption", KEY_COLUMN, "url", "width", "height", "original_width",
+                    "original_height"]
+
+
+def _select_device(device: str) -> None:
+    # clip_inference picks CUDA whenever it is visible; hide it for cpu, narrow it for cuda:N.
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif device.startswith("cuda:"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+
+
+def _brace_pattern(shards: list[Path]) -> str:
+    """clip_inference takes webdataset inputs as one brace pattern (it brace-expands a string)."""
+    stems = [p.stem for p in shards]
+    expected = [f"{i:0{len(stems[0])}d}" for i in range(int(stems[0]), int(stems[0]) + len(stems))]
+    if stems != expected:
+        raise RuntimeError(f"{shards[0].parent}: shard names are not contiguous: {stems}")
+    if len(stems) == 1:
+        return str(shards[0])
+    return f"{shards[0].parent}/{{{stems[0]}..{stems[-1]}}}.tar"
+
+
+def write_part(out: Path, img: np.ndarray, text: np.ndarray, metadata: pd.DataFrame) -> None:
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (out / sub).mkdir()
+    np.save(out / "img_emb" / "img_emb_0.npy", img)
+    np.save(out / "text_emb" / "text_emb_0.npy", text)
+    metadata.to_parquet(out / "metadata" / "metadata_0.parquet", index=False)
+
+
+def run(cfg, part: int) -> None:
+    _select_device(cfg.embed.device)
+    from clip_retrieval.clip_inference.main import main as clip_inference
+
+    shards = shard_files(part_dir("download", part))
+    downloaded = read_json(part_dir("download", part) / "stats.json")["counts"]["downloaded_ok"]
+    model = resolve(cfg.embed)
+    counts = Counts()
+    with atomic_dir(part_dir("embed", part)) as out:
+        if downloaded == 0:
+            dim = None
+            img = np.zeros((0, 0), np.float32)
+            text = np.zeros((0, 0), np.float32)
+            metadata = pd.DataFrame({c: pd.Series(dtype="object") for c in METADATA_COLUMNS})
+        else:
+            raw = TMP / f"clip_inference.part_{part}.{os.getpid()}"
+            clip_inference(
+                input_dataset=_brace_pattern(shards),
+                output_folder=str(raw),
+                input_format="webdataset",
+                enable_text=True,
+                enable_image=True,
+                enable_metadata=True,
+                batch_size=cfg.embed.batch_size,
+                # clip_inference hangs when a DataLoader worker gets no shard
+                num_prepro_workers=min(cfg.embed.num_prepro_workers, len(shards)),
+                clip_model=model.clip_model,
+                use_jit=False,
+                output_partition_count=1,
+                distribution_strategy="sequential",
+            )
+            img = np.load(raw / "img_emb" / "img_emb_0.npy")
+            text = np.load(raw / "text_emb" / "text_emb_0.npy")
+            metadata = pd.read_parquet(raw / "metadata" / "metadata_0.parquet")
+            # img2dataset keys are shard*10^k+index: sorting them restores download order
+            order = np.argsort(metadata["image_path"].to_numpy(), kind="stable")
+            img, text = img[order], text[order]
+            metadata = metadata.iloc[order].reset_index(drop=True)
+            metadata = metadata[[c for c in METADATA_COLUMNS if c in metadata.columns]]
+            import shutil
+
+            shutil.rmtree(raw, ignore_errors=True)
+            dim = int(img.shape[1])
+        write_part(out, img, text, metadata)
+        counts.set("embedded", len(metadata))
+        counts.save(out)
+        write_json(out / "model.json", {**describe(model), "dim": dim})
+    if len(metadata) != downloaded:
+        log.warning("part %d: %d downloaded samples but %d embedded (unreadable images are skipped)",
+                    part, downloaded, len(metadata))

@@ -1,0 +1,45 @@
+"""select: one vectorised query over all parts' tag tables keeps the samples that pass every rule
+of `select` (`data/selected/selected.parquet`: part, key, in build order). It never recomputes a
+tag, so sweeping a threshold costs a scan of the tag columns."""
+
+from __future__ import annotations
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..atomic import atomic_dir
+from ..funnel import Counts
+from ..layout import SELECTED, part_dir
+
+
+def rules(select_cfg) -> list[tuple[str, str]]:
+    """(name, SQL predicate over tag columns) for every active rule, in funnel order."""
+    out = []
+    if select_cfg.min_clip_similarity is not None:
+        out.append(("min_clip_similarity", f"clip_similarity >= {float(select_cfg.min_clip_similarity)!r}"))
+    return out
+
+
+def load_tags(parts) -> pa.Table:
+    tables = [pq.read_table(part_dir("tag", p) / "tags.parquet") for p in parts]
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def run(cfg) -> None:
+    tags = load_tags(cfg.subset.parts)
+    con = duckdb.connect()
+    con.register("tags", tags)
+    con.execute("CREATE TEMP TABLE candidates AS SELECT *, row_number() OVER () AS _row FROM tags")
+    counts = Counts()
+    counts.set("tagged", tags.num_rows)
+    for name, predicate in rules(cfg.select):
+        con.execute(f"DELETE FROM candidates WHERE NOT coalesce({predicate}, false)")
+        counts.set(f"after_{name}", con.execute("SELECT count(*) FROM candidates").fetchone()[0])
+    selected = con.execute("SELECT part, key FROM candidates ORDER BY _row").arrow()
+    if hasattr(selected, "read_all"):
+        selected = selected.read_all()
+    counts.set("selected", selected.num_rows)
+    with atomic_dir(SELECTED) as out:
+        pq.write_table(selected, out / "selected.parquet")
+        counts.save(out, rules=[name for name, _ in rules(cfg.select)])

@@ -1,0 +1,44 @@
+"""tag: per-sample tag table of one part (`data/tags/part_N/tags.parquet`): `clip_similarity`
+(cosine of the image and text embeddings) and the image's original width/height. Tags are
+computed once per part; selection only queries them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..atomic import atomic_dir
+from ..funnel import Counts
+from ..layout import part_dir
+from .download import KEY_COLUMN
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if len(a) == 0:
+        return np.zeros(0, np.float32)
+    a = a.astype(np.float32)
+    b = b.astype(np.float32)
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return np.einsum("ij,ij->i", a, b)
+
+
+def run(cfg, part: int) -> None:
+    embed_dir = part_dir("embed", part)
+    img = np.load(embed_dir / "img_emb" / "img_emb_0.npy")
+    text = np.load(embed_dir / "text_emb" / "text_emb_0.npy")
+    metadata = pd.read_parquet(embed_dir / "metadata" / "metadata_0.parquet")
+    tags = pa.table({
+        "key": pa.array(metadata[KEY_COLUMN].astype(str).tolist(), pa.string()),
+        "part": pa.array(np.full(len(metadata), part, np.int32)),
+        "clip_similarity": pa.array(cosine(img, text), pa.float32()),
+        "width": pa.array(metadata.get("original_width", pd.Series(dtype="float")).tolist(), pa.int64()),
+        "height": pa.array(metadata.get("original_height", pd.Series(dtype="float")).tolist(), pa.int64()),
+    })
+    counts = Counts()
+    counts.set("tagged", tags.num_rows)
+    with atomic_dir(part_dir("tag", part)) as out:
+        pq.write_table(tags, out / "tags.parquet")
+        counts.save(out)
