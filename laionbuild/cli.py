@@ -27,6 +27,42 @@ def _dvc(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
                           capture_output=capture, check=False)
 
 
+def clear_dead_dvc_locks(dvc_dir: Path = Path(".dvc")) -> list[int]:
+    """Drop entries of dead processes from DVC's rwlock, so a build killed with SIGKILL can be
+    rerun. DVC does this itself, except for zombies: a killed `dvc repro` whose parent died too
+    stays a zombie where PID 1 does not reap (containers), and DVC takes it for alive."""
+    import psutil
+    from dvc.fs import localfs
+    from dvc.rwlock import _edit_rwlock
+
+    tmp_dir = dvc_dir / "tmp"
+    if not (tmp_dir / "rwlock").exists():
+        return []
+
+    def dead(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    cleared: set[int] = set()
+    with _edit_rwlock(str(tmp_dir), localfs, False) as lock:
+        for path, info in list(lock["write"].items()):
+            if dead(info["pid"]):
+                cleared.add(info["pid"])
+                del lock["write"][path]
+        for path, infos in list(lock["read"].items()):
+            alive = [i for i in infos if not dead(i["pid"])]
+            cleared.update(i["pid"] for i in infos if i not in alive)
+            if alive:
+                lock["read"][path] = alive
+            else:
+                del lock["read"][path]
+    if cleared:
+        log.warning("cleared DVC locks of killed processes %s", sorted(cleared))
+    return sorted(cleared)
+
+
 def prune_stale_parts(parts: list[int]) -> list[Path]:
     """Remove workspace outputs of parts no longer in the recipe. They stay in DVC's cache (and
     come back from it when the part is added again); removing them keeps the global stages'
@@ -55,6 +91,7 @@ def cmd_compose(args) -> int:
 
 def cmd_build(args) -> int:
     cmd_compose(args)
+    clear_dead_dvc_locks()
     repro = ["repro"]
     if args.force:
         repro.append("--force")

@@ -121,8 +121,8 @@ class IndexConfig:
 
 @dataclass
 class EngineConfig:
-    name: str = "local"  # local | spark
-    master: str = "local[2]"
+    name: str = "local"  # only the embedded local engine so far
+
 
 
 @dataclass
@@ -210,7 +210,8 @@ def validate(cfg: Config | DictConfig, where: str = "recipe") -> None:
     _check(c.index.metric_type in ("ip", "l2"), "index.metric_type", "must be ip or l2", where)
     _check(c.index.nb_cores is None or c.index.nb_cores > 0, "index.nb_cores", "must be > 0", where)
     _check(c.index.max_index_query_time_ms > 0, "index.max_index_query_time_ms", "must be > 0", where)
-    _check(c.engine.name in ("local", "spark"), "engine.name", "must be local or spark", where)
+    _check(c.engine.name == "local", "engine.name",
+           f"`{c.engine.name}` is not available; only the embedded `local` engine is implemented so far", where)
 
 
 def _omegaconf_message(exc: OmegaConfBaseException) -> str:

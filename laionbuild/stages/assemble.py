@@ -1,5 +1,5 @@
 """assemble: the final dataset of the selected samples, in build order (part order, then
-download order):
+key order):
 
 - `data/dataset/NNNNN.tar` webdataset shards (`KEY.jpg`, `KEY.txt`, `KEY.json` with key, url,
   caption and tags) + `NNNNN.parquet` with the same metadata;
@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,25 +36,25 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _iter_downloaded(part: int):
-    """(our key, image bytes, image extension) of every downloaded sample of a part, in order."""
-    for shard in shard_files(part_dir("download", part)):
-        with tarfile.open(shard) as tar:
+@contextmanager
+def downloaded_images(part: int):
+    """key -> (image bytes loader, extension) over a part's img2dataset shards, which store
+    samples in completion order, not input order."""
+    with ExitStack() as stack:
+        found: dict[str, tuple] = {}
+        for shard in shard_files(part_dir("download", part)):
+            tar = stack.enter_context(tarfile.open(shard))
             members: dict[str, dict[str, tarfile.TarInfo]] = {}
-            order: list[str] = []
             for member in tar.getmembers():
                 stem, _, ext = member.name.partition(".")
-                if stem not in members:
-                    members[stem] = {}
-                    order.append(stem)
-                members[stem][ext] = member
-            for stem in order:
-                files = members[stem]
+                members.setdefault(stem, {})[ext] = member
+            for files in members.values():
                 image_ext = next((e for e in ("jpg", "png", "webp") if e in files), None)
                 if image_ext is None or "json" not in files:
                     continue
-                meta = json.loads(tar.extractfile(files["json"]).read())
-                yield meta[KEY_COLUMN], tar.extractfile(files[image_ext]).read(), image_ext
+                key = json.loads(tar.extractfile(files["json"]).read())[KEY_COLUMN]
+                found[key] = (tar, files[image_ext], image_ext)
+        yield found
 
 
 class _ShardWriter:
@@ -102,7 +103,7 @@ def run(cfg) -> None:
     with atomic_dir(DATASET) as dataset_out, atomic_dir(EMBEDDINGS) as emb_out:
         writer = _ShardWriter(dataset_out, cfg.assemble.samples_per_shard)
         for part in cfg.subset.parts:
-            keys = set(selected.loc[selected["part"] == part, "key"])
+            keys = selected.loc[selected["part"] == part, "key"].tolist()  # in build order
             if not keys:
                 continue
             prepared = pq.read_table(part_dir("prepare", part) / "metadata.parquet").to_pandas().set_index("key")
@@ -113,16 +114,18 @@ def run(cfg) -> None:
             img = np.load(embed_dir / "img_emb" / "img_emb_0.npy", mmap_mode="r")
             text = np.load(embed_dir / "text_emb" / "text_emb_0.npy", mmap_mode="r")
             rows = []
-            for key, image, ext in _iter_downloaded(part):
-                if key not in keys:
-                    continue
-                source = prepared.loc[key]
-                tag_values = {c: _plain(v) for c, v in tags.loc[key].items() if c not in TAG_COLUMNS_SKIP}
-                meta = {"key": key, "part": part, "url": source["url"], "caption": source["caption"],
-                        "tags": tag_values}
-                writer.add(key, image, ext, source["caption"], meta)
-                rows.append(row_of[key])
-                meta_rows.append({"key": key, "url": source["url"], "caption": source["caption"], **tag_values})
+            with downloaded_images(part) as images:
+                for key in keys:
+                    tar, member, ext = images[key]
+                    image = tar.extractfile(member).read()
+                    source = prepared.loc[key]
+                    tag_values = {c: _plain(v) for c, v in tags.loc[key].items() if c not in TAG_COLUMNS_SKIP}
+                    meta = {"key": key, "part": part, "url": source["url"], "caption": source["caption"],
+                            "tags": tag_values}
+                    writer.add(key, image, ext, source["caption"], meta)
+                    rows.append(row_of[key])
+                    meta_rows.append({"key": key, "url": source["url"], "caption": source["caption"],
+                                      **tag_values})
             img_parts.append(np.asarray(img[rows]))
             text_parts.append(np.asarray(text[rows]))
         writer.close()

@@ -1,6 +1,6 @@
 """embed: clip-retrieval inference over one part's shards -> image and text embeddings in
 clip-retrieval's layout (`data/embed/part_N/{img_emb,text_emb,metadata}/..._0.npy|parquet`),
-rows sorted in download order (clip_inference's prepro workers interleave shards), plus
+rows sorted by key (build order), plus
 `model.json` saying which weights made them (and whether they are untrained)."""
 
 from __future__ import annotations
@@ -84,8 +84,9 @@ def run(cfg, part: int) -> None:
             img = np.load(raw / "img_emb" / "img_emb_0.npy")
             text = np.load(raw / "text_emb" / "text_emb_0.npy")
             metadata = pd.read_parquet(raw / "metadata" / "metadata_0.parquet")
-            # img2dataset keys are shard*10^k+index: sorting them restores download order
-            order = np.argsort(metadata["image_path"].to_numpy(), kind="stable")
+            # Build order is our key order (part, then source row). clip_inference's workers
+            # interleave shards, and img2dataset writes a shard in completion order.
+            order = np.argsort(metadata[KEY_COLUMN].astype(str).to_numpy(), kind="stable")
             img, text = img[order], text[order]
             metadata = metadata.iloc[order].reset_index(drop=True)
             metadata = metadata[[c for c in METADATA_COLUMNS if c in metadata.columns]]

@@ -1,0 +1,89 @@
+"""Shared fixtures: real projects (git + DVC) in tmp dirs, built with the real CLI."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# Tiny model and one download process: the same code paths, in seconds instead of minutes.
+FAST = ["embed.model=laionbuild-tiny", "embed.batch_size=16", "download.processes_count=1"]
+PROJECT_FILES = ["conf", "dvc.yaml", "demo", ".dvcignore", ".gitignore"]
+
+
+def build_env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(NO_ALBUMENTATIONS_UPDATE="1", HF_HUB_OFFLINE="1", PYSPARK_PYTHON=sys.executable,
+               DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    return env
+
+
+@dataclass
+class Result:
+    returncode: int
+    output: str
+
+    @property
+    def ran(self) -> list[str]:
+        """Stages DVC actually ran (not skipped, not restored from its cache)."""
+        return re.findall(r"Running stage '([^']+)'", self.output)
+
+    @property
+    def restored(self) -> list[str]:
+        return re.findall(r"Stage '([^']+)' is cached - skipping run", self.output)
+
+
+class Project:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def run(self, *args: str, check: bool = True, timeout: int = 900) -> Result:
+        proc = subprocess.run(list(args), cwd=self.path, env=build_env(), text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=timeout)
+        result = Result(proc.returncode, proc.stdout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-6000:]}")
+        return result
+
+    def laionbuild(self, *args: str, check: bool = True) -> Result:
+        return self.run(str(BIN / "laionbuild"), *args, check=check)
+
+    def build(self, *overrides: str, check: bool = True) -> Result:
+        return self.laionbuild("build", *FAST, *overrides, check=check)
+
+    def dvc(self, *args: str, check: bool = True) -> Result:
+        return self.run(sys.executable, "-m", "dvc", *args, check=check)
+
+    def __truediv__(self, other: str) -> Path:
+        return self.path / other
+
+
+def new_project(path: Path) -> Project:
+    path.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, path / name)
+        else:
+            shutil.copy2(src, path / name)
+    project = Project(path)
+    project.run("git", "init", "-q")
+    project.dvc("init", "-q")
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-qm", "init")
+    return project
+
+
+@pytest.fixture
+def project(tmp_path) -> Project:
+    return new_project(tmp_path / "project")

@@ -1,0 +1,179 @@
+"""The demo recipe end to end on real DVC, img2dataset over loopback HTTP, clip-retrieval and
+autofaiss; then what DVC reruns for each kind of change.
+
+The tests in this module share one built project and run in file order: each step starts from
+the state the previous one left."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from .conftest import new_project
+
+PER_PART = ("fetch", "prepare", "download", "embed", "tag")
+GLOBAL = ["select", "assemble", "index", "report"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    project = new_project(tmp_path_factory.mktemp("demo") / "project")
+    result = project.build("subset.parts=[0,1]")
+    assert sorted(result.ran) == sorted([f"{s}@{p}" for s in PER_PART for p in (0, 1)] + GLOBAL)
+    return project
+
+
+def tree_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def read_dataset(root: Path) -> list[dict]:
+    samples = []
+    for shard in sorted((root / "data" / "dataset").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            files: dict[str, dict[str, bytes]] = {}
+            for member in tar.getmembers():
+                stem, _, ext = member.name.partition(".")
+                files.setdefault(stem, {})[ext] = tar.extractfile(member).read()
+        for key, entry in files.items():
+            assert set(entry) == {"jpg", "txt", "json"}, f"{shard}: sample {key} has {sorted(entry)}"
+            meta = json.loads(entry["json"])
+            assert meta["key"] == key and meta["caption"] == entry["txt"].decode()
+            samples.append({**meta, "shard": shard.name, "jpg": entry["jpg"]})
+    return samples
+
+
+def test_outputs_users_rely_on(built):
+    samples = read_dataset(built.path)
+    keys = [s["key"] for s in samples]
+    assert len(keys) == len(set(keys)) > 0
+    assert all(s["jpg"][:2] == b"\xff\xd8" for s in samples)  # real JPEGs from img2dataset
+    assert all(s["url"].startswith("http://demo.laionbuild.invalid/") for s in samples)
+    assert all("clip_similarity" in s["tags"] and s["tags"]["width"] > 0 for s in samples)
+    shard_meta = pd.concat([pd.read_parquet(p) for p in sorted((built / "data/dataset").glob("*.parquet"))])
+    assert shard_meta["key"].tolist() == keys
+
+    selected = pq.read_table(built / "data/selected/selected.parquet").to_pandas()
+    assert selected["key"].tolist() == keys
+
+    emb_dir = built / "data/embeddings"
+    img = np.load(emb_dir / "img_emb/img_emb_0.npy")
+    text = np.load(emb_dir / "text_emb/text_emb_0.npy")
+    meta = pd.read_parquet(emb_dir / "metadata/metadata_0.parquet")
+    assert img.shape == text.shape == (len(keys), 32)  # laionbuild-tiny's embed_dim
+    assert meta["key"].tolist() == keys
+
+    # rows are the part's own embeddings, realigned to dataset order
+    part0 = pd.read_parquet(built / "data/embed/part_0/metadata/metadata_0.parquet")
+    part0_img = np.load(built / "data/embed/part_0/img_emb/img_emb_0.npy")
+    row = {k: i for i, k in enumerate(part0["laionbuild_key"])}
+    for i, key in enumerate(keys):
+        if key in row:
+            np.testing.assert_array_equal(img[i], part0_img[row[key]])
+
+    index = faiss.read_index(str(built / "data/index/image.index"))
+    assert index.ntotal == len(keys)
+    assert json.loads((built / "data/index/image_infos.json").read_text())["nb vectors"] == len(keys)
+    _, nearest = index.search(img[:5].astype("float32"), 1)
+    assert nearest[:, 0].tolist() == list(range(5))
+
+
+def test_clip_similarity_tag_is_the_cosine_of_the_embeddings(built):
+    tags = pd.read_parquet(built / "data/tags/part_1/tags.parquet")
+    img = np.load(built / "data/embed/part_1/img_emb/img_emb_0.npy").astype(np.float64)
+    text = np.load(built / "data/embed/part_1/text_emb/text_emb_0.npy").astype(np.float64)
+    expected = (img * text).sum(1) / np.linalg.norm(img, axis=1) / np.linalg.norm(text, axis=1)
+    np.testing.assert_allclose(tags["clip_similarity"], expected, atol=1e-5)
+
+
+def test_untrained_weights_are_labelled(built):
+    model = json.loads((built / "data/embed/part_0/model.json").read_text())
+    assert model["untrained"] is True and "UNTRAINED" in model["warning"]
+    assert json.loads((built / "data/metrics/funnel.json").read_text())["untrained_embeddings"] is True
+
+
+def test_funnel_accounts_for_every_row(built):
+    funnel = json.loads((built / "data/metrics/funnel.json").read_text())
+    raw_rows = sum(pq.read_metadata(p).num_rows for p in (built / "data/raw").glob("part_*/*.parquet"))
+    assert funnel["rows_in"] == raw_rows
+    assert funnel["rows_in"] > funnel["after_dedup"] >= funnel["after_nsfw"] == funnel["download_attempted"]
+    assert funnel["downloaded_ok"] + funnel["download_failed"] == funnel["download_attempted"]
+    assert sum(funnel["download_failed_by_reason"].values()) == funnel["download_failed"]
+    assert any("404" in reason for reason in funnel["download_failed_by_reason"])
+    assert funnel["embedded"] == funnel["tagged"] == funnel["downloaded_ok"]
+    assert funnel["tagged"] >= funnel["after_min_clip_similarity"] == funnel["selected"] == funnel["indexed"]
+    assert funnel["selected"] == len(read_dataset(built.path))
+    assert set(funnel["parts"]) == {"0", "1"}
+    # dedup removed exactly the rows with a repeated (URL, TEXT)
+    raws = [pd.read_parquet(p) for p in (built / "data/raw").glob("part_*/*.parquet")]
+    duplicates = sum(len(r) - len(r.drop_duplicates(["URL", "TEXT"])) for r in raws)
+    assert funnel["rows_in"] - funnel["after_dedup"] == duplicates > 0
+    # DVC knows it as a metric
+    metrics = built.dvc("metrics", "show", "--json").output
+    assert '"selected"' in metrics
+
+
+def test_second_repro_runs_no_stage(built):
+    result = built.dvc("repro")
+    assert result.ran == [] and result.restored == []
+    status = built.laionbuild("status").output
+    assert "stale" not in status and "missing" not in status and "select" in status
+
+
+def test_status_shows_stale_stages_after_a_change(built):
+    built.laionbuild("compose", "embed.model=laionbuild-tiny", "embed.batch_size=16", "download.processes_count=1",
+                     "subset.parts=[0,1]", "select.min_clip_similarity=0.5")
+    rows = dict(line.split() for line in built.laionbuild("status").output.strip().splitlines()[-13:])
+    assert rows["select"] == "stale"
+    assert rows["download@0"] == "built" and rows["tag@1"] == "built"
+
+
+def test_threshold_change_reruns_only_select_and_after(built):
+    before = read_dataset(built.path)
+    sims = sorted(s["tags"]["clip_similarity"] for s in before)
+    threshold = sims[len(sims) // 2]  # keeps about half
+    result = built.build("subset.parts=[0,1]", f"select.min_clip_similarity={threshold!r}")
+    assert result.ran == GLOBAL
+    after = read_dataset(built.path)
+    assert 0 < len(after) < len(before)
+    assert all(s["tags"]["clip_similarity"] >= threshold - 1e-6 for s in after)
+    assert faiss.read_index(str(built / "data/index/image.index")).ntotal == len(after)
+
+
+def test_adding_a_part_runs_only_that_part_and_global_stages(built):
+    base = ["subset.parts=[0,1]"]
+    built.build(*base)  # back to the default threshold (restored from the run-cache)
+    digests = {d: tree_digest(built / "data" / d) for d in ("dataset", "embeddings", "index", "selected")}
+    funnel = (built / "data/metrics/funnel.json").read_text()
+
+    added = built.build("subset.parts=[0,1,2]")
+    assert sorted(added.ran) == sorted([f"{s}@2" for s in PER_PART] + GLOBAL)
+    assert set(json.loads((built / "data/metrics/funnel.json").read_text())["parts"]) == {"0", "1", "2"}
+
+    removed = built.build(*base)
+    assert removed.ran == []
+    assert set(GLOBAL) <= set(removed.restored)
+    assert {d: tree_digest(built / "data" / d) for d in digests} == digests
+    assert (built / "data/metrics/funnel.json").read_text() == funnel
+    assert not (built / "data/images/part_2").exists()
+
+
+def test_params_yaml_is_what_dvc_tracks(built):
+    params = yaml.safe_load((built / "params.yaml").read_text())
+    assert params["subset"]["parts"] == [0, 1]
+    lock = yaml.safe_load((built / "dvc.lock").read_text())["stages"]
+    assert set(lock["select"]["params"]["params.yaml"]) == {"subset", "select"}
+    assert set(lock["download@0"]["params"]["params.yaml"]) == {"download"}

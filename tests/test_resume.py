@@ -1,0 +1,65 @@
+"""Killing the build during download and running it again gives the same selected samples as
+an uninterrupted build, with no duplicate keys and without re-downloading finished shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pyarrow.parquet as pq
+
+from .conftest import BIN, FAST, new_project, build_env
+from .imageserver import ImageServer, source_overrides, write_source
+from .test_build import read_dataset
+
+ROWS, PER_SHARD = 60, 6
+
+
+def test_kill_during_download_then_resume(tmp_path):
+    with ImageServer(delay=0.05) as server:
+        source = tmp_path / "source"
+        write_source(source, server.url, ROWS, missing_every=10)
+        overrides = [*source_overrides(source), f"download.number_sample_per_shard={PER_SHARD}",
+                     "download.thread_count=2", "select.min_clip_similarity=null"]
+
+        reference = new_project(tmp_path / "reference")
+        reference.build(*overrides)
+        expected = pq.read_table(reference / "data/selected/selected.parquet")["key"].to_pylist()
+        server.requests.clear()
+
+        project = new_project(tmp_path / "killed")
+        process = subprocess.Popen([str(BIN / "laionbuild"), "build", *FAST, *overrides], cwd=project.path,
+                                   env=build_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+        work = project / "data/.work/download"
+        deadline = time.time() + 300
+        done = []
+        while time.time() < deadline and process.poll() is None:
+            done = list(work.glob("part_0-*/shards/*_stats.json"))
+            if len(done) >= 2:
+                break
+            time.sleep(0.02)
+        assert process.poll() is None, "the build finished before it could be killed"
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        finished_shards = {int(p.name.split("_")[0]) for p in work.glob("part_0-*/shards/*_stats.json")}
+        assert len(finished_shards) >= 2
+        assert not (project / "data/images/part_0").exists()  # no half output that looks complete
+
+        project.build(*overrides)
+        got = pq.read_table(project / "data/selected/selected.parquet")["key"].to_pylist()
+        assert got == expected
+        keys = [s["key"] for s in read_dataset(project.path)]
+        assert keys == expected and len(set(keys)) == len(keys)
+
+        # URLs of shards finished before the kill were not downloaded again
+        for shard in finished_shards:
+            for row in range(shard * PER_SHARD, (shard + 1) * PER_SHARD):
+                path = f"/missing/{row}.jpg" if row % 10 == 0 else f"/img/{row}.jpg"
+                assert server.requests[path] == 1, (shard, path, server.requests[path])
+        funnel = json.loads((project / "data/metrics/funnel.json").read_text())
+        assert funnel["downloaded_ok"] == ROWS - ROWS // 10
+        assert not list((project / "data/.work/download").glob("*"))  # scratch cleaned up
