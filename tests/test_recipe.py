@@ -102,3 +102,12 @@ def test_hand_edited_params_fail_in_the_first_stage_naming_the_key(project):
     assert result.returncode != 0
     assert "select.min_clip_similarity" in result.output
     assert not list((project / "data").glob("*/part_*"))
+
+
+def test_build_up_to_one_stage(project):
+    result = project.build("--stage", "prepare")
+    assert sorted(result.ran) == sorted(f"{s}@{p}" for s in ("fetch", "prepare") for p in (0, 1, 2))
+    assert (project / "data/prepared/part_0/metadata.parquet").exists()
+    assert not (project / "data/images").exists()
+    status = dict(line.split() for line in project.laionbuild("status").output.strip().splitlines()[-19:])
+    assert status["prepare@2"] == "built" and status["download@0"] == "missing" and status["report"] == "missing"
