@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .atomic import atomic_write_text
 from .config import RecipeError, compose, load_params, to_yaml
-from .layout import GLOBAL_STAGES, PART_DIRS, PER_PART_STAGES, STAGES, part_of
+from .layout import PART_DIRS, PER_PART_STAGES, STAGES, part_of
 
 log = logging.getLogger("laionbuild")
 
@@ -122,7 +122,8 @@ def stage_status() -> list[tuple[str, str]]:
     if result.returncode != 0:
         raise RuntimeError(f"dvc status failed: {result.stderr.strip()}")
     changed = json.loads(result.stdout or "{}")
-    names = [f"{s}@{p}" for s in PER_PART_STAGES for p in cfg.subset.parts] + list(GLOBAL_STAGES)
+    names = [f"{s}@{p}" if s in PER_PART_STAGES else s for s in STAGES
+             for p in (cfg.subset.parts if s in PER_PART_STAGES else [None])]
     rows = []
     for name in names:
         if name not in lock:

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-GROUPS = ("recipe", "source", "subset", "prepare", "download", "embed", "tag", "select", "assemble", "index", "engine")
+GROUPS = ("recipe", "source", "subset", "prepare", "dedup", "download", "embed", "tag", "select", "assemble", "index", "engine")
 
 
 class RecipeError(ValueError):
@@ -39,6 +39,14 @@ class SourceConfig:
     format: str = "parquet"  # parquet | csv | tsv | jsonl
     # canonical column -> column in the source files (url and caption are required).
     columns: Dict[str, str] = field(default_factory=lambda: {"url": "url", "caption": "caption"})
+    # An id list picking the rows to keep (fsspec URL or path): `.pth` (torch-saved sequence
+    # indexed by part number, entry i = ids kept from part i: LAION-Face's laion_face_ids.pth),
+    # or a flat `.npy`, `.parquet` (column `ids_column`, or its only column) or `.txt` (one per line).
+    ids_url: Optional[str] = None
+    ids_column: str = "sample_id"  # the canonical column the ids match
+    # fetch: transient errors (5xx, 429, timeouts, dropped connections) are retried with backoff
+    fetch_retries: int = 5
+    fetch_backoff_s: float = 1.0
 
 
 @dataclass
@@ -48,11 +56,38 @@ class SubsetConfig:
 
 
 @dataclass
+class NsfwPolicy:
+    # Rows whose NSFW tag is one of these values are dropped (LAION's tags: UNLIKELY, UNSURE, NSFW).
+    drop: List[str] = field(default_factory=lambda: ["NSFW"])
+    # Drop rows whose tag is missing too (the LAION2B SISAP rule: keep tag present and not NSFW).
+    drop_missing: bool = False
+
+
+@dataclass
 class PrepareConfig:
-    # Rows with equal values in these canonical columns are duplicates; the first one wins.
-    dedup_keys: List[str] = field(default_factory=lambda: ["url", "caption"])
-    # Drop rows whose NSFW tag is "NSFW" (rows with a missing tag are kept).
-    drop_nsfw: bool = True
+    """Per-part metadata filters, applied in this order (after source.ids_url); each is counted."""
+
+    nsfw: NsfwPolicy = field(default_factory=NsfwPolicy)
+    min_similarity: Optional[float] = None  # source `similarity` column (LAION-400M: 0.3, 2B-en: 0.28)
+    min_caption_chars: Optional[int] = None
+    max_caption_chars: Optional[int] = None
+    min_caption_words: Optional[int] = None
+    max_caption_words: Optional[int] = None
+    min_width: Optional[int] = None  # source width/height columns (the image is not fetched yet)
+    min_height: Optional[int] = None
+    max_aspect_ratio: Optional[float] = None  # max(w, h) / min(w, h)
+
+
+@dataclass
+class DedupConfig:
+    """Dedup across all parts of the build: the first occurrence in part order wins."""
+
+    # Equal values in these canonical columns make rows duplicates. [] turns dedup off.
+    keys: List[str] = field(default_factory=lambda: ["url", "caption"])
+    # Keep the captions of merged rows in a list column `captions` (MS-COCO: 5 rows per image).
+    merge_captions: bool = False
+    # DuckDB memory cap for the global dedup; beyond it DuckDB spills to data/.tmp.
+    memory_limit: str = "4GB"
 
 
 @dataclass
@@ -131,6 +166,7 @@ class Config:
     source: SourceConfig = field(default_factory=SourceConfig)
     subset: SubsetConfig = field(default_factory=SubsetConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     tag: TagConfig = field(default_factory=TagConfig)
@@ -168,6 +204,8 @@ def validate(cfg: Config | DictConfig, where: str = "recipe") -> None:
         _check(canonical in CANONICAL_COLUMNS, f"source.columns.{canonical}",
                f"unknown canonical column; known: {CANONICAL_COLUMNS}", where)
 
+    _check(c.source.fetch_retries >= 0, "source.fetch_retries", "must be >= 0", where)
+    _check(c.source.fetch_backoff_s >= 0, "source.fetch_backoff_s", "must be >= 0", where)
     parts = list(c.subset.parts)
     _check(len(parts) > 0, "subset.parts", "must not be empty", where)
     _check(len(set(parts)) == len(parts), "subset.parts", f"has repeated part ids: {parts}", where)
@@ -175,8 +213,30 @@ def validate(cfg: Config | DictConfig, where: str = "recipe") -> None:
         _check(0 <= part < c.source.num_parts, "subset.parts",
                f"part {part} does not exist in source `{c.source.name}` (parts 0..{c.source.num_parts - 1})", where)
 
-    for key in c.prepare.dedup_keys:
-        _check(key in CANONICAL_COLUMNS, "prepare.dedup_keys", f"`{key}` is not a canonical column", where)
+    p = c.prepare
+    _check(p.min_similarity is None or -1 <= p.min_similarity <= 1, "prepare.min_similarity",
+           f"a cosine similarity must be in [-1, 1], got {p.min_similarity}", where)
+    for key in ("min_caption_chars", "max_caption_chars", "min_caption_words", "max_caption_words", "min_width",
+                "min_height"):
+        value = getattr(p, key)
+        _check(value is None or value >= 0, f"prepare.{key}", f"must be >= 0, got {value}", where)
+    _check(p.max_aspect_ratio is None or p.max_aspect_ratio >= 1, "prepare.max_aspect_ratio", "must be >= 1", where)
+    for low, high in (("min_caption_chars", "max_caption_chars"), ("min_caption_words", "max_caption_words")):
+        lo, hi = getattr(p, low), getattr(p, high)
+        _check(lo is None or hi is None or lo <= hi, f"prepare.{low}", f"must be <= prepare.{high}", where)
+    needs = {"min_similarity": "similarity", "min_width": "width", "min_height": "height",
+             "max_aspect_ratio": "width"}
+    for key, column in needs.items():
+        _check(getattr(p, key) is None or column in c.source.columns, f"prepare.{key}",
+               f"needs the source column `{column}` (source.columns.{column} is not mapped)", where)
+    _check(c.source.ids_url is None or c.source.ids_column in c.source.columns, "source.ids_column",
+           f"the id list matches `{c.source.ids_column}`, which source.columns does not map", where)
+
+    for key in c.dedup.keys:
+        _check(key in CANONICAL_COLUMNS, "dedup.keys", f"`{key}` is not a canonical column", where)
+        _check(key in c.source.columns, "dedup.keys", f"`{key}` is not mapped by source.columns", where)
+    _check(not c.dedup.merge_captions or "caption" not in c.dedup.keys, "dedup.merge_captions",
+           "merging captions needs dedup.keys without caption (e.g. [url])", where)
 
     d = c.download
     _check(d.resize_mode in RESIZE_MODES, "download.resize_mode", f"must be one of {RESIZE_MODES}", where)

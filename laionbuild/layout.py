@@ -15,17 +15,20 @@ DATA = Path("data")
 TMP = DATA / ".tmp"
 WORK = DATA / ".work"
 
-# per-part stage -> output directory under data/
+DEDUPED = DATA / "deduped"
+# stage -> directory under data/ holding one part_N/ per part (dedup is global but writes per part)
 PART_DIRS = {
     "fetch": DATA / "raw",
     "prepare": DATA / "prepared",
+    "dedup": DEDUPED,
     "download": DATA / "images",
     "embed": DATA / "embed",
     "tag": DATA / "tags",
 }
-PER_PART_STAGES = tuple(PART_DIRS)
-GLOBAL_STAGES = ("select", "assemble", "index", "report")
-STAGES = PER_PART_STAGES + GLOBAL_STAGES
+PER_PART_STAGES = ("fetch", "prepare", "download", "embed", "tag")
+GLOBAL_STAGES = ("dedup", "select", "assemble", "index", "report")
+# pipeline order: fetch, prepare, dedup, download, embed, tag, select, assemble, index, report
+STAGES = PER_PART_STAGES[:2] + GLOBAL_STAGES[:1] + PER_PART_STAGES[2:] + GLOBAL_STAGES[1:]
 
 SELECTED = DATA / "selected"
 DATASET = DATA / "dataset"

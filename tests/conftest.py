@@ -61,6 +61,11 @@ class Project:
     def build(self, *overrides: str, check: bool = True) -> Result:
         return self.laionbuild("build", *FAST, *overrides, check=check)
 
+    def status(self) -> dict[str, str]:
+        """`laionbuild status` as {stage: built|stale|missing}."""
+        output = self.laionbuild("status").output
+        return dict(re.findall(r"^(\S+)\s+(built|stale|missing)$", output, flags=re.M))
+
     def dvc(self, *args: str, check: bool = True) -> Result:
         return self.run(sys.executable, "-m", "dvc", *args, check=check)
 

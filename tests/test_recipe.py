@@ -109,5 +109,5 @@ def test_build_up_to_one_stage(project):
     assert sorted(result.ran) == sorted(f"{s}@{p}" for s in ("fetch", "prepare") for p in (0, 1, 2))
     assert (project / "data/prepared/part_0/metadata.parquet").exists()
     assert not (project / "data/images").exists()
-    status = dict(line.split() for line in project.laionbuild("status").output.strip().splitlines()[-19:])
+    status = project.status()
     assert status["prepare@2"] == "built" and status["download@0"] == "missing" and status["report"] == "missing"

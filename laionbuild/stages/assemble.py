@@ -106,7 +106,7 @@ def run(cfg) -> None:
             keys = selected.loc[selected["part"] == part, "key"].tolist()  # in build order
             if not keys:
                 continue
-            prepared = pq.read_table(part_dir("prepare", part) / "metadata.parquet").to_pandas().set_index("key")
+            prepared = pq.read_table(part_dir("dedup", part) / "metadata.parquet").to_pandas().set_index("key")
             tags = pq.read_table(part_dir("tag", part) / "tags.parquet").to_pandas().set_index("key")
             embed_dir = part_dir("embed", part)
             emb_meta = pd.read_parquet(embed_dir / "metadata" / "metadata_0.parquet")

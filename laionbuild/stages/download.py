@@ -74,7 +74,7 @@ def shard_files(directory: Path) -> list[Path]:
 def run(cfg, part: int) -> None:
     import img2dataset
 
-    metadata_path = part_dir("prepare", part) / "metadata.parquet"
+    metadata_path = part_dir("dedup", part) / "metadata.parquet"
     table = pq.read_table(metadata_path, columns=["key", "url", "caption"])
     work = WORK / "download" / f"part_{part}-{_fingerprint(cfg, metadata_path)}"
     shards = work / "shards"

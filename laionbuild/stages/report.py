@@ -1,5 +1,5 @@
 """report: `data/metrics/funnel.json` (DVC metrics) — counts at every step, per part and in
-total, read from the stats.json every stage writes: rows in, after dedup, after each filter,
+total, read from the stats.json every stage writes: rows in, after each filter, after dedup,
 downloaded ok, failed by reason, selected, indexed."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from ..atomic import read_json, write_json
 from ..funnel import load_stats
 from ..layout import FUNNEL, INDEX, SELECTED, part_dir
 
-PART_STEPS = ("prepare", "download", "embed", "tag")
+PART_STEPS = ("prepare", "dedup", "download", "embed", "tag")
 
 
 def run(cfg) -> None:

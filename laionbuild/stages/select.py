@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 from ..atomic import atomic_dir
 from ..funnel import Counts
 from ..layout import SELECTED, part_dir
+from ..rules import apply as apply_rules
 
 
 def rules(select_cfg) -> list[tuple[str, str]]:
@@ -33,9 +34,7 @@ def run(cfg) -> None:
     con.execute("CREATE TEMP TABLE candidates AS SELECT *, row_number() OVER () AS _row FROM tags")
     counts = Counts()
     counts.set("tagged", tags.num_rows)
-    for name, predicate in rules(cfg.select):
-        con.execute(f"DELETE FROM candidates WHERE NOT coalesce({predicate}, false)")
-        counts.set(f"after_{name}", con.execute("SELECT count(*) FROM candidates").fetchone()[0])
+    apply_rules(con, "candidates", rules(cfg.select), counts)
     selected = con.execute("SELECT part, key FROM candidates ORDER BY _row").arrow()
     if hasattr(selected, "read_all"):
         selected = selected.read_all()

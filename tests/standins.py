@@ -1,0 +1,61 @@
+"""Generated stand-ins for the real metadata sources: real file names, column names and value
+quirks (NSFW tags UNLIKELY/UNSURE/NSFW/missing, duplicates within and across parts, MS-COCO's
+five rows per image, LAION-Face's per-part id list)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+LAION400M_NAME = "part-{part:05d}-5b54c5d5-bbcf-484d-a2ce-0d6f73df1a36-c000.snappy.parquet"
+LAION400M_SCHEMA = pa.schema([("SAMPLE_ID", pa.int64()), ("URL", pa.string()), ("TEXT", pa.string()),
+                              ("HEIGHT", pa.int32()), ("WIDTH", pa.int32()), ("LICENSE", pa.string()),
+                              ("NSFW", pa.string()), ("similarity", pa.float64())])
+
+
+def laion400m_rows(part: int, rows: int, rng: random.Random) -> list[dict]:
+    out = []
+    for i in range(rows):
+        sid = part * 1_000_000 + i
+        words = " ".join(rng.choice(["a", "red", "cat", "on", "the", "beach", "photo", "of", "dog"])
+                         for _ in range(rng.randint(0, 12)))
+        out.append({
+            "SAMPLE_ID": sid,
+            "URL": f"http://img.example.com/{rng.randint(0, rows * 3)}.jpg",
+            "TEXT": words,
+            "HEIGHT": rng.choice([None, 50, 120, 300, 640, 1000]),
+            "WIDTH": rng.choice([None, 40, 100, 300, 800, 2000]),
+            "LICENSE": rng.choice(["?", "creativecommons.org/licenses/by/4.0/"]),
+            "NSFW": rng.choice(["UNLIKELY", "UNLIKELY", "UNSURE", "NSFW", None]),
+            "similarity": round(rng.uniform(0.25, 0.45), 4),
+        })
+    return out
+
+
+def write_laion400m(directory: Path, parts: int = 3, rows: int = 200, seed: int = 0) -> dict[int, list[dict]]:
+    """Parts with duplicates (same URL and TEXT) inside a part and across parts."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    data = {p: laion400m_rows(p, rows, rng) for p in range(parts)}
+    for p in range(parts):
+        for i in range(0, rows, 17):  # copies of earlier rows of this part and of the previous part
+            source = data[p][rng.randrange(i + 1)] if i else data[p][0]
+            data[p][i] = {**data[p][i], "URL": source["URL"], "TEXT": source["TEXT"]}
+            if p:
+                other = data[p - 1][rng.randrange(rows)]
+                data[p][i + 1] = {**data[p][i + 1], "URL": other["URL"], "TEXT": other["TEXT"]}
+        table = pa.Table.from_pylist(data[p], schema=LAION400M_SCHEMA)
+        pq.write_table(table, directory / LAION400M_NAME.format(part=p))
+    return data
+
+
+def write_mscoco(directory: Path, images: int = 30) -> list[dict]:
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [{"URL": f"http://images.cocodataset.org/train2017/{i:012d}.jpg", "TEXT": f"caption {c} of image {i}",
+             "key": f"{i * 5 + c}"} for i in range(images) for c in range(5)]
+    random.Random(1).shuffle(rows)
+    pq.write_table(pa.Table.from_pylist(rows), directory / "mscoco.parquet")
+    return rows
