@@ -1,0 +1,121 @@
+"""Metadata benchmark on a generated LAION-400M-style part (default 1M rows): dedup on
+(url, caption) keeping the first occurrence + NSFW drop + similarity >= 0.28.
+
+Side by side in one run, each in its own process: the local engine (`laionbuild stage prepare`
+then `laionbuild stage dedup`), and a plain DuckDB script doing the same work. Prints wall time
+and peak RSS above the idle interpreter (whole process tree, sampled), as ratios, plus the
+part's Arrow size. Goals (issue #3): local engine <= 1.2x the plain DuckDB script's time; peak
+RSS above idle <= 2x the part's Arrow size. (The Spark engine is not implemented yet.)
+
+    .venv/bin/python bench/bench_prepare.py [--rows 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+NAME = "part-00000-5b54c5d5-bbcf-484d-a2ce-0d6f73df1a36-c000.snappy.parquet"
+
+
+def generate(path: Path, rows: int) -> pa.Table:
+    rng = random.Random(0)
+    urls = [f"http://img{rng.randrange(1000)}.example.com/{rng.randrange(rows)}.jpg" for _ in range(rows)]
+    texts = [f"caption {rng.randrange(rows // 2)}" for _ in range(rows)]
+    table = pa.table({
+        "SAMPLE_ID": pa.array(range(rows), pa.int64()),
+        "URL": urls,
+        "TEXT": texts,
+        "HEIGHT": pa.array([rng.randrange(50, 2000) for _ in range(rows)], pa.int32()),
+        "WIDTH": pa.array([rng.randrange(50, 2000) for _ in range(rows)], pa.int32()),
+        "LICENSE": ["?"] * rows,
+        "NSFW": [rng.choice(["UNLIKELY", "UNLIKELY", "UNSURE", "NSFW", None]) for _ in range(rows)],
+        "similarity": [rng.uniform(0.2, 0.45) for _ in range(rows)],
+    })
+    pq.write_table(table, path)
+    return table
+
+
+def measure(cmd: list[str], cwd: Path, env: dict) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of the whole process tree."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            total = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+            peak = max(peak, total)
+        except psutil.Error:
+            pass
+        time.sleep(0.01)
+    elapsed = time.perf_counter() - start
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)} failed: {proc.stderr.read()[-3000:]}")
+    return elapsed, peak
+
+
+DUCKDB_SCRIPT = textwrap.dedent("""
+    import sys, duckdb
+    src, dst = sys.argv[1], sys.argv[2]
+    duckdb.sql(f'''COPY (SELECT * FROM (SELECT *, row_number() OVER () AS _row FROM read_parquet('{src}'))
+                      WHERE NSFW IS DISTINCT FROM 'NSFW' AND similarity >= 0.28
+                      QUALIFY row_number() OVER (PARTITION BY URL, TEXT ORDER BY _row) = 1 ORDER BY _row)
+                   TO '{dst}' (FORMAT parquet)''')
+""")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    args = parser.parse_args()
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", NO_ALBUMENTATIONS_UPDATE="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        source = tmp / "source"
+        source.mkdir()
+        table = generate(source / NAME, args.rows)
+        arrow_bytes = table.nbytes
+        project = tmp / "project"
+        project.mkdir()
+        subprocess.run([str(BIN / "laionbuild"), "compose", "--conf-dir", str(ROOT / "conf"), "recipe=laion400m",
+                        f"source.base_url={source}", "subset.parts=[0]", "prepare.min_similarity=0.28"],
+                       cwd=project, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run([str(BIN / "laionbuild"), "stage", "fetch", "--part", "0"], cwd=project, env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, idle = measure([sys.executable, "-c", "import duckdb, pyarrow, time; time.sleep(0.5)"], tmp, env)
+
+        t_prep, m_prep = measure([str(BIN / "laionbuild"), "stage", "prepare", "--part", "0"], project, env)
+        t_dedup, m_dedup = measure([str(BIN / "laionbuild"), "stage", "dedup"], project, env)
+        t_local, m_local = t_prep + t_dedup, max(m_prep, m_dedup)
+        kept_local = pq.read_metadata(project / "data/deduped/part_0/metadata.parquet").num_rows
+
+        script = tmp / "plain_duckdb.py"
+        script.write_text(DUCKDB_SCRIPT)
+        t_duck, m_duck = measure([sys.executable, str(script), str(source / NAME), str(tmp / "out.parquet")], tmp, env)
+        kept_duck = pq.read_metadata(tmp / "out.parquet").num_rows
+
+    mb = 1 << 20
+    print(f"{args.rows} rows, Arrow size {arrow_bytes / mb:.0f} MB; idle interpreter {idle / mb:.0f} MB")
+    print(f"rows kept: local engine {kept_local}, plain DuckDB {kept_duck}")
+    print(f"{'variant':<28}{'seconds':>9}{'peak MB':>10}{'above idle / Arrow':>20}{'time / DuckDB':>15}")
+    for name, t, m in (("local engine (prepare)", t_prep, m_prep), ("local engine (dedup)", t_dedup, m_dedup),
+                       ("local engine (total)", t_local, m_local), ("plain DuckDB script", t_duck, m_duck)):
+        print(f"{name:<28}{t:>9.2f}{m / mb:>10.0f}{(m - idle) / arrow_bytes:>20.2f}{t / t_duck:>15.2f}")
+
+
+if __name__ == "__main__":
+    main()
