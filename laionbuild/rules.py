@@ -1,6 +1,7 @@
-"""Filters as rules: (name, SQL predicate) pairs applied in order to a DuckDB table, each one
-counted the same way (`after_<name>` in the funnel). Prepare's metadata filters and select's
-tag rules both go through here, so every filter reports what it drops."""
+"""Filters as rules: (name, SQL predicate) pairs applied in order, each counted the same way
+(`after_<name>` in the funnel). Prepare's metadata filters and select's tag rules both go
+through here, so every filter reports what it drops. The counts come from one aggregate scan
+and the filter is one WHERE clause: nothing is materialised in between."""
 
 from __future__ import annotations
 
@@ -11,12 +12,25 @@ from .funnel import Counts
 Rule = tuple[str, str]
 
 
-def apply(con, table: str, rules: Iterable[Rule], counts: Counts) -> None:
-    """Delete the rows of `table` failing any rule (a NULL result fails), counting after each."""
-    for name, predicate in rules:
-        con.execute(f"DELETE FROM {table} WHERE NOT coalesce(({predicate}), false)")
-        counts.set(f"after_{name}", con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+def _holds(predicate: str) -> str:
+    return f"coalesce(({predicate}), false)"  # a NULL result fails the rule
 
 
-def sql_string(value: str) -> str:
+def where(rules: Iterable[Rule]) -> str:
+    return " AND ".join(_holds(p) for _, p in rules) or "true"
+
+
+def count(con, relation: str, rules: list[Rule], counts: Counts, rows_name: str | None = None) -> None:
+    """Count the rows of `relation` left after each rule in turn (one scan)."""
+    columns = ["count(*)"]
+    for i in range(len(rules)):
+        columns.append(f"count(*) FILTER (WHERE {where(rules[: i + 1])})")
+    values = con.execute(f"SELECT {', '.join(columns)} FROM {relation}").fetchone()
+    if rows_name:
+        counts.set(rows_name, values[0])
+    for (name, _), value in zip(rules, values[1:]):
+        counts.set(f"after_{name}", value)
+
+
+def sql_string(value) -> str:
     return "'" + str(value).replace("'", "''") + "'"

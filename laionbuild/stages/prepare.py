@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
@@ -22,7 +23,7 @@ from ..atomic import atomic_dir, read_json
 from ..funnel import Counts
 from ..ids import ids_table
 from ..layout import part_dir
-from ..rules import Rule, apply, sql_string
+from ..rules import Rule, count, sql_string, where
 
 log = logging.getLogger(__name__)
 KEY_DIGITS = 9
@@ -44,37 +45,52 @@ def make_key(part: int, row: int) -> str:
     return f"{part:05d}{row:0{KEY_DIGITS}d}"
 
 
-def read_source_file(path: Path, fmt: str) -> pa.Table:
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def source_relation(con, path: Path, fmt: str) -> tuple[str, pa.Schema, int]:
+    """(SQL relation with a `_row` column = row number in the file, its schema, its row count).
+    Parquet is scanned by DuckDB straight from disk; other formats go through Arrow."""
     try:
         if fmt == "parquet":
-            return pq.read_table(path)
+            metadata = pq.read_metadata(path)
+            schema = metadata.schema.to_arrow_schema()
+            relation = f"(SELECT *, file_row_number AS _row FROM read_parquet({sql_string(path)}, file_row_number=true))"
+            return relation, schema, metadata.num_rows
         if fmt in ("csv", "tsv"):
             delimiter = "," if fmt == "csv" else "\t"
-            return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True))
-        if fmt == "jsonl":
-            return pajson.read_json(path)
+            table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True))
+        elif fmt == "jsonl":
+            table = pajson.read_json(path)
+        else:
+            raise ValueError(f"unknown source.format {fmt}")
     except (pa.ArrowInvalid, OSError) as exc:
         raise ValueError(f"{path}: cannot read as {fmt} (corrupt or truncated?): {exc}") from None
-    raise ValueError(f"unknown source.format {fmt}")
+    table = table.append_column("_row", pa.array(np.arange(table.num_rows)))
+    con.register("source_file", table)
+    return "source_file", table.schema, table.num_rows
 
 
-def canonicalize(table: pa.Table, columns: dict, path: Path, part: int) -> pa.Table:
-    """Rename mapped source columns to canonical names, keep the others, add `key`."""
-    missing = [f"`{src}` (source.columns.{canonical})" for canonical, src in columns.items()
-               if src not in table.column_names]
+def canonical_select(schema: pa.Schema, columns: dict, path: Path, part: int) -> str:
+    """SELECT list: mapped source columns under canonical names, the others kept (renamed
+    `source_<name>` if they would collide), and `key` (5-digit part + 9-digit file row)."""
+    names = [n for n in schema.names if n != "_row"]
+    missing = [f"`{src}` (source.columns.{canonical})" for canonical, src in columns.items() if src not in names]
     if missing:
-        raise ValueError(f"{path}: missing column {', '.join(missing)}; the file has {table.column_names}")
+        raise ValueError(f"{path}: missing column {', '.join(missing)}; the file has {names}")
     for canonical, src in columns.items():
         accepts, kind = COLUMN_TYPES[canonical]
-        found = table.schema.field(src).type
+        found = schema.field(src).type
         if not accepts(found):
             raise ValueError(f"{path}: column `{src}` (source.columns.{canonical}) must hold {kind}, found {found}")
     renamed = {src: canonical for canonical, src in columns.items()}
     taken = set(columns) | {"key", "captions"}
-    names = [renamed.get(name, f"source_{name}" if name in taken else name) for name in table.column_names]
-    table = table.rename_columns(names)
-    keys = pa.array([make_key(part, i) for i in range(table.num_rows)], pa.string())
-    return table.add_column(0, "key", keys)
+    select = [f"printf('%05d%0{KEY_DIGITS}d', {int(part)}, _row) AS key"]
+    for name in names:
+        target = renamed.get(name, f"source_{name}" if name in taken else name)
+        select.append(f"{_quote(name)} AS {_quote(target)}")
+    return ", ".join(select + ["_row"])
 
 
 def rules(cfg, columns: set[str]) -> list[Rule]:
@@ -110,25 +126,23 @@ def run(cfg, part: int) -> None:
     raw_dir = part_dir("fetch", part)
     fetched = read_json(raw_dir / "fetch.json")
     path = raw_dir / fetched["file"]
-    source = read_source_file(path, cfg.source.format)
-    if source.num_rows == 0:
-        raise ValueError(f"{path}: part {part} has no rows")
-    table = canonicalize(source, dict(cfg.source.columns), path, part)
-
-    counts = Counts()
-    counts.set("rows_in", table.num_rows)
     con = duckdb.connect()
-    con.register("source_rows", table)
-    con.execute("CREATE TEMP TABLE rows AS SELECT * FROM source_rows")
+    relation, schema, num_rows = source_relation(con, path, cfg.source.format)
+    if num_rows == 0:
+        raise ValueError(f"{path}: part {part} has no rows")
+    columns = dict(cfg.source.columns)
+    con.execute(f"CREATE TEMP VIEW rows AS SELECT {canonical_select(schema, columns, path, part)} FROM {relation}")
     if cfg.source.ids_url:
         con.register("ids", ids_table(cfg.source.ids_url, part, cfg.source.ids_column,
-                                      table.schema.field(cfg.source.ids_column).type))
-    apply(con, "rows", rules(cfg, set(table.column_names)), counts)
-
-    result = con.execute("SELECT * FROM rows ORDER BY key").arrow()
-    if hasattr(result, "read_all"):
-        result = result.read_all()
+                                      schema.field(columns[cfg.source.ids_column]).type))
+    active = rules(cfg, set(columns))
+    counts = Counts()
     with atomic_dir(part_dir("prepare", part)) as out:
-        pq.write_table(result, out / "metadata.parquet")
+        try:
+            count(con, "rows", active, counts, rows_name="rows_in")
+            con.execute(f"""COPY (SELECT * EXCLUDE (_row) FROM rows WHERE {where(active)} ORDER BY _row)
+                            TO {sql_string(out / 'metadata.parquet')} (FORMAT parquet)""")
+        except duckdb.Error as exc:
+            raise ValueError(f"{path}: {str(exc).splitlines()[0]}") from None
         counts.save(out)
     log.info("prepared part %d: %s", part, dict(counts.values))

@@ -5,13 +5,14 @@ tag, so sweeping a threshold costs a scan of the tag columns."""
 from __future__ import annotations
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..atomic import atomic_dir
 from ..funnel import Counts
 from ..layout import SELECTED, part_dir
-from ..rules import apply as apply_rules
+from ..rules import count, where
 
 
 def rules(select_cfg) -> list[tuple[str, str]]:
@@ -24,21 +25,21 @@ def rules(select_cfg) -> list[tuple[str, str]]:
 
 def load_tags(parts) -> pa.Table:
     tables = [pq.read_table(part_dir("tag", p) / "tags.parquet") for p in parts]
-    return pa.concat_tables(tables) if tables else pa.table({})
+    table = pa.concat_tables(tables)
+    return table.append_column("_row", pa.array(np.arange(table.num_rows)))  # build order
 
 
 def run(cfg) -> None:
     tags = load_tags(cfg.subset.parts)
     con = duckdb.connect()
     con.register("tags", tags)
-    con.execute("CREATE TEMP TABLE candidates AS SELECT *, row_number() OVER () AS _row FROM tags")
+    active = rules(cfg.select)
     counts = Counts()
-    counts.set("tagged", tags.num_rows)
-    apply_rules(con, "candidates", rules(cfg.select), counts)
-    selected = con.execute("SELECT part, key FROM candidates ORDER BY _row").arrow()
+    count(con, "tags", active, counts, rows_name="tagged")
+    selected = con.execute(f"SELECT part, key FROM tags WHERE {where(active)} ORDER BY _row").arrow()
     if hasattr(selected, "read_all"):
         selected = selected.read_all()
     counts.set("selected", selected.num_rows)
     with atomic_dir(SELECTED) as out:
         pq.write_table(selected, out / "selected.parquet")
-        counts.save(out, rules=[name for name, _ in rules(cfg.select)])
+        counts.save(out, rules=[name for name, _ in active])
