@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -90,8 +91,6 @@ def run(cfg, part: int) -> None:
             img, text = img[order], text[order]
             metadata = metadata.iloc[order].reset_index(drop=True)
             metadata = metadata[[c for c in METADATA_COLUMNS if c in metadata.columns]]
-            import shutil
-
             shutil.rmtree(raw, ignore_errors=True)
             dim = int(img.shape[1])
         write_part(out, img, text, metadata)

@@ -41,10 +41,6 @@ COLUMN_TYPES = {
 }
 
 
-def make_key(part: int, row: int) -> str:
-    return f"{part:05d}{row:0{KEY_DIGITS}d}"
-
-
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
