@@ -83,6 +83,9 @@ def prune_stale_parts(parts: list[int]) -> list[Path]:
 def cmd_compose(args) -> int:
     cfg = compose(args.overrides, conf_dir=args.conf_dir)
     atomic_write_text(args.output, to_yaml(cfg))
+    if Path(args.output).resolve() != Path("params.yaml").resolve():
+        print(f"wrote {args.output} (recipe={cfg.recipe.name}, parts={list(cfg.subset.parts)})")
+        return 0  # not this project's build recipe: leave the workspace alone
     for path in prune_stale_parts(list(cfg.subset.parts)):
         log.info("removed %s from the workspace (part not in subset.parts; kept in DVC's cache)", path)
     print(f"wrote {args.output} (recipe={cfg.recipe.name}, parts={list(cfg.subset.parts)})")
@@ -181,7 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may come after options too (`build --stage dedup engine=spark`)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except RecipeError as exc:

@@ -156,7 +156,12 @@ class IndexConfig:
 
 @dataclass
 class EngineConfig:
-    name: str = "local"  # only the embedded local engine so far
+    name: str = "local"  # local (DuckDB in-process) | spark
+    # spark only: local[N], spark://host:port, yarn, or `active` (the session of this process)
+    master: str = "local[2]"
+    driver_memory: str = "4g"
+    shuffle_partitions: int = 8
+    conf: Dict[str, str] = field(default_factory=dict)  # extra spark.* settings
 
 
 
@@ -270,8 +275,8 @@ def validate(cfg: Config | DictConfig, where: str = "recipe") -> None:
     _check(c.index.metric_type in ("ip", "l2"), "index.metric_type", "must be ip or l2", where)
     _check(c.index.nb_cores is None or c.index.nb_cores > 0, "index.nb_cores", "must be > 0", where)
     _check(c.index.max_index_query_time_ms > 0, "index.max_index_query_time_ms", "must be > 0", where)
-    _check(c.engine.name == "local", "engine.name",
-           f"`{c.engine.name}` is not available; only the embedded `local` engine is implemented so far", where)
+    _check(c.engine.name in ("local", "spark"), "engine.name", "must be local or spark", where)
+    _check(c.engine.shuffle_partitions > 0, "engine.shuffle_partitions", "must be > 0", where)
 
 
 def _omegaconf_message(exc: OmegaConfBaseException) -> str:

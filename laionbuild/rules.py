@@ -5,7 +5,7 @@ and the filter is one WHERE clause: nothing is materialised in between."""
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .funnel import Counts
 
@@ -20,16 +20,18 @@ def where(rules: Iterable[Rule]) -> str:
     return " AND ".join(_holds(p) for _, p in rules) or "true"
 
 
-def count(con, relation: str, rules: list[Rule], counts: Counts, rows_name: str | None = None) -> None:
-    """Count the rows of `relation` left after each rule in turn (one scan)."""
+def count(query_one: Callable[[str], tuple], relation: str, rules: list[Rule], counts: Counts,
+          rows_name: str | None = None) -> None:
+    """Count the rows of `relation` left after each rule in turn, in one scan. `query_one` runs
+    a query on the engine and returns its single row (DuckDB and Spark SQL both accept it)."""
     columns = ["count(*)"]
     for i in range(len(rules)):
-        columns.append(f"count(*) FILTER (WHERE {where(rules[: i + 1])})")
-    values = con.execute(f"SELECT {', '.join(columns)} FROM {relation}").fetchone()
+        columns.append(f"sum(CASE WHEN {where(rules[: i + 1])} THEN 1 ELSE 0 END)")
+    values = query_one(f"SELECT {', '.join(columns)} FROM {relation}")
     if rows_name:
         counts.set(rows_name, values[0])
     for (name, _), value in zip(rules, values[1:]):
-        counts.set(f"after_{name}", value)
+        counts.set(f"after_{name}", value or 0)
 
 
 def sql_string(value) -> str:

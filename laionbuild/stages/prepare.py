@@ -20,13 +20,13 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from ..atomic import atomic_dir, read_json
+from ..engines import DUCKDB, SPARK, SqlDialect, spark_session, spark_to_arrow
 from ..funnel import Counts
 from ..ids import ids_table
 from ..layout import part_dir
 from ..rules import Rule, count, sql_string, where
 
 log = logging.getLogger(__name__)
-KEY_DIGITS = 9
 # canonical column -> predicate on its Arrow type, and what to call that type in an error
 COLUMN_TYPES = {
     "url": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "strings"),
@@ -41,19 +41,9 @@ COLUMN_TYPES = {
 }
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def source_relation(con, path: Path, fmt: str) -> tuple[str, pa.Schema, int]:
-    """(SQL relation with a `_row` column = row number in the file, its schema, its row count).
-    Parquet is scanned by DuckDB straight from disk; other formats go through Arrow."""
+def read_arrow(path: Path, fmt: str) -> pa.Table:
+    """A non-parquet source file as Arrow, with `_row` = its row number."""
     try:
-        if fmt == "parquet":
-            metadata = pq.read_metadata(path)
-            schema = metadata.schema.to_arrow_schema()
-            relation = f"(SELECT *, file_row_number AS _row FROM read_parquet({sql_string(path)}, file_row_number=true))"
-            return relation, schema, metadata.num_rows
         if fmt in ("csv", "tsv"):
             delimiter = "," if fmt == "csv" else "\t"
             table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True))
@@ -63,14 +53,25 @@ def source_relation(con, path: Path, fmt: str) -> tuple[str, pa.Schema, int]:
             raise ValueError(f"unknown source.format {fmt}")
     except (pa.ArrowInvalid, OSError) as exc:
         raise ValueError(f"{path}: cannot read as {fmt} (corrupt or truncated?): {exc}") from None
-    table = table.append_column("_row", pa.array(np.arange(table.num_rows)))
-    con.register("source_file", table)
-    return "source_file", table.schema, table.num_rows
+    return table.append_column("_row", pa.array(np.arange(table.num_rows)))
 
 
-def canonical_select(schema: pa.Schema, columns: dict, path: Path, part: int) -> str:
-    """SELECT list: mapped source columns under canonical names, the others kept (renamed
-    `source_<name>` if they would collide), and `key` (5-digit part + 9-digit file row)."""
+def source_schema(path: Path, fmt: str) -> tuple[pa.Schema, int, pa.Table | None]:
+    """(schema, row count, the Arrow table for non-parquet formats). Parquet is only opened
+    for its footer here; the engine scans it."""
+    if fmt == "parquet":
+        try:
+            metadata = pq.read_metadata(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ValueError(f"{path}: cannot read as parquet (corrupt or truncated?): {exc}") from None
+        return metadata.schema.to_arrow_schema(), metadata.num_rows, None
+    table = read_arrow(path, fmt)
+    return table.schema, table.num_rows, table
+
+
+def canonical_columns(schema: pa.Schema, columns: dict, path: Path) -> list[tuple[str, str]]:
+    """(source column, output name): mapped columns get canonical names, the others are kept
+    (renamed `source_<name>` if they would collide). Checks presence and types."""
     names = [n for n in schema.names if n != "_row"]
     missing = [f"`{src}` (source.columns.{canonical})" for canonical, src in columns.items() if src not in names]
     if missing:
@@ -82,19 +83,28 @@ def canonical_select(schema: pa.Schema, columns: dict, path: Path, part: int) ->
             raise ValueError(f"{path}: column `{src}` (source.columns.{canonical}) must hold {kind}, found {found}")
     renamed = {src: canonical for canonical, src in columns.items()}
     taken = set(columns) | {"key", "captions"}
-    select = [f"printf('%05d%0{KEY_DIGITS}d', {int(part)}, _row) AS key"]
-    for name in names:
-        target = renamed.get(name, f"source_{name}" if name in taken else name)
-        select.append(f"{_quote(name)} AS {_quote(target)}")
-    return ", ".join(select + ["_row"])
+    return [(name, renamed.get(name, f"source_{name}" if name in taken else name)) for name in names]
 
 
-def rules(cfg, columns: set[str]) -> list[Rule]:
+def rows_sql(cfg, part: int, pairs: list[tuple[str, str]], dialect: SqlDialect) -> str:
+    """`source_rows` -> canonical rows with `key`, `_row` and, with an id list, `_in_ids`."""
+    q = dialect.quote
+    select = ", ".join([f"{dialect.key(part, '_row')} AS key"] + [f"{q(src)} AS {q(dst)}" for src, dst in pairs]
+                       + ["_row"])
+    sql = f"SELECT {select} FROM source_rows"
+    if cfg.source.ids_url:
+        column = q(cfg.source.ids_column)
+        sql = (f"SELECT r.*, i._in_ids FROM ({sql}) r LEFT JOIN "
+               f"(SELECT DISTINCT id, true AS _in_ids FROM ids) i ON r.{column} = i.id")
+    return sql
+
+
+def rules(cfg, columns: set[str], dialect: SqlDialect = DUCKDB) -> list[Rule]:
     """The metadata filters in funnel order. A rule whose column the source lacks is skipped."""
     p = cfg.prepare
     out: list[Rule] = [("has_url", "url IS NOT NULL AND trim(url) <> ''")]
     if cfg.source.ids_url:
-        out.append(("ids", f"{cfg.source.ids_column} IN (SELECT id FROM ids)"))
+        out.append(("ids", "_in_ids"))
     if "nsfw" in columns and (p.nsfw.drop or p.nsfw.drop_missing):
         dropped = ", ".join(sql_string(v) for v in p.nsfw.drop) or "NULL"
         # explicit NULL handling: `nsfw NOT IN (...)` alone would silently drop missing tags
@@ -102,7 +112,7 @@ def rules(cfg, columns: set[str]) -> list[Rule]:
         out.append(("nsfw", f"CASE WHEN nsfw IS NULL THEN {missing} ELSE nsfw NOT IN ({dropped}) END"))
     if p.min_similarity is not None:
         out.append(("min_similarity", f"similarity >= {float(p.min_similarity)!r}"))
-    words = "CASE WHEN trim(coalesce(caption, '')) = '' THEN 0 ELSE len(regexp_split_to_array(trim(caption), '\\s+')) END"
+    words = dialect.words("caption")
     for key, expr, op in (("min_caption_chars", "length(coalesce(caption, ''))", ">="),
                           ("max_caption_chars", "length(coalesce(caption, ''))", "<="),
                           ("min_caption_words", words, ">="), ("max_caption_words", words, "<=")):
@@ -120,25 +130,59 @@ def rules(cfg, columns: set[str]) -> list[Rule]:
 
 def run(cfg, part: int) -> None:
     raw_dir = part_dir("fetch", part)
-    fetched = read_json(raw_dir / "fetch.json")
-    path = raw_dir / fetched["file"]
-    con = duckdb.connect()
-    relation, schema, num_rows = source_relation(con, path, cfg.source.format)
+    path = raw_dir / read_json(raw_dir / "fetch.json")["file"]
+    schema, num_rows, arrow = source_schema(path, cfg.source.format)
     if num_rows == 0:
         raise ValueError(f"{path}: part {part} has no rows")
     columns = dict(cfg.source.columns)
-    con.execute(f"CREATE TEMP VIEW rows AS SELECT {canonical_select(schema, columns, path, part)} FROM {relation}")
+    pairs = canonical_columns(schema, columns, path)
+    ids = None
     if cfg.source.ids_url:
-        con.register("ids", ids_table(cfg.source.ids_url, part, cfg.source.ids_column,
-                                      schema.field(columns[cfg.source.ids_column]).type))
-    active = rules(cfg, set(columns))
+        ids = ids_table(cfg.source.ids_url, part, cfg.source.ids_column, schema.field(columns[cfg.source.ids_column]).type)
+    engine = _run_spark if cfg.engine.name == "spark" else _run_duckdb
     counts = Counts()
     with atomic_dir(part_dir("prepare", part)) as out:
-        try:
-            count(con, "rows", active, counts, rows_name="rows_in")
-            con.execute(f"""COPY (SELECT * EXCLUDE (_row) FROM rows WHERE {where(active)} ORDER BY _row)
-                            TO {sql_string(out / 'metadata.parquet')} (FORMAT parquet)""")
-        except duckdb.Error as exc:
-            raise ValueError(f"{path}: {str(exc).splitlines()[0]}") from None
+        engine(cfg, part, path, arrow, ids, pairs, counts, out / "metadata.parquet")
         counts.save(out)
-    log.info("prepared part %d: %s", part, dict(counts.values))
+    log.info("prepared part %d (%s engine): %s", part, cfg.engine.name, dict(counts.values))
+
+
+def _output_columns(pairs, dialect: SqlDialect) -> str:
+    return ", ".join(["key"] + [dialect.quote(dst) for _, dst in pairs])
+
+
+def _run_duckdb(cfg, part, path, arrow, ids, pairs, counts, target: Path) -> None:
+    con = duckdb.connect()
+    if arrow is None:
+        con.execute("CREATE TEMP VIEW source_rows AS SELECT *, file_row_number AS _row FROM "
+                    f"read_parquet({sql_string(path)}, file_row_number=true)")
+    else:
+        con.register("source_rows", arrow)
+    if ids is not None:
+        con.register("ids", ids)
+    con.execute(f"CREATE TEMP VIEW rows AS {rows_sql(cfg, part, pairs, DUCKDB)}")
+    active = rules(cfg, set(cfg.source.columns), DUCKDB)
+    try:
+        count(lambda sql: con.execute(sql).fetchone(), "rows", active, counts, rows_name="rows_in")
+        con.execute(f"""COPY (SELECT {_output_columns(pairs, DUCKDB)} FROM rows WHERE {where(active)} ORDER BY _row)
+                        TO {sql_string(target)} (FORMAT parquet)""")
+    except duckdb.Error as exc:
+        raise ValueError(f"{path}: {str(exc).splitlines()[0]}") from None
+
+
+def _run_spark(cfg, part, path, arrow, ids, pairs, counts, target: Path) -> None:
+    from pyspark.sql import functions as F
+
+    spark = spark_session(cfg.engine)
+    if arrow is None:
+        frame = spark.read.parquet(str(path.resolve())).select("*", F.col("_metadata.row_index").alias("_row"))
+    else:
+        frame = spark.createDataFrame(arrow)
+    frame.createOrReplaceTempView("source_rows")
+    if ids is not None:
+        spark.createDataFrame(ids).createOrReplaceTempView("ids")
+    spark.sql(rows_sql(cfg, part, pairs, SPARK)).createOrReplaceTempView("rows")
+    active = rules(cfg, set(cfg.source.columns), SPARK)
+    count(lambda sql: tuple(spark.sql(sql).collect()[0]), "rows", active, counts, rows_name="rows_in")
+    result = spark.sql(f"SELECT {_output_columns(pairs, SPARK)} FROM rows WHERE {where(active)} ORDER BY _row")
+    pq.write_table(spark_to_arrow(result), target)

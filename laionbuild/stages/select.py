@@ -35,7 +35,7 @@ def run(cfg) -> None:
     con.register("tags", tags)
     active = rules(cfg.select)
     counts = Counts()
-    count(con, "tags", active, counts, rows_name="tagged")
+    count(lambda sql: con.execute(sql).fetchone(), "tags", active, counts, rows_name="tagged")
     selected = con.execute(f"SELECT part, key FROM tags WHERE {where(active)} ORDER BY _row").arrow()
     if hasattr(selected, "read_all"):
         selected = selected.read_all()

@@ -1,0 +1,91 @@
+"""Engines behind one seam. Stages build SQL; an engine runs it.
+
+- `local`: DuckDB in-process (spills to disk; no JVM).
+- `spark`: a SparkSession (`engine.master`: local[N], spark://host:port, yarn, or `active` to
+  use the session already running in this process, e.g. under spark-submit). Workers run this
+  environment's Python (PYSPARK_PYTHON defaults to it).
+
+Both take the same rules and produce the same rows, keys and order; the engine is an execution
+detail, so `dvc.yaml` does not list `engine` as a stage parameter (switching engines reruns
+nothing that is already built).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+class SqlDialect:
+    """The few SQL spellings that differ between DuckDB and Spark SQL."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def key(self, part: int, row: str) -> str:
+        fn = "printf" if self.name == "duckdb" else "format_string"
+        return f"{fn}('%05d%09d', {int(part)}, {row})"
+
+    def words(self, column: str) -> str:
+        split = (f"len(regexp_split_to_array(trim({column}), '\\s+'))" if self.name == "duckdb"
+                 else f"size(split(trim({column}), '\\\\s+'))")
+        return f"CASE WHEN trim(coalesce({column}, '')) = '' THEN 0 ELSE {split} END"
+
+    def collect_list(self, column: str) -> str:
+        # both skip NULLs (Spark's collect_list always does; DuckDB's list() would keep them)
+        if self.name == "duckdb":
+            return f"list({column}) FILTER (WHERE {column} IS NOT NULL)"
+        return f"collect_list({column})"
+
+    def quote(self, name: str) -> str:
+        if self.name == "duckdb":
+            return '"' + name.replace('"', '""') + '"'
+        return "`" + name.replace("`", "``") + "`"
+
+
+DUCKDB = SqlDialect("duckdb")
+SPARK = SqlDialect("spark")
+
+
+def spark_session(engine_cfg):
+    """The SparkSession for `engine_cfg` (created once per process)."""
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    from pyspark.sql import SparkSession
+
+    if engine_cfg.master == "active":
+        session = SparkSession.getActiveSession()
+        if session is None:
+            raise RuntimeError("engine.master=active but no SparkSession is active in this process")
+        return session
+    builder = (SparkSession.builder.master(engine_cfg.master).appName("laionbuild")
+               .config("spark.ui.enabled", "false")
+               .config("spark.ui.showConsoleProgress", "false")
+               .config("spark.sql.session.timeZone", "UTC")
+               .config("spark.driver.memory", engine_cfg.driver_memory)
+               .config("spark.sql.shuffle.partitions", str(engine_cfg.shuffle_partitions)))
+    for key, value in engine_cfg.conf.items():
+        builder = builder.config(key, str(value))
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel("ERROR")
+    return session
+
+
+def _plain_type(t):
+    import pyarrow as pa
+
+    if pa.types.is_large_string(t):
+        return pa.string()
+    if pa.types.is_large_list(t) or pa.types.is_list(t):
+        return pa.list_(_plain_type(t.value_type))
+    return t
+
+
+def spark_to_arrow(frame):
+    """A Spark DataFrame as an Arrow table typed like DuckDB's and pyarrow's output (plain
+    strings and lists), so both engines write the same parquet schema."""
+    import pyarrow as pa
+
+    table = frame.toArrow()
+    schema = pa.schema([pa.field(f.name, _plain_type(f.type)) for f in table.schema])
+    return table.cast(schema)
