@@ -76,6 +76,10 @@ class PrepareConfig:
     min_width: Optional[int] = None  # source width/height columns (the image is not fetched yet)
     min_height: Optional[int] = None
     max_aspect_ratio: Optional[float] = None  # max(w, h) / min(w, h)
+    # Keep captions detected (offline, langid.py) as one of these ISO 639-1 codes, e.g. [en];
+    # adds a `language` column. None: no language filter.
+    languages: Optional[List[str]] = None
+    min_language_score: float = 0.0  # normalised probability of the detected language
 
 
 @dataclass
@@ -226,6 +230,8 @@ def validate(cfg: Config | DictConfig, where: str = "recipe") -> None:
         value = getattr(p, key)
         _check(value is None or value >= 0, f"prepare.{key}", f"must be >= 0, got {value}", where)
     _check(p.max_aspect_ratio is None or p.max_aspect_ratio >= 1, "prepare.max_aspect_ratio", "must be >= 1", where)
+    _check(p.languages is None or len(p.languages) > 0, "prepare.languages", "use null for no filter, not []", where)
+    _check(0 <= p.min_language_score <= 1, "prepare.min_language_score", "must be in [0, 1]", where)
     for low, high in (("min_caption_chars", "max_caption_chars"), ("min_caption_words", "max_caption_words")):
         lo, hi = getattr(p, low), getattr(p, high)
         _check(lo is None or hi is None or lo <= hi, f"prepare.{low}", f"must be <= prepare.{high}", where)

@@ -70,3 +70,35 @@ def test_switching_engine_reruns_nothing(tmp_path):
     overrides = ["recipe=mscoco_face", f"source.base_url={tmp_path / 'coco'}", *FAST, "--stage", "dedup"]
     project.build(*overrides)
     assert project.build(*overrides, "engine=spark").ran == []
+
+
+CAPTIONS = [
+    ("en", "a photograph of a small dog playing in the garden with a red ball"),
+    ("fr", "une photo d'un petit chien qui joue dans le jardin avec une balle rouge"),
+    ("de", "ein Foto von einem kleinen Hund, der im Garten mit einem roten Ball spielt"),
+    ("en", "the old lighthouse on the rocky coast at sunset"),
+    ("es", "una fotografía de un perro pequeño jugando en el jardín con una pelota roja"),
+    ("en", "black and white portrait of a smiling woman wearing a hat"),
+    (None, ""),
+]
+
+
+def test_language_filter_on_a_csv_source(tmp_path):
+    source = tmp_path / "crawl"
+    source.mkdir()
+    lines = ["url,caption,lang_truth"] + [f'http://x.example/{i}.jpg,"{c}",{lang}' for i, (lang, c) in
+                                        enumerate(CAPTIONS)]
+    (source / "part-00000.csv").write_text("\n".join(lines) + "\n")
+    overrides = ["recipe=mscoco_face", f"source.base_url={source}", "source.format=csv",
+                 "source.part_pattern='part-{part:05d}.csv'", "source.columns={url: url, caption: caption}",
+                 "prepare.languages=[en]", "prepare.min_language_score=0.5", *FAST, "--stage", "dedup"]
+    local = new_project(tmp_path / "local")
+    local.build(*overrides)
+    spark = new_project(tmp_path / "spark")
+    spark.build(*overrides, "engine=spark")
+    assert_same(local, spark, [0])
+    kept = pq.read_table(local / "data/prepared/part_0/metadata.parquet").to_pylist()
+    assert [r["caption"] for r in kept] == [c for lang, c in CAPTIONS if lang == "en"]
+    assert {r["language"] for r in kept} == {"en"} and {r["lang_truth"] for r in kept} == {"en"}
+    counts = json.loads((local / "data/prepared/part_0/stats.json").read_text())["counts"]
+    assert counts["rows_in"] == len(CAPTIONS) and counts["after_language"] == 3

@@ -3,7 +3,7 @@
 Canonical columns: `key` (stable, unique: 5-digit part + 9-digit source row), `url`, `caption`
 and whichever of sample_id/width/height/license/nsfw/similarity the source maps; every other
 source column is kept (renamed `source_<name>` if it would collide). Then the `prepare` rules
-(source.ids_url id list, NSFW policy, similarity, caption length, size, aspect ratio), each counted. Dedup
+(source.ids_url id list, NSFW policy, similarity, caption length, language, size, aspect ratio), each counted. Dedup
 across parts is the global `dedup` stage that follows. Runs in DuckDB in-process.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
@@ -23,6 +24,7 @@ from ..atomic import atomic_dir, read_json
 from ..engines import DUCKDB, SPARK, SqlDialect, spark_session, spark_to_arrow
 from ..funnel import Counts
 from ..ids import ids_table
+from ..language import detect
 from ..layout import part_dir
 from ..rules import Rule, count, sql_string, where
 
@@ -91,6 +93,8 @@ def rows_sql(cfg, part: int, pairs: list[tuple[str, str]], dialect: SqlDialect) 
     q = dialect.quote
     select = ", ".join([f"{dialect.key(part, '_row')} AS key"] + [f"{q(src)} AS {q(dst)}" for src, dst in pairs]
                        + ["_row"])
+    if cfg.prepare.languages:
+        select += ", laionbuild_language(caption) AS language"
     sql = f"SELECT {select} FROM source_rows"
     if cfg.source.ids_url:
         column = q(cfg.source.ids_column)
@@ -118,6 +122,8 @@ def rules(cfg, columns: set[str], dialect: SqlDialect = DUCKDB) -> list[Rule]:
                           ("min_caption_words", words, ">="), ("max_caption_words", words, "<=")):
         if getattr(p, key) is not None:
             out.append((key, f"{expr} {op} {int(getattr(p, key))}"))
+    if p.languages:
+        out.append(("language", f"language IN ({', '.join(sql_string(x) for x in p.languages)})"))
     if p.min_width is not None:
         out.append(("min_width", f"width >= {int(p.min_width)}"))
     if p.min_height is not None:
@@ -147,8 +153,8 @@ def run(cfg, part: int) -> None:
     log.info("prepared part %d (%s engine): %s", part, cfg.engine.name, dict(counts.values))
 
 
-def _output_columns(pairs, dialect: SqlDialect) -> str:
-    return ", ".join(["key"] + [dialect.quote(dst) for _, dst in pairs])
+def _output_columns(cfg, pairs, dialect: SqlDialect) -> str:
+    return ", ".join(["key"] + [dialect.quote(dst) for _, dst in pairs] + (["language"] if cfg.prepare.languages else []))
 
 
 def _run_duckdb(cfg, part, path, arrow, ids, pairs, counts, target: Path) -> None:
@@ -160,11 +166,17 @@ def _run_duckdb(cfg, part, path, arrow, ids, pairs, counts, target: Path) -> Non
         con.register("source_rows", arrow)
     if ids is not None:
         con.register("ids", ids)
-    con.execute(f"CREATE TEMP VIEW rows AS {rows_sql(cfg, part, pairs, DUCKDB)}")
+    if cfg.prepare.languages:
+        score = cfg.prepare.min_language_score
+        con.create_function("laionbuild_language", lambda c: pa.array(detect(c.to_pylist(), score), pa.string()),
+                            ["VARCHAR"], "VARCHAR", type="arrow", null_handling="special", side_effects=False)
+    # a table, not a view, when a UDF is involved: the language is detected once, not per scan
+    kind = "TABLE" if cfg.prepare.languages else "VIEW"
+    con.execute(f"CREATE TEMP {kind} rows AS {rows_sql(cfg, part, pairs, DUCKDB)}")
     active = rules(cfg, set(cfg.source.columns), DUCKDB)
     try:
         count(lambda sql: con.execute(sql).fetchone(), "rows", active, counts, rows_name="rows_in")
-        con.execute(f"""COPY (SELECT {_output_columns(pairs, DUCKDB)} FROM rows WHERE {where(active)} ORDER BY _row)
+        con.execute(f"""COPY (SELECT {_output_columns(cfg, pairs, DUCKDB)} FROM rows WHERE {where(active)} ORDER BY _row)
                         TO {sql_string(target)} (FORMAT parquet)""")
     except duckdb.Error as exc:
         raise ValueError(f"{path}: {str(exc).splitlines()[0]}") from None
@@ -181,8 +193,19 @@ def _run_spark(cfg, part, path, arrow, ids, pairs, counts, target: Path) -> None
     frame.createOrReplaceTempView("source_rows")
     if ids is not None:
         spark.createDataFrame(ids).createOrReplaceTempView("ids")
-    spark.sql(rows_sql(cfg, part, pairs, SPARK)).createOrReplaceTempView("rows")
+    if cfg.prepare.languages:
+        spark.udf.register("laionbuild_language", _spark_language_udf(cfg.prepare.min_language_score))
+    spark.sql(rows_sql(cfg, part, pairs, SPARK)).cache().createOrReplaceTempView("rows")
     active = rules(cfg, set(cfg.source.columns), SPARK)
     count(lambda sql: tuple(spark.sql(sql).collect()[0]), "rows", active, counts, rows_name="rows_in")
-    result = spark.sql(f"SELECT {_output_columns(pairs, SPARK)} FROM rows WHERE {where(active)} ORDER BY _row")
+    result = spark.sql(f"SELECT {_output_columns(cfg, pairs, SPARK)} FROM rows WHERE {where(active)} ORDER BY _row")
     pq.write_table(spark_to_arrow(result), target)
+
+
+def _spark_language_udf(min_score: float):
+    from pyspark.sql.functions import pandas_udf
+
+    def language(captions: pd.Series) -> pd.Series:  # pandas_udf reads these hints (module-level pd)
+        return pd.Series(detect([None if pd.isna(c) else c for c in captions], min_score), dtype="object")
+
+    return pandas_udf(language, "string")
