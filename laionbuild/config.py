@@ -35,10 +35,20 @@ class SourceConfig:
     base_url: str = ""
     # File name of part N inside base_url, formatted with `part=N`.
     part_pattern: str = "part-{part:05d}.parquet"
+    # Instead of part_pattern: a glob inside base_url; part N is the N-th matching file (sorted).
+    files: Optional[str] = None
     num_parts: int = 1
-    format: str = "parquet"  # parquet | csv | tsv | jsonl
+    format: str = "parquet"  # parquet | csv | tsv | jsonl | auto (from each file's extension)
     # canonical column -> column in the source files (url and caption are required).
     columns: Dict[str, str] = field(default_factory=lambda: {"url": "url", "caption": "caption"})
+    # canonical column -> other names it has in some files (tried in order when the
+    # `columns` name is absent): raw crawl files name and order their columns differently.
+    column_aliases: Dict[str, List[str]] = field(default_factory=dict)
+    # Consolidate (as laion-prepro did): read every source file, shuffle rows with a seed and
+    # write `consolidate_parts` parquet parts (canonical columns) that the build then uses as
+    # its parts. None: use the source's own parts.
+    consolidate_parts: Optional[int] = None
+    consolidate_seed: int = 0
     # An id list picking the rows to keep (fsspec URL or path): `.pth` (torch-saved sequence
     # indexed by part number, entry i = ids kept from part i: LAION-Face's laion_face_ids.pth),
     # or a flat `.npy`, `.parquet` (column `ids_column`, or its only column) or `.txt` (one per line).
@@ -186,7 +196,7 @@ class Config:
 
 
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
-SOURCE_FORMATS = ("parquet", "csv", "tsv", "jsonl")
+SOURCE_FORMATS = ("parquet", "csv", "tsv", "jsonl", "auto")
 ENCODE_FORMATS = ("jpg", "png", "webp")
 CANONICAL_REQUIRED = ("url", "caption")
 CANONICAL_COLUMNS = ("url", "caption", "sample_id", "width", "height", "license", "nsfw", "similarity")
@@ -215,12 +225,18 @@ def validate(cfg: Config | DictConfig, where: str = "recipe") -> None:
 
     _check(c.source.fetch_retries >= 0, "source.fetch_retries", "must be >= 0", where)
     _check(c.source.fetch_backoff_s >= 0, "source.fetch_backoff_s", "must be >= 0", where)
+    _check(c.source.consolidate_parts is None or c.source.consolidate_parts >= 1, "source.consolidate_parts",
+           "must be >= 1", where)
+    for canonical in c.source.column_aliases:
+        _check(canonical in c.source.columns, f"source.column_aliases.{canonical}",
+               "aliases need the canonical column in source.columns too", where)
+    available = c.source.consolidate_parts or c.source.num_parts
     parts = list(c.subset.parts)
     _check(len(parts) > 0, "subset.parts", "must not be empty", where)
     _check(len(set(parts)) == len(parts), "subset.parts", f"has repeated part ids: {parts}", where)
     for part in parts:
-        _check(0 <= part < c.source.num_parts, "subset.parts",
-               f"part {part} does not exist in source `{c.source.name}` (parts 0..{c.source.num_parts - 1})", where)
+        _check(0 <= part < available, "subset.parts",
+               f"part {part} does not exist in source `{c.source.name}` (parts 0..{available - 1})", where)
 
     p = c.prepare
     _check(p.min_similarity is None or -1 <= p.min_similarity <= 1, "prepare.min_similarity",

@@ -16,6 +16,7 @@ TMP = DATA / ".tmp"
 WORK = DATA / ".work"
 
 DEDUPED = DATA / "deduped"
+CONSOLIDATED = DATA / "consolidated"
 # stage -> directory under data/ holding one part_N/ per part (dedup is global but writes per part)
 PART_DIRS = {
     "fetch": DATA / "raw",
@@ -26,9 +27,9 @@ PART_DIRS = {
     "tag": DATA / "tags",
 }
 PER_PART_STAGES = ("fetch", "prepare", "download", "embed", "tag")
-GLOBAL_STAGES = ("dedup", "select", "assemble", "index", "report")
-# pipeline order: fetch, prepare, dedup, download, embed, tag, select, assemble, index, report
-STAGES = PER_PART_STAGES[:2] + GLOBAL_STAGES[:1] + PER_PART_STAGES[2:] + GLOBAL_STAGES[1:]
+GLOBAL_STAGES = ("consolidate", "dedup", "select", "assemble", "index", "report")
+# pipeline order: consolidate, fetch, prepare, dedup, download, embed, tag, select, assemble, index, report
+STAGES = ("consolidate",) + PER_PART_STAGES[:2] + ("dedup",) + PER_PART_STAGES[2:] + GLOBAL_STAGES[2:]
 
 SELECTED = DATA / "selected"
 DATASET = DATA / "dataset"

@@ -59,3 +59,29 @@ def write_mscoco(directory: Path, images: int = 30) -> list[dict]:
     random.Random(1).shuffle(rows)
     pq.write_table(pa.Table.from_pylist(rows), directory / "mscoco.parquet")
     return rows
+
+
+CRAWL_LAYOUTS = [  # (extension, header) — names and order differ from file to file, as in raw crawls
+    ("csv", ["URL", "TEXT", "WIDTH"]),
+    ("tsv", ["TEXT", "URL", "HEIGHT", "extra"]),
+    ("csv", ["url", "text"]),
+    ("tsv", ["alt", "image_url"]),
+    ("csv", ["caption", "license", "url"]),
+]
+
+
+def write_crawl(directory: Path, rows_per_file: int = 40) -> list[tuple[str, str]]:
+    """Raw crawl CSV/TSV files; returns every (url, caption) written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for f, (ext, header) in enumerate(CRAWL_LAYOUTS):
+        sep = "," if ext == "csv" else "\t"
+        lines = [sep.join(header)]
+        for r in range(rows_per_file):
+            url, caption = f"http://crawl{f}.example/{r}.jpg", f"crawled caption {f} {r}"
+            values = {"URL": url, "url": url, "image_url": url, "TEXT": caption, "text": caption, "alt": caption,
+                      "caption": caption, "WIDTH": "64", "HEIGHT": "48", "extra": "x", "license": "?"}
+            lines.append(sep.join(values[h] for h in header))
+            written.append((url, caption))
+        (directory / f"crawl_{f:03d}.{ext}").write_text("\n".join(lines) + "\n")
+    return written

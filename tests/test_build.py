@@ -28,7 +28,8 @@ GLOBAL = ["select", "assemble", "index", "report"]  # after the tags; `dedup` ru
 def built(tmp_path_factory):
     project = new_project(tmp_path_factory.mktemp("demo") / "project")
     result = project.build("subset.parts=[0,1]")
-    assert sorted(result.ran) == sorted([f"{s}@{p}" for s in PER_PART for p in (0, 1)] + ["dedup"] + GLOBAL)
+    assert sorted(result.ran) == sorted([f"{s}@{p}" for s in PER_PART for p in (0, 1)] + ["consolidate", "dedup"]
+                                        + GLOBAL)
     return project
 
 
@@ -139,7 +140,7 @@ def test_status_shows_stale_stages_after_a_change(built):
     built.laionbuild("compose", "embed.model=laionbuild-tiny", "embed.batch_size=16", "download.processes_count=1",
                      "subset.parts=[0,1]", "select.min_clip_similarity=0.5")
     rows = built.status()
-    assert len(rows) == 5 * 2 + 5
+    assert len(rows) == 5 * 2 + 6
     assert rows["select"] == "stale"
     assert rows["download@0"] == "built" and rows["tag@1"] == "built"
 

@@ -106,7 +106,7 @@ def test_hand_edited_params_fail_in_the_first_stage_naming_the_key(project):
 
 def test_build_up_to_one_stage(project):
     result = project.build("--stage", "prepare")
-    assert sorted(result.ran) == sorted(f"{s}@{p}" for s in ("fetch", "prepare") for p in (0, 1, 2))
+    assert sorted(result.ran) == sorted([f"{s}@{p}" for s in ("fetch", "prepare") for p in (0, 1, 2)] + ["consolidate"])
     assert (project / "data/prepared/part_0/metadata.parquet").exists()
     assert not (project / "data/images").exists()
     status = project.status()

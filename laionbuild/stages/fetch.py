@@ -1,19 +1,41 @@
 """fetch: copy one part of the source's metadata from `source.base_url` (any fsspec URL or a
-local path) into `data/raw/part_N/`, resumably (`laionbuild.transfer`), recording size and md5."""
+local path; or the consolidated parts) into `data/raw/part_N/`, resumably
+(`laionbuild.transfer`), recording size and md5."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 
+import fsspec
+
 from ..atomic import atomic_dir, write_json
-from ..layout import WORK, part_dir
+from ..layout import CONSOLIDATED, WORK, part_dir
 from ..transfer import fetch_file
 
 log = logging.getLogger(__name__)
 
 
+def source_files(cfg) -> list[str]:
+    """Every file of the source matching `source.files` (a glob inside base_url), sorted."""
+    fs, base = fsspec.core.url_to_fs(cfg.source.base_url)
+    found = sorted(fs.glob(f"{base.rstrip('/')}/{cfg.source.files}"))
+    if not found:
+        raise FileNotFoundError(f"no file matches source.files `{cfg.source.files}` in {cfg.source.base_url}")
+    return [m if fs.protocol in ("file", ("file", "local")) else fs.unstrip_protocol(m) for m in found]
+
+
 def source_url(cfg, part: int) -> str:
+    """Where part N of the build comes from: a consolidated part, the N-th file of
+    `source.files`, or base_url + part_pattern."""
+    if cfg.source.consolidate_parts:
+        return str(CONSOLIDATED / f"part-{part:05d}.parquet")
+    if cfg.source.files:
+        files = source_files(cfg)
+        if part >= len(files):
+            raise FileNotFoundError(f"source.files `{cfg.source.files}` matches {len(files)} files in "
+                                    f"{cfg.source.base_url}; part {part} has none")
+        return files[part]
     base = cfg.source.base_url.rstrip("/")
     return f"{base}/{cfg.source.part_pattern.format(part=part)}"
 

@@ -43,8 +43,30 @@ COLUMN_TYPES = {
 }
 
 
+EXTENSION_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
+
+
+def file_format(path: Path, fmt: str) -> str:
+    """`source.format`, or with `auto` the format the file's extension says."""
+    if fmt != "auto":
+        return fmt
+    suffix = Path(str(path).removesuffix(".gz")).suffix.lower()
+    if suffix not in EXTENSION_FORMATS:
+        raise ValueError(f"{path}: source.format=auto cannot tell the format of a `{suffix}` file")
+    return EXTENSION_FORMATS[suffix]
+
+
+def effective_source(cfg) -> tuple[dict, dict, str]:
+    """(columns, aliases, format) of the files prepare reads: consolidated parts already have
+    canonical column names."""
+    if cfg.source.consolidate_parts:
+        return {c: c for c in cfg.source.columns}, {}, "parquet"
+    return dict(cfg.source.columns), {k: list(v) for k, v in cfg.source.column_aliases.items()}, cfg.source.format
+
+
 def read_arrow(path: Path, fmt: str) -> pa.Table:
     """A non-parquet source file as Arrow, with `_row` = its row number."""
+    fmt = file_format(path, fmt)
     try:
         if fmt in ("csv", "tsv"):
             delimiter = "," if fmt == "csv" else "\t"
@@ -61,7 +83,7 @@ def read_arrow(path: Path, fmt: str) -> pa.Table:
 def source_schema(path: Path, fmt: str) -> tuple[pa.Schema, int, pa.Table | None]:
     """(schema, row count, the Arrow table for non-parquet formats). Parquet is only opened
     for its footer here; the engine scans it."""
-    if fmt == "parquet":
+    if file_format(path, fmt) == "parquet":
         try:
             metadata = pq.read_metadata(path)
         except (pa.ArrowInvalid, OSError) as exc:
@@ -71,13 +93,22 @@ def source_schema(path: Path, fmt: str) -> tuple[pa.Schema, int, pa.Table | None
     return table.schema, table.num_rows, table
 
 
-def canonical_columns(schema: pa.Schema, columns: dict, path: Path) -> list[tuple[str, str]]:
-    """(source column, output name): mapped columns get canonical names, the others are kept
-    (renamed `source_<name>` if they would collide). Checks presence and types."""
+def canonical_columns(schema: pa.Schema, columns: dict, path: Path,
+                      aliases: dict | None = None) -> list[tuple[str, str]]:
+    """(source column, output name): mapped columns get canonical names (the `columns` name,
+    else the first of its aliases the file has), the others are kept (renamed
+    `source_<name>` if they would collide). Checks presence and types."""
     names = [n for n in schema.names if n != "_row"]
-    missing = [f"`{src}` (source.columns.{canonical})" for canonical, src in columns.items() if src not in names]
+    resolved, missing = {}, []
+    for canonical, src in columns.items():
+        candidates = [src, *(aliases or {}).get(canonical, [])]
+        found = next((c for c in candidates if c in names), None)
+        if found is None:
+            missing.append(f"`{'`/`'.join(candidates)}` (source.columns.{canonical})")
+        resolved[canonical] = found
     if missing:
         raise ValueError(f"{path}: missing column {', '.join(missing)}; the file has {names}")
+    columns = resolved
     for canonical, src in columns.items():
         accepts, kind = COLUMN_TYPES[canonical]
         found = schema.field(src).type
@@ -137,14 +168,15 @@ def rules(cfg, columns: set[str], dialect: SqlDialect = DUCKDB) -> list[Rule]:
 def run(cfg, part: int) -> None:
     raw_dir = part_dir("fetch", part)
     path = raw_dir / read_json(raw_dir / "fetch.json")["file"]
-    schema, num_rows, arrow = source_schema(path, cfg.source.format)
+    columns, aliases, fmt = effective_source(cfg)
+    schema, num_rows, arrow = source_schema(path, fmt)
     if num_rows == 0:
         raise ValueError(f"{path}: part {part} has no rows")
-    columns = dict(cfg.source.columns)
-    pairs = canonical_columns(schema, columns, path)
+    pairs = canonical_columns(schema, columns, path, aliases)
     ids = None
     if cfg.source.ids_url:
-        ids = ids_table(cfg.source.ids_url, part, cfg.source.ids_column, schema.field(columns[cfg.source.ids_column]).type)
+        id_source = next(src for src, dst in pairs if dst == cfg.source.ids_column)
+        ids = ids_table(cfg.source.ids_url, part, cfg.source.ids_column, schema.field(id_source).type)
     engine = _run_spark if cfg.engine.name == "spark" else _run_duckdb
     counts = Counts()
     with atomic_dir(part_dir("prepare", part)) as out:
