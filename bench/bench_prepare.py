@@ -2,12 +2,18 @@
 (url, caption) keeping the first occurrence + NSFW drop + similarity >= 0.28.
 
 Side by side in one run, each in its own process: the local engine (`laionbuild stage prepare`
-then `laionbuild stage dedup`), and a plain DuckDB script doing the same work. Prints wall time
-and peak RSS above the idle interpreter (whole process tree, sampled), as ratios, plus the
-part's Arrow size. Goals (issue #3): local engine <= 1.2x the plain DuckDB script's time; peak
-RSS above idle <= 2x the part's Arrow size. (The Spark engine is not implemented yet.)
+then `laionbuild stage dedup`), the Spark engine (local[2]) doing the same, and a plain DuckDB
+script doing the same work. Prints wall time and peak RSS above the idle interpreter (whole
+process tree, the JVM included, sampled), as ratios, plus the part's Arrow size. Goals (issue
+#3): local engine >= 10x faster than Spark, <= 1.2x the plain DuckDB script's time; peak RSS
+above idle <= 2x the part's Arrow size.
 
-    .venv/bin/python bench/bench_prepare.py [--rows 1000000]
+--scale M1,M2,...: global dedup alone (`laionbuild stage dedup`, dedup.memory_limit=1GB) over
+generated prepared parts of 1M rows, M million rows in all; peak RSS should stay flat (DuckDB
+spills) and rows/s flat as M grows (issue #3 asks for 10,20,40).
+
+    .venv/bin/python bench/bench_prepare.py [--rows 1000000] [--no-spark]
+    .venv/bin/python bench/bench_prepare.py --scale 10,20,40
 """
 
 from __future__ import annotations
@@ -78,43 +84,78 @@ DUCKDB_SCRIPT = textwrap.dedent("""
 """)
 
 
+def compose(project: Path, env: dict, *overrides: str) -> None:
+    project.mkdir(parents=True, exist_ok=True)
+    subprocess.run([str(BIN / "laionbuild"), "compose", "--conf-dir", str(ROOT / "conf"), *overrides],
+                   cwd=project, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def prepare_and_dedup(project: Path, source: Path, env: dict, engine: str) -> tuple[float, int, int]:
+    compose(project, env, "recipe=laion400m", f"source.base_url={source}", "subset.parts=[0]",
+            "prepare.min_similarity=0.28", f"engine={engine}")
+    subprocess.run([str(BIN / "laionbuild"), "stage", "fetch", "--part", "0"], cwd=project, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t_prep, m_prep = measure([str(BIN / "laionbuild"), "stage", "prepare", "--part", "0"], project, env)
+    t_dedup, m_dedup = measure([str(BIN / "laionbuild"), "stage", "dedup"], project, env)
+    kept = pq.read_metadata(project / "data/deduped/part_0/metadata.parquet").num_rows
+    return t_prep + t_dedup, max(m_prep, m_dedup), kept
+
+
+def scale(millions: list[int], env: dict) -> None:
+    import duckdb
+
+    print(f"{'rows':>12}{'seconds':>9}{'rows/s':>12}{'peak MB':>10}")
+    for m in millions:
+        with tempfile.TemporaryDirectory() as tmp:
+            project = Path(tmp) / "project"
+            parts = list(range(m))
+            compose(project, env, "recipe=laion400m", f"source.base_url={tmp}", "source.num_parts=1000",
+                    f"subset.parts=[{','.join(map(str, parts))}]", "dedup.memory_limit=1GB")
+            for p in parts:  # prepared parts straight from DuckDB: 1M rows each, ~1/3 duplicates
+                target = project / f"data/prepared/part_{p}"
+                target.mkdir(parents=True)
+                duckdb.sql(f"""COPY (SELECT printf('%05d%09d', {p}, i) AS key,
+                                      'http://img.example.com/' || ((i * 7919 + {p}) % {m * 700_000}) || '.jpg' AS url,
+                                      'caption ' || (i % 1000) AS caption, i AS sample_id
+                               FROM range(1000000) t(i)) TO '{target}/metadata.parquet' (FORMAT parquet)""")
+            seconds, peak = measure([str(BIN / "laionbuild"), "stage", "dedup"], project, env)
+        print(f"{m * 1_000_000:>12}{seconds:>9.1f}{m * 1_000_000 / seconds:>12.0f}{peak / (1 << 20):>10.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--no-spark", action="store_true")
+    parser.add_argument("--scale", help="comma-separated millions of rows for the global dedup scaling run")
     args = parser.parse_args()
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", NO_ALBUMENTATIONS_UPDATE="1")
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", NO_ALBUMENTATIONS_UPDATE="1",
+               PYSPARK_PYTHON=sys.executable)
+    if args.scale:
+        scale([int(x) for x in args.scale.split(",")], env)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         source = tmp / "source"
         source.mkdir()
         table = generate(source / NAME, args.rows)
         arrow_bytes = table.nbytes
-        project = tmp / "project"
-        project.mkdir()
-        subprocess.run([str(BIN / "laionbuild"), "compose", "--conf-dir", str(ROOT / "conf"), "recipe=laion400m",
-                        f"source.base_url={source}", "subset.parts=[0]", "prepare.min_similarity=0.28"],
-                       cwd=project, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        subprocess.run([str(BIN / "laionbuild"), "stage", "fetch", "--part", "0"], cwd=project, env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _, idle = measure([sys.executable, "-c", "import duckdb, pyarrow, time; time.sleep(0.5)"], tmp, env)
-
-        t_prep, m_prep = measure([str(BIN / "laionbuild"), "stage", "prepare", "--part", "0"], project, env)
-        t_dedup, m_dedup = measure([str(BIN / "laionbuild"), "stage", "dedup"], project, env)
-        t_local, m_local = t_prep + t_dedup, max(m_prep, m_dedup)
-        kept_local = pq.read_metadata(project / "data/deduped/part_0/metadata.parquet").num_rows
-
+        variants = [("local engine", *prepare_and_dedup(tmp / "local", source, env, "local"))]
+        if not args.no_spark:
+            variants.append(("spark engine local[2]", *prepare_and_dedup(tmp / "spark", source, env, "spark")))
         script = tmp / "plain_duckdb.py"
         script.write_text(DUCKDB_SCRIPT)
         t_duck, m_duck = measure([sys.executable, str(script), str(source / NAME), str(tmp / "out.parquet")], tmp, env)
-        kept_duck = pq.read_metadata(tmp / "out.parquet").num_rows
+        variants.append(("plain DuckDB script", t_duck, m_duck, pq.read_metadata(tmp / "out.parquet").num_rows))
 
     mb = 1 << 20
     print(f"{args.rows} rows, Arrow size {arrow_bytes / mb:.0f} MB; idle interpreter {idle / mb:.0f} MB")
-    print(f"rows kept: local engine {kept_local}, plain DuckDB {kept_duck}")
-    print(f"{'variant':<28}{'seconds':>9}{'peak MB':>10}{'above idle / Arrow':>20}{'time / DuckDB':>15}")
-    for name, t, m in (("local engine (prepare)", t_prep, m_prep), ("local engine (dedup)", t_dedup, m_dedup),
-                       ("local engine (total)", t_local, m_local), ("plain DuckDB script", t_duck, m_duck)):
-        print(f"{name:<28}{t:>9.2f}{m / mb:>10.0f}{(m - idle) / arrow_bytes:>20.2f}{t / t_duck:>15.2f}")
+    print(f"{'variant':<26}{'rows kept':>10}{'seconds':>9}{'peak MB':>9}{'above idle/Arrow':>18}"
+          f"{'time/DuckDB':>13}{'time/local':>12}")
+    t_local = variants[0][1]
+    for name, t, m, kept in variants:
+        print(f"{name:<26}{kept:>10}{t:>9.2f}{m / mb:>9.0f}{(m - idle) / arrow_bytes:>18.2f}"
+              f"{t / t_duck:>13.2f}{t / t_local:>12.2f}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
@@ -226,18 +225,12 @@ def _run_spark(cfg, part, path, arrow, ids, pairs, counts, target: Path) -> None
     if ids is not None:
         spark.createDataFrame(ids).createOrReplaceTempView("ids")
     if cfg.prepare.languages:
-        spark.udf.register("laionbuild_language", _spark_language_udf(cfg.prepare.min_language_score))
+        from ..spark_udfs import language_udf
+
+        spark.udf.register("laionbuild_language", language_udf(cfg.prepare.min_language_score))
     spark.sql(rows_sql(cfg, part, pairs, SPARK)).cache().createOrReplaceTempView("rows")
     active = rules(cfg, set(cfg.source.columns), SPARK)
     count(lambda sql: tuple(spark.sql(sql).collect()[0]), "rows", active, counts, rows_name="rows_in")
     result = spark.sql(f"SELECT {_output_columns(cfg, pairs, SPARK)} FROM rows WHERE {where(active)} ORDER BY _row")
     pq.write_table(spark_to_arrow(result), target)
 
-
-def _spark_language_udf(min_score: float):
-    from pyspark.sql.functions import pandas_udf
-
-    def language(captions: pd.Series) -> pd.Series:  # pandas_udf reads these hints (module-level pd)
-        return pd.Series(detect([None if pd.isna(c) else c for c in captions], min_score), dtype="object")
-
-    return pandas_udf(language, "string")
