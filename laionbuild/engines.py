@@ -23,8 +23,12 @@ class SqlDialect:
         self.name = name
 
     def key(self, part: int, row: str) -> str:
-        fn = "printf" if self.name == "duckdb" else "format_string"
-        return f"{fn}('%05d%09d', {int(part)}, {row})"
+        # 5-digit part + 9-digit row; lpad is spelled the same in both and is faster than printf
+        return f"'{int(part):05d}' || lpad(CAST({row} AS {self.string_type}), 9, '0')"
+
+    @property
+    def string_type(self) -> str:
+        return "VARCHAR" if self.name == "duckdb" else "STRING"
 
     def words(self, column: str) -> str:
         split = (f"len(regexp_split_to_array(trim({column}), '\\s+'))" if self.name == "duckdb"

@@ -171,6 +171,9 @@ def run(cfg, part: int) -> None:
     schema, num_rows, arrow = source_schema(path, fmt)
     if num_rows == 0:
         raise ValueError(f"{path}: part {part} has no rows")
+    if num_rows >= 10**9:
+        raise ValueError(f"{path}: {num_rows} rows; keys hold 9 digits of row number: split the part "
+                         "(source.consolidate_parts)")
     pairs = canonical_columns(schema, columns, path, aliases)
     ids = None
     if cfg.source.ids_url:
