@@ -125,6 +125,8 @@ class DownloadConfig:
     min_image_size: int = 0
     max_aspect_ratio: Optional[float] = None  # None: no limit
     compute_hash: Optional[str] = "sha256"
+    # Refuse URLs whose host is/resolves to a loopback, private, link-local or multicast address.
+    allow_private_urls: bool = False
     local_server: LocalServerConfig = field(default_factory=LocalServerConfig)
 
 

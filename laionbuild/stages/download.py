@@ -24,6 +24,7 @@ from ..atomic import atomic_dir, read_json
 from ..funnel import Counts
 from ..layout import WORK, part_dir
 from ..local_server import serve_folder
+from ..url_policy import refusals
 
 log = logging.getLogger(__name__)
 KEY_COLUMN = "laionbuild_key"  # our key, carried through img2dataset as an additional column
@@ -31,7 +32,7 @@ KEY_COLUMN = "laionbuild_key"  # our key, carried through img2dataset as an addi
 
 def _fingerprint(cfg, metadata: Path) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps(_i2d_settings(cfg), sort_keys=True).encode())
+    digest.update(json.dumps([_i2d_settings(cfg), cfg.download.allow_private_urls], sort_keys=True).encode())
     digest.update(metadata.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -82,12 +83,18 @@ def run(cfg, part: int) -> None:
 
     server = cfg.download.local_server
     context = serve_folder(server.root) if server.host else nullcontext(None)
+    counts = Counts()
     with context as base_url:
         urls = _rewrite(table.column("url").to_pylist(), server.host, base_url)
-        fetch_table = pa.table({"url": urls, "caption": table.column("caption"), KEY_COLUMN: table.column("key")})
+        reasons = refusals(urls, cfg.download.allow_private_urls)
+        allowed = pa.array([r is None for r in reasons])
+        for reason in set(filter(None, reasons)):
+            counts.fail(reason, reasons.count(reason))
+        fetch_table = pa.table({"url": urls, "caption": table.column("caption"),
+                                KEY_COLUMN: table.column("key")}).filter(allowed)
         input_path = work / "input.parquet"
         pq.write_table(fetch_table, input_path)
-        if table.num_rows:
+        if fetch_table.num_rows:
             img2dataset.download(
                 url_list=str(input_path),
                 input_format="parquet",
@@ -102,11 +109,11 @@ def run(cfg, part: int) -> None:
                 **_i2d_settings(cfg),
             )
 
-    counts = Counts()
     counts.set("download_attempted", table.num_rows)
+    counts.set("refused_by_url_policy", table.num_rows - fetch_table.num_rows)
     ok = 0
-    stats_files = sorted(shards.glob("*_stats.json")) if table.num_rows else []
-    expected = -(-table.num_rows // cfg.download.number_sample_per_shard)
+    stats_files = sorted(shards.glob("*_stats.json")) if fetch_table.num_rows else []
+    expected = -(-fetch_table.num_rows // cfg.download.number_sample_per_shard)
     if len(stats_files) != expected:
         raise RuntimeError(f"download of part {part} incomplete: {len(stats_files)}/{expected} shards have stats "
                            f"in {shards}; rerun to resume")
@@ -120,7 +127,7 @@ def run(cfg, part: int) -> None:
     counts.set("download_failed", table.num_rows - ok)
 
     with atomic_dir(part_dir("download", part)) as out:
-        for path in sorted(shards.iterdir()) if table.num_rows else []:
+        for path in sorted(shards.iterdir()) if fetch_table.num_rows else []:
             if path.suffix in (".tar", ".parquet") or path.name.endswith("_stats.json"):
                 os.link(path, out / path.name)  # the work dir stays whole until the part is in place
         counts.save(out)

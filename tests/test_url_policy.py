@@ -1,0 +1,48 @@
+"""URL policy: only http(s); loopback/private/link-local/multicast hosts refused unless
+download.allow_private_urls; refusals are their own funnel bucket and never reach the network."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from laionbuild.url_policy import REFUSED_ADDRESS, REFUSED_SCHEME, refusals
+
+from .imageserver import ImageServer, source_overrides, write_source
+
+
+@pytest.mark.parametrize("url,reason", [
+    ("ftp://example.com/a.jpg", REFUSED_SCHEME),
+    ("file:///etc/passwd", REFUSED_SCHEME),
+    ("not a url", REFUSED_SCHEME),
+    ("http://127.0.0.1:8000/a.jpg", REFUSED_ADDRESS),
+    ("http://10.1.2.3/a.jpg", REFUSED_ADDRESS),
+    ("http://192.168.0.10/a.jpg", REFUSED_ADDRESS),
+    ("http://169.254.169.254/latest/meta-data", REFUSED_ADDRESS),  # cloud metadata endpoint
+    ("http://224.0.0.1/a.jpg", REFUSED_ADDRESS),
+    ("http://[::1]/a.jpg", REFUSED_ADDRESS),
+    ("http://[::ffff:127.0.0.1]/a.jpg", REFUSED_ADDRESS),
+    ("http://localhost/a.jpg", REFUSED_ADDRESS),  # a name that resolves to loopback
+    ("https://93.184.216.34/a.jpg", None),
+    ("http://no-such-host.invalid/a.jpg", None),  # unresolvable: left to the downloader
+])
+def test_refusals(url, reason):
+    assert refusals([url], allow_private=False) == [reason]
+
+
+def test_allow_private_lifts_only_the_address_rule():
+    urls = ["http://127.0.0.1/a.jpg", "http://localhost/b.jpg", "ftp://127.0.0.1/c.jpg"]
+    assert refusals(urls, allow_private=True) == [None, None, REFUSED_SCHEME]
+
+
+def test_refused_rows_are_counted_and_never_requested(project, tmp_path):
+    with ImageServer() as server:
+        write_source(tmp_path / "source", server.url, rows=12)
+        project.build(*source_overrides(tmp_path / "source"), "download.allow_private_urls=false",
+                      "--stage", "download")
+        assert sum(server.requests.values()) == 0
+    stats = json.loads((project / "data/images/part_0/stats.json").read_text())
+    assert stats["counts"] == {"download_attempted": 12, "refused_by_url_policy": 12, "downloaded_ok": 0,
+                               "download_failed": 12}
+    assert stats["failures"] == {REFUSED_ADDRESS: 12}
