@@ -67,3 +67,23 @@ def refusals(urls: list[str], allow_private: bool, threads: int = 32) -> list[st
         else:
             out.append(None)
     return out
+
+
+def spread_by_host(urls: list[str]) -> list[int]:
+    """A row order in which the URLs of one host are spread across the run (round robin over
+    hosts, each host's rows in their original order), so no host receives a burst."""
+    by_host: dict[str, list[int]] = {}
+    for i, url in enumerate(urls):
+        try:
+            host = urlsplit(url or "").hostname or ""
+        except ValueError:
+            host = ""
+        by_host.setdefault(host, []).append(i)
+    queues = list(by_host.values())
+    order: list[int] = []
+    depth = 0
+    while queues:
+        queues = [q for q in queues if len(q) > depth]
+        order.extend(q[depth] for q in queues)
+        depth += 1
+    return order

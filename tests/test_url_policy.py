@@ -46,3 +46,15 @@ def test_refused_rows_are_counted_and_never_requested(project, tmp_path):
     assert stats["counts"] == {"download_attempted": 12, "refused_by_url_policy": 12, "downloaded_ok": 0,
                                "download_failed": 12}
     assert stats["failures"] == {REFUSED_ADDRESS: 12}
+
+
+def test_urls_of_one_host_are_spread_over_the_run():
+    from laionbuild.url_policy import spread_by_host
+
+    urls = [f"http://a.example/{i}" for i in range(6)] + [f"http://b.example/{i}" for i in range(3)] + ["http://c.example/0"]
+    order = spread_by_host(urls)
+    assert sorted(order) == list(range(10))
+    assert [urls[i] for i in order] == [
+        "http://a.example/0", "http://b.example/0", "http://c.example/0",
+        "http://a.example/1", "http://b.example/1", "http://a.example/2", "http://b.example/2",
+        "http://a.example/3", "http://a.example/4", "http://a.example/5"]

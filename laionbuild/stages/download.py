@@ -24,7 +24,7 @@ from ..atomic import atomic_dir, read_json
 from ..funnel import Counts
 from ..layout import WORK, part_dir
 from ..local_server import serve_folder
-from ..url_policy import refusals
+from ..url_policy import refusals, spread_by_host
 
 log = logging.getLogger(__name__)
 KEY_COLUMN = "laionbuild_key"  # our key, carried through img2dataset as an additional column
@@ -92,6 +92,8 @@ def run(cfg, part: int) -> None:
             counts.fail(reason, reasons.count(reason))
         fetch_table = pa.table({"url": urls, "caption": table.column("caption"),
                                 KEY_COLUMN: table.column("key")}).filter(allowed)
+        # politeness: one host's URLs spread over the run instead of arriving in a burst
+        fetch_table = fetch_table.take(pa.array(spread_by_host(fetch_table.column("url").to_pylist()), pa.int64()))
         input_path = work / "input.parquet"
         pq.write_table(fetch_table, input_path)
         if fetch_table.num_rows:
