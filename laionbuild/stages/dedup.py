@@ -26,20 +26,28 @@ from ..rules import sql_string
 log = logging.getLogger(__name__)
 
 
-def kept_sql(cfg, columns: list[str], dialect: SqlDialect) -> str:
-    """`all_rows` (with `_part_rank`) -> the surviving rows, same columns (+ `captions`)."""
-    q = dialect.quote
-    select = ", ".join([q(c) for c in columns] + ["_part_rank"])
-    keys = ", ".join(q(k) for k in cfg.dedup.keys)
-    if not keys:
-        return f"SELECT {select} FROM all_rows"
+def survivors_sql(cfg, dialect: SqlDialect) -> str:
+    """`all_rows` (with `_part_rank`) -> the surviving keys (and merged `captions`). The window
+    only touches the dedup keys, so memory follows those columns, not whole rows."""
+    keys = ", ".join(dialect.quote(k) for k in cfg.dedup.keys)
     window = f"PARTITION BY {keys} ORDER BY _part_rank, key"
     captions = ""
     if cfg.dedup.merge_captions:
         captions = (f", {dialect.collect_list('caption')} OVER ({window} ROWS BETWEEN UNBOUNDED PRECEDING AND "
                     f"UNBOUNDED FOLLOWING) AS captions")
-    inner = f"SELECT *, row_number() OVER ({window}) AS _rn{captions} FROM all_rows"
-    return f"SELECT {select}{', captions' if captions else ''} FROM ({inner}) t WHERE _rn = 1"
+    return (f"SELECT key{', captions' if captions else ''} FROM ("
+            f"SELECT key, row_number() OVER ({window}) AS _rn{captions} FROM all_rows) t WHERE _rn = 1")
+
+
+def part_sql(cfg, union: list[tuple[str, str]], own: set[str], dialect: SqlDialect) -> str:
+    """`part_rows` (one part) -> its surviving rows in key order, with the union of all parts'
+    columns (NULL where this part lacks one)."""
+    q = dialect.quote
+    columns = ", ".join(f"p.{q(n)}" if n in own else f"CAST(NULL AS {t}) AS {q(n)}" for n, t in union)
+    if not cfg.dedup.keys:
+        return f"SELECT {columns} FROM part_rows p ORDER BY p.key"
+    captions = ", s.captions" if cfg.dedup.merge_captions else ""
+    return f"SELECT {columns}{captions} FROM part_rows p JOIN survivors s ON p.key = s.key ORDER BY p.key"
 
 
 def run(cfg) -> None:
@@ -51,49 +59,48 @@ def run(cfg) -> None:
             (out / f"part_{part}").mkdir()
             targets.append(out / f"part_{part}" / "metadata.parquet")
         if cfg.engine.name == "spark":
-            kept = _run_spark(cfg, sources, targets)
+            _run_spark(cfg, sources, targets)
         else:
-            kept = _run_duckdb(cfg, sources, targets)
-        for part, target, n in zip(parts, targets, kept):
+            _run_duckdb(cfg, sources, targets)
+        for part, target in zip(parts, targets):
             counts = Counts()
-            counts.set("after_dedup", n)
+            counts.set("after_dedup", pq.read_metadata(target).num_rows)
             counts.save(target.parent)
-            log.info("dedup part %d: %d rows kept", part, n)
+            log.info("dedup part %d: %d rows kept", part, counts.values["after_dedup"])
 
 
-def _run_duckdb(cfg, sources, targets) -> list[int]:
+def _run_duckdb(cfg, sources, targets) -> None:
     spill = TMP / "duckdb"
     spill.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(config={"memory_limit": cfg.dedup.memory_limit, "temp_directory": str(spill)})
     selects = [f"SELECT *, {rank} AS _part_rank FROM read_parquet({sql_string(path)})"
                for rank, path in enumerate(sources)]
     con.execute(f"CREATE TEMP VIEW all_rows AS {' UNION ALL BY NAME '.join(selects)}")
-    columns = [c for c in con.execute("SELECT * FROM all_rows LIMIT 0").arrow().schema.names if c != "_part_rank"]
-    con.execute(f"CREATE TEMP TABLE kept AS {kept_sql(cfg, columns, DUCKDB)}")
-    kept = []
-    for rank, target in enumerate(targets):
-        con.execute(f"""COPY (SELECT * EXCLUDE (_part_rank) FROM kept WHERE _part_rank = {rank} ORDER BY key)
-                        TO {sql_string(target)} (FORMAT parquet)""")
-        kept.append(con.execute(f"SELECT count(*) FROM kept WHERE _part_rank = {rank}").fetchone()[0])
+    if cfg.dedup.keys:
+        con.execute(f"CREATE TEMP TABLE survivors AS {survivors_sql(cfg, DUCKDB)}")
+    union = [(n, t) for n, t, *_ in con.execute("DESCRIBE all_rows").fetchall() if n != "_part_rank"]
+    for path, target in zip(sources, targets):
+        con.execute(f"CREATE OR REPLACE TEMP VIEW part_rows AS SELECT * FROM read_parquet({sql_string(path)})")
+        own = {row[0] for row in con.execute("DESCRIBE part_rows").fetchall()}
+        con.execute(f"COPY ({part_sql(cfg, union, own, DUCKDB)}) TO {sql_string(target)} (FORMAT parquet)")
     shutil.rmtree(spill, ignore_errors=True)
-    return kept
 
 
-def _run_spark(cfg, sources, targets) -> list[int]:
+def _run_spark(cfg, sources, targets) -> None:
     from pyspark.sql import functions as F
 
     spark = spark_session(cfg.engine)
-    frames = [spark.read.parquet(str(path.resolve())).withColumn("_part_rank", F.lit(rank))
-              for rank, path in enumerate(sources)]
-    union = reduce(lambda a, b: a.unionByName(b, allowMissingColumns=True), frames)
+    frames = [spark.read.parquet(str(path.resolve())) for path in sources]
+    union = reduce(lambda a, b: a.unionByName(b, allowMissingColumns=True),
+                   [f.withColumn("_part_rank", F.lit(rank)) for rank, f in enumerate(frames)])
     union.createOrReplaceTempView("all_rows")
-    columns = [c for c in union.columns if c != "_part_rank"]
-    kept_frame = spark.sql(kept_sql(cfg, columns, SPARK)).cache()
-    kept_frame.createOrReplaceTempView("kept")
-    kept = []
-    for rank, target in enumerate(targets):
-        table = spark_to_arrow(spark.sql(f"SELECT * FROM kept WHERE _part_rank = {rank} ORDER BY key").drop("_part_rank"))
-        pq.write_table(table, target)
-        kept.append(table.num_rows)
-    kept_frame.unpersist()
-    return kept
+    survivors = None
+    if cfg.dedup.keys:
+        survivors = spark.sql(survivors_sql(cfg, SPARK)).cache()
+        survivors.createOrReplaceTempView("survivors")
+    columns = [(f.name, f.dataType.simpleString()) for f in union.schema.fields if f.name != "_part_rank"]
+    for frame, target in zip(frames, targets):
+        frame.createOrReplaceTempView("part_rows")
+        pq.write_table(spark_to_arrow(spark.sql(part_sql(cfg, columns, set(frame.columns), SPARK))), target)
+    if survivors is not None:
+        survivors.unpersist()
