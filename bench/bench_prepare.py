@@ -8,7 +8,7 @@ process tree, the JVM included, sampled), as ratios, plus the part's Arrow size.
 #3): local engine >= 10x faster than Spark, <= 1.2x the plain DuckDB script's time; peak RSS
 above idle <= 2x the part's Arrow size.
 
---scale M1,M2,...: global dedup alone (`laionbuild stage dedup`, dedup.memory_limit=1GB) over
+--scale M1,M2,...: global dedup alone (`laionbuild stage dedup`, dedup.memory_limit=512MB) over
 generated prepared parts of 1M rows, M million rows in all; peak RSS should stay flat (DuckDB
 spills) and rows/s flat as M grows (issue #3 asks for 10,20,40).
 
@@ -110,7 +110,7 @@ def scale(millions: list[int], env: dict) -> None:
             project = Path(tmp) / "project"
             parts = list(range(m))
             compose(project, env, "recipe=laion400m", f"source.base_url={tmp}", "source.num_parts=1000",
-                    f"subset.parts=[{','.join(map(str, parts))}]", "dedup.memory_limit=1GB")
+                    f"subset.parts=[{','.join(map(str, parts))}]", "dedup.memory_limit=512MB")
             for p in parts:  # prepared parts straight from DuckDB: 1M rows each, ~1/3 duplicates
                 target = project / f"data/prepared/part_{p}"
                 target.mkdir(parents=True)
