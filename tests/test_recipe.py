@@ -111,3 +111,8 @@ def test_build_up_to_one_stage(project):
     assert not (project / "data/images").exists()
     status = project.status()
     assert status["prepare@2"] == "built" and status["download@0"] == "missing" and status["report"] == "missing"
+
+
+def test_committed_params_yaml_is_the_default_recipe():
+    """`dvc repro` on the committed params.yaml builds the demo: keep it equal to a fresh compose."""
+    assert (ROOT / "params.yaml").read_text() == to_yaml(compose([], conf_dir=CONF))
