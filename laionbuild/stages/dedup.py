@@ -26,24 +26,28 @@ from ..rules import sql_string
 log = logging.getLogger(__name__)
 
 
+# rows in build order: part rank, then key (14 digits, so it fits a BIGINT next to the rank)
+BUILD_ORDER = "_part_rank * 100000000000000 + CAST(key AS BIGINT)"
+
+
 def survivors_sql(cfg, dialect: SqlDialect) -> str:
-    """`all_rows` (with `_part_rank`) -> the surviving keys (and merged `captions`). The window
-    only touches the dedup keys, so memory follows those columns, not whole rows."""
+    """`all_rows` (with `_part_rank`) -> the surviving keys (and merged `captions`), one per
+    distinct dedup-key tuple: the first in build order. A hash aggregate over the dedup columns
+    only, so memory follows those columns, not whole rows, and nothing is sorted."""
     keys = ", ".join(dialect.quote(k) for k in cfg.dedup.keys)
-    window = f"PARTITION BY {keys} ORDER BY _part_rank, key"
-    captions = ""
-    if cfg.dedup.merge_captions:
-        captions = (f", {dialect.collect_list('caption')} OVER ({window} ROWS BETWEEN UNBOUNDED PRECEDING AND "
-                    f"UNBOUNDED FOLLOWING) AS captions")
-    return (f"SELECT key{', captions' if captions else ''} FROM ("
-            f"SELECT key, row_number() OVER ({window}) AS _rn{captions} FROM all_rows) t WHERE _rn = 1")
+    captions = f", {dialect.ordered_list('caption', BUILD_ORDER)} AS captions" if cfg.dedup.merge_captions else ""
+    return f"SELECT min_by(key, {BUILD_ORDER}) AS key{captions} FROM all_rows GROUP BY {keys}"
 
 
-def part_sql(cfg, union: list[tuple[str, str]], own: set[str], dialect: SqlDialect) -> str:
-    """`part_rows` (one part) -> its surviving rows in key order, with the union of all parts'
-    columns (NULL where this part lacks one)."""
+def _columns(union: list[tuple[str, str]], own: set[str], dialect: SqlDialect) -> str:
+    """The union of all parts' columns, NULL where this part lacks one."""
     q = dialect.quote
-    columns = ", ".join(f"p.{q(n)}" if n in own else f"CAST(NULL AS {t}) AS {q(n)}" for n, t in union)
+    return ", ".join(f"p.{q(n)}" if n in own else f"CAST(NULL AS {t}) AS {q(n)}" for n, t in union)
+
+
+def spark_part_sql(cfg, union: list[tuple[str, str]], own: set[str]) -> str:
+    """`part_rows` (one part) -> its surviving rows in key order."""
+    columns = _columns(union, own, SPARK)
     if not cfg.dedup.keys:
         return f"SELECT {columns} FROM part_rows p ORDER BY p.key"
     captions = ", s.captions" if cfg.dedup.merge_captions else ""
@@ -77,12 +81,31 @@ def _run_duckdb(cfg, sources, targets) -> None:
                for rank, path in enumerate(sources)]
     con.execute(f"CREATE TEMP VIEW all_rows AS {' UNION ALL BY NAME '.join(selects)}")
     if cfg.dedup.keys:
-        con.execute(f"CREATE TEMP TABLE survivors AS {survivors_sql(cfg, DUCKDB)}")
+        # sorted by key, so each part's survivors are one key range that zonemaps find without
+        # scanning every part's survivors for every part
+        con.execute(f"CREATE TEMP TABLE survivors AS {survivors_sql(cfg, DUCKDB)} ORDER BY key")
     union = [(n, t) for n, t, *_ in con.execute("DESCRIBE all_rows").fetchall() if n != "_part_rank"]
+    con.execute(f"SET threads = {int(cfg.engine.write_threads)}")  # see engine.write_threads
     for path, target in zip(sources, targets):
         con.execute(f"CREATE OR REPLACE TEMP VIEW part_rows AS SELECT * FROM read_parquet({sql_string(path)})")
         own = {row[0] for row in con.execute("DESCRIBE part_rows").fetchall()}
-        con.execute(f"COPY ({part_sql(cfg, union, own, DUCKDB)}) TO {sql_string(target)} (FORMAT parquet)")
+        columns = _columns(union, own, DUCKDB)
+        if not cfg.dedup.keys:  # a scan keeps the part's (key) order
+            con.execute(f"COPY (SELECT {columns} FROM part_rows p) TO {sql_string(target)} (FORMAT parquet)")
+            continue
+        # One flag per row of the part, in key order (a sort of keys and flags only), then the
+        # part's rows streamed beside their flags by position: the whole rows are never sorted
+        # or held. The prepared part is in key order; a misaligned row stops the stage.
+        first, last = con.execute("SELECT min(key), max(key) FROM part_rows").fetchone()
+        captions = ", s.captions" if cfg.dedup.merge_captions else ""
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE flags AS
+                        SELECT p.key, s.key IS NOT NULL AS keep{captions} FROM part_rows p LEFT JOIN
+                          (SELECT * FROM survivors WHERE key BETWEEN {sql_string(first)} AND {sql_string(last)}) s
+                          ON p.key = s.key ORDER BY p.key""")
+        misaligned = sql_string(f"{path}: rows are not in key order")
+        con.execute(f"""COPY (SELECT {columns}{', f.captions' if captions else ''} FROM part_rows p POSITIONAL JOIN flags f
+                              WHERE CASE WHEN p.key IS DISTINCT FROM f.key THEN error({misaligned}) ELSE f.keep END)
+                        TO {sql_string(target)} (FORMAT parquet)""")
     shutil.rmtree(spill, ignore_errors=True)
 
 
@@ -101,6 +124,6 @@ def _run_spark(cfg, sources, targets) -> None:
     columns = [(f.name, f.dataType.simpleString()) for f in union.schema.fields if f.name != "_part_rank"]
     for frame, target in zip(frames, targets):
         frame.createOrReplaceTempView("part_rows")
-        pq.write_table(spark_to_arrow(spark.sql(part_sql(cfg, columns, set(frame.columns), SPARK))), target)
+        pq.write_table(spark_to_arrow(spark.sql(spark_part_sql(cfg, columns, set(frame.columns)))), target)
     if survivors is not None:
         survivors.unpersist()

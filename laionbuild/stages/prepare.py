@@ -210,7 +210,11 @@ def _run_duckdb(cfg, part, path, arrow, ids, pairs, counts, target: Path) -> Non
     active = rules(cfg, set(cfg.source.columns), DUCKDB)
     try:
         count(lambda sql: con.execute(sql).fetchone(), "rows", active, counts, rows_name="rows_in")
-        con.execute(f"""COPY (SELECT {_output_columns(cfg, pairs, DUCKDB)} FROM rows WHERE {where(active)} ORDER BY _row)
+        # DuckDB keeps source order through scans, projections and filters (its documented
+        # order preservation), so only the id-list join needs a sort, which holds the part in memory
+        order = " ORDER BY _row" if ids is not None else ""
+        con.execute(f"SET threads = {int(cfg.engine.write_threads)}")
+        con.execute(f"""COPY (SELECT {_output_columns(cfg, pairs, DUCKDB)} FROM rows WHERE {where(active)}{order})
                         TO {sql_string(target)} (FORMAT parquet)""")
     except duckdb.Error as exc:
         raise ValueError(f"{path}: {str(exc).splitlines()[0]}") from None
