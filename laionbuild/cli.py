@@ -113,6 +113,31 @@ def cmd_stage(args) -> int:
     return 0
 
 
+def cmd_retry_failed(args) -> int:
+    """Re-attempt the transient download failures of built parts and merge the successes in;
+    then record the new outputs in dvc.lock (`dvc commit`), so the next build reruns only what
+    follows the download of the parts that changed."""
+    from .stages.download import retry_part
+
+    cfg = load_params(args.params)
+    parts = args.part if args.part else list(cfg.subset.parts)
+    changed = []
+    for part in parts:
+        if part not in cfg.subset.parts:
+            raise RecipeError(f"--part {part}: not in subset.parts {list(cfg.subset.parts)}")
+        failed, recovered = retry_part(cfg, part)
+        print(f"part {part}: {failed} transient failures re-attempted, {recovered} recovered")
+        if recovered:
+            changed.append(part)
+    if changed and Path("dvc.lock").exists():
+        result = _dvc("commit", "--force", *[f"download@{p}" for p in changed])
+        if result.returncode:
+            return result.returncode
+    if changed:
+        print("run `laionbuild build` to rebuild what follows (embeddings, tags, selection, index)")
+    return 0
+
+
 def stage_status() -> list[tuple[str, str]]:
     """(stage name as DVC knows it, built|stale|missing) for every stage of params.yaml's recipe."""
     import yaml
@@ -175,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part", type=int, help="part id, for per-part stages")
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("retry-failed", help="re-attempt transient download failures (timeouts, connection "
+                                            "errors, 429, 5xx) of built parts and merge the successes in")
+    p.add_argument("--part", type=int, action="append", help="part id (repeatable; default: every part)")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_retry_failed)
 
     p = sub.add_parser("status", help="per stage and part: built / stale / missing")
     p.set_defaults(func=cmd_status)

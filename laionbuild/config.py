@@ -125,8 +125,23 @@ class DownloadConfig:
     min_image_size: int = 0
     max_aspect_ratio: Optional[float] = None  # None: no limit
     compute_hash: Optional[str] = "sha256"
-    # Refuse URLs whose host is/resolves to a loopback, private, link-local or multicast address.
+    max_image_area: Optional[float] = None  # pixels; larger images fail as "image area too large"
+    # X-Robots-Tag directives that opt an image out (honoured by default, as img2dataset does)
+    disallowed_header_directives: List[str] = field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
+    user_agent_token: Optional[str] = None  # e.g. laionbuild: matched in X-Robots-Tag "token: ..." rules
+    # Politeness (the proxy in laionbuild/politeness.py): concurrent requests per host across all
+    # download processes (None: no cap), and the first back-off delay after a 429 (doubling)
+    max_per_host: Optional[int] = 4
+    backoff_seconds: float = 1.0
+    # Re-attempt transient failures (timeouts, connection errors, 429, 5xx) this many times at
+    # the end of the stage, `retry_delay` seconds apart (`laionbuild retry-failed` does it later)
+    retry_rounds: int = 0
+    retry_delay: float = 5.0
+    # Refuse URLs whose host is/resolves to a loopback, private, link-local or multicast address
+    # (checked again at every redirect and connection).
     allow_private_urls: bool = False
+    private_host_allowlist: List[str] = field(default_factory=list)  # hosts exempt (e.g. an internal mirror)
     local_server: LocalServerConfig = field(default_factory=LocalServerConfig)
 
 
@@ -283,6 +298,11 @@ def validate(cfg: Config | DictConfig, where: str = "recipe") -> None:
     _check(d.retries >= 0, "download.retries", "must be >= 0", where)
     _check(d.min_image_size >= 0, "download.min_image_size", f"must be >= 0, got {d.min_image_size}", where)
     _check(d.max_aspect_ratio is None or d.max_aspect_ratio >= 1, "download.max_aspect_ratio", "must be >= 1", where)
+    _check(d.max_image_area is None or d.max_image_area > 0, "download.max_image_area", "must be > 0", where)
+    _check(d.max_per_host is None or d.max_per_host >= 1, "download.max_per_host", "must be >= 1 or null", where)
+    _check(d.backoff_seconds >= 0, "download.backoff_seconds", "must be >= 0", where)
+    _check(d.retry_rounds >= 0, "download.retry_rounds", "must be >= 0", where)
+    _check(d.retry_delay >= 0, "download.retry_delay", "must be >= 0", where)
     _check((d.local_server.host is None) == (d.local_server.root is None), "download.local_server",
            "set both host and root, or neither", where)
 

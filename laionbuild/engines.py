@@ -35,13 +35,11 @@ class SqlDialect:
                  else f"size(split(trim({column}), '\\\\s+'))")
         return f"CASE WHEN trim(coalesce({column}, '')) = '' THEN 0 ELSE {split} END"
 
-    def ordered_list(self, column: str, order: str) -> str:
-        """Aggregate: the non-NULL values of `column` ordered by `order` (an empty list when all
-        are NULL), spelled so both engines give the same list."""
+    def collect_list(self, column: str) -> str:
+        # both skip NULLs (Spark's collect_list always does; DuckDB's list() would keep them)
         if self.name == "duckdb":
-            return f"list_filter(list({column} ORDER BY {order}), x -> x IS NOT NULL)"
-        return (f"transform(filter(array_sort(collect_list(struct({order} AS o, {column} AS c))), "
-                f"x -> x.c IS NOT NULL), x -> x.c)")
+            return f"list({column}) FILTER (WHERE {column} IS NOT NULL)"
+        return f"collect_list({column})"
 
     def quote(self, name: str) -> str:
         if self.name == "duckdb":

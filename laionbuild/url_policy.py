@@ -32,8 +32,22 @@ def _resolve(host: str) -> list[str]:
         return []
 
 
-def refusals(urls: list[str], allow_private: bool, threads: int = 32) -> list[str | None]:
-    """For each URL, the reason it is refused, or None."""
+def host_allowed(host: str, allow_private: bool) -> tuple[bool, list[str]]:
+    """(allowed, addresses) for one host: the polite proxy checks every hop with this and
+    connects to the address it checked. A host that does not resolve is allowed with no
+    addresses (the caller reports the DNS failure)."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        addresses = [host.strip("[]")]
+    except ValueError:
+        addresses = _resolve(host)
+    return allow_private or not any(_forbidden(a) for a in addresses), addresses
+
+
+def refusals(urls: list[str], allow_private: bool, allowlist=(), threads: int = 32) -> list[str | None]:
+    """For each URL, the reason it is refused, or None. Hosts in `allowlist` are exempt from
+    the address rule."""
+    exempt = {h.lower() for h in allowlist}
     hosts: dict[str, bool] = {}
     parsed = []
     for url in urls:
@@ -43,7 +57,7 @@ def refusals(urls: list[str], allow_private: bool, threads: int = 32) -> list[st
         except ValueError:
             parts, host = None, None
         parsed.append((parts, host))
-        if host and not allow_private:
+        if host and not allow_private and host.lower() not in exempt:
             hosts.setdefault(host, False)
     if hosts:
         literal, names = [], []
@@ -62,7 +76,7 @@ def refusals(urls: list[str], allow_private: bool, threads: int = 32) -> list[st
     for parts, host in parsed:
         if parts is None or parts.scheme not in ("http", "https") or not host:
             out.append(REFUSED_SCHEME)
-        elif not allow_private and hosts[host]:
+        elif not allow_private and hosts.get(host, False):
             out.append(REFUSED_ADDRESS)
         else:
             out.append(None)

@@ -4,6 +4,15 @@
 Resume: img2dataset works in `data/.work/download/part_N-<fingerprint>/` in incremental mode, so
 a killed run continues from the shards it finished; the fingerprint (params + input checksum)
 keeps a changed recipe from resuming stale work. Only a finished part is moved into place.
+
+Politeness and the URL policy on every hop: img2dataset's requests go through the proxy of
+`laionbuild/politeness.py` (per-host concurrency cap, 429 back-off). Retry: transient failures
+(`laionbuild/failures.py`) are re-attempted `download.retry_rounds` times at the end of the stage,
+or later on a built part by `laionbuild retry-failed`; new successes are merged into the shard
+that held the failure, under the same sample key, as if they had succeeded the first time.
+
+Funnel: every input row ends in exactly one bucket: downloaded ok, refused by the URL policy, or
+one failure reason (img2dataset's per-row status, classified).
 """
 
 from __future__ import annotations
@@ -11,19 +20,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import io
 import os
 import shutil
-from contextlib import nullcontext
+import tarfile
+import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..atomic import atomic_dir, read_json
-from ..funnel import Counts
-from ..layout import WORK, part_dir
+from ..atomic import atomic_dir, read_json, write_json
+from ..failures import classify, transient
+from ..funnel import Counts, load_stats
+from ..layout import TMP, WORK, part_dir
 from ..local_server import serve_folder
+from ..politeness import PoliteProxy, proxy_environment
 from ..url_policy import refusals, spread_by_host
 
 log = logging.getLogger(__name__)
@@ -52,6 +66,9 @@ def _i2d_settings(cfg) -> dict:
         min_image_size=d.min_image_size,
         max_aspect_ratio=float("inf") if d.max_aspect_ratio is None else d.max_aspect_ratio,
         compute_hash=d.compute_hash,
+        max_image_area=float("inf") if d.max_image_area is None else d.max_image_area,
+        disallowed_header_directives=list(d.disallowed_header_directives),
+        user_agent_token=d.user_agent_token,
     )
 
 
@@ -72,24 +89,86 @@ def shard_files(directory: Path) -> list[Path]:
     return sorted(Path(directory).glob("*.tar"))
 
 
-def run(cfg, part: int) -> None:
+@contextmanager
+def web(cfg):
+    """While open: the demo's local server (if any) and the polite proxy, with urllib pointed at
+    it. Yields the URL rewrite for the local server's host."""
+    d = cfg.download
+    server = d.local_server
+    with serve_folder(server.root) if server.host else nullcontext(None) as base_url:
+        proxy = PoliteProxy(d.max_per_host, d.allow_private_urls, d.timeout,
+                            private_host_allowlist=d.private_host_allowlist, backoff_base=d.backoff_seconds)
+        with proxy as proxy_url, proxy_environment(proxy_url):
+            yield lambda urls: _rewrite(urls, server.host, base_url)
+        log.info("polite proxy: %s", proxy.stats)
+
+
+def _img2dataset(cfg, input_path: Path, shards: Path) -> None:
     import img2dataset
 
+    img2dataset.download(
+        url_list=str(input_path),
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        save_additional_columns=[KEY_COLUMN],
+        output_folder=str(shards),
+        output_format="webdataset",
+        incremental_mode="incremental",
+        distributor="multiprocessing",
+        enable_wandb=False,
+        **_i2d_settings(cfg),
+    )
+
+
+def _shard_rows(shards: Path) -> pa.Table:
+    """Every row img2dataset wrote (successes and failures) with its shard."""
+    tables = []
+    for path in sorted(shards.glob("*.parquet")):
+        t = pq.read_table(path, columns=["key", "status", "error_message", KEY_COLUMN])
+        tables.append(t.append_column("shard", pa.array([path.stem] * t.num_rows, pa.string())))
+    if not tables:
+        return pa.table({"key": pa.array([], pa.string()), "status": pa.array([], pa.string()),
+                         "error_message": pa.array([], pa.string()), KEY_COLUMN: pa.array([], pa.string()),
+                         "shard": pa.array([], pa.string())})
+    return pa.concat_tables(tables)
+
+
+def part_counts(attempted: int, refused: dict, shards: Path) -> Counts:
+    """The part's funnel: every row in exactly one bucket."""
+    counts = Counts()
+    rows = _shard_rows(shards)
+    ok = 0
+    for status, message in zip(rows.column("status").to_pylist(), rows.column("error_message").to_pylist()):
+        if status == "success":
+            ok += 1
+        else:
+            counts.fail(classify(message), 1)
+    for reason, n in refused.items():
+        counts.fail(reason, n)
+    n_refused = sum(refused.values())
+    if ok + sum(counts.failures.values()) != attempted:
+        raise RuntimeError(f"download funnel does not add up in {shards}: {attempted} rows, {ok} ok, "
+                           f"{sum(counts.failures.values())} failed")
+    counts.set("download_attempted", attempted)
+    counts.set("refused_by_url_policy", n_refused)
+    counts.set("downloaded_ok", ok)
+    counts.set("download_failed", attempted - ok)
+    return counts
+
+
+def run(cfg, part: int) -> None:
     metadata_path = part_dir("dedup", part) / "metadata.parquet"
     table = pq.read_table(metadata_path, columns=["key", "url", "caption"])
     work = WORK / "download" / f"part_{part}-{_fingerprint(cfg, metadata_path)}"
     shards = work / "shards"
     work.mkdir(parents=True, exist_ok=True)
 
-    server = cfg.download.local_server
-    context = serve_folder(server.root) if server.host else nullcontext(None)
-    counts = Counts()
-    with context as base_url:
-        urls = _rewrite(table.column("url").to_pylist(), server.host, base_url)
-        reasons = refusals(urls, cfg.download.allow_private_urls)
+    with web(cfg) as rewrite:
+        urls = rewrite(table.column("url").to_pylist())
+        reasons = refusals(urls, cfg.download.allow_private_urls, cfg.download.private_host_allowlist)
+        refused = {r: reasons.count(r) for r in sorted(set(filter(None, reasons)))}
         allowed = pa.array([r is None for r in reasons])
-        for reason in set(filter(None, reasons)):
-            counts.fail(reason, reasons.count(reason))
         fetch_table = pa.table({"url": urls, "caption": table.column("caption"),
                                 KEY_COLUMN: table.column("key")}).filter(allowed)
         # politeness: one host's URLs spread over the run instead of arriving in a burst
@@ -97,41 +176,157 @@ def run(cfg, part: int) -> None:
         input_path = work / "input.parquet"
         pq.write_table(fetch_table, input_path)
         if fetch_table.num_rows:
-            img2dataset.download(
-                url_list=str(input_path),
-                input_format="parquet",
-                url_col="url",
-                caption_col="caption",
-                save_additional_columns=[KEY_COLUMN],
-                output_folder=str(shards),
-                output_format="webdataset",
-                incremental_mode="incremental",
-                distributor="multiprocessing",
-                enable_wandb=False,
-                **_i2d_settings(cfg),
-            )
+            _img2dataset(cfg, input_path, shards)
+        stats_files = sorted(shards.glob("*_stats.json")) if fetch_table.num_rows else []
+        expected = -(-fetch_table.num_rows // cfg.download.number_sample_per_shard)
+        if len(stats_files) != expected:
+            raise RuntimeError(f"download of part {part} incomplete: {len(stats_files)}/{expected} shards have "
+                               f"stats in {shards}; rerun to resume")
+        for round_ in range(cfg.download.retry_rounds):
+            if not fetch_table.num_rows or not _transient_failures(shards):
+                break
+            time.sleep(cfg.download.retry_delay)
+            recovered = retry_shards(cfg, shards, table, rewrite, work / f"retry_{round_}")
+            log.info("part %d retry round %d: %d recovered", part, round_ + 1, recovered)
 
-    counts.set("download_attempted", table.num_rows)
-    counts.set("refused_by_url_policy", table.num_rows - fetch_table.num_rows)
-    ok = 0
-    stats_files = sorted(shards.glob("*_stats.json")) if fetch_table.num_rows else []
-    expected = -(-fetch_table.num_rows // cfg.download.number_sample_per_shard)
-    if len(stats_files) != expected:
-        raise RuntimeError(f"download of part {part} incomplete: {len(stats_files)}/{expected} shards have stats "
-                           f"in {shards}; rerun to resume")
-    for stats_path in stats_files:
-        stats = read_json(stats_path)
-        ok += stats["successes"]
-        for reason, n in stats["status_dict"].items():
-            if reason != "success":
-                counts.fail(reason, n)
-    counts.set("downloaded_ok", ok)
-    counts.set("download_failed", table.num_rows - ok)
-
+    counts = part_counts(table.num_rows, refused, shards if fetch_table.num_rows else work / "none")
     with atomic_dir(part_dir("download", part)) as out:
         for path in sorted(shards.iterdir()) if fetch_table.num_rows else []:
             if path.suffix in (".tar", ".parquet") or path.name.endswith("_stats.json"):
                 os.link(path, out / path.name)  # the work dir stays whole until the part is in place
-        counts.save(out)
+        counts.save(out, refused=refused)
     shutil.rmtree(work, ignore_errors=True)
-    log.info("downloaded part %d: %d/%d ok", part, ok, table.num_rows)
+    log.info("downloaded part %d: %d/%d ok", part, counts.values["downloaded_ok"], table.num_rows)
+
+
+# -- retrying transient failures -----------------------------------------------------------------
+
+def _transient_failures(shards: Path) -> list[tuple[str, str, str]]:
+    """(shard, img2dataset key, our key) of every row that failed for a transient reason."""
+    rows = _shard_rows(shards)
+    out = []
+    for status, message, key, ours, shard in zip(*(rows.column(c).to_pylist() for c in
+                                                  ("status", "error_message", "key", KEY_COLUMN, "shard"))):
+        if status != "success" and transient(classify(message)):
+            out.append((shard, key, ours))
+    return out
+
+
+def _replace_bytes(path: Path, data: bytes) -> None:
+    """Write a new file and rename it over `path`: a hard-linked original (DVC cache, the work
+    dir) is never modified in place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def retry_shards(cfg, shards: Path, metadata: pa.Table, rewrite, scratch: Path) -> int:
+    """Re-download the transient failures in `shards` and merge the successes into the shards
+    that held them (same sample key, tar members appended, parquet row and stats updated).
+    Returns how many were recovered."""
+    failed = _transient_failures(shards)
+    if not failed:
+        return 0
+    wanted = {ours: (shard, key) for shard, key, ours in failed}
+    keys = metadata.column("key").to_pylist()
+    index = [i for i, k in enumerate(keys) if k in wanted]
+    subset = metadata.take(pa.array(index, pa.int64()))
+    retry_input = pa.table({"url": rewrite(subset.column("url").to_pylist()), "caption": subset.column("caption"),
+                            KEY_COLUMN: subset.column("key")})
+    retry_input = retry_input.take(pa.array(spread_by_host(retry_input.column("url").to_pylist()), pa.int64()))
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    pq.write_table(retry_input, scratch / "input.parquet")
+    _img2dataset(cfg, scratch / "input.parquet", scratch / "shards")
+
+    new_rows = {}  # our key -> (new shard, new i2d key, parquet row)
+    for path in sorted((scratch / "shards").glob("*.parquet")):
+        t = pq.read_table(path)
+        for row in t.to_pylist():
+            if row["status"] == "success":
+                new_rows[row[KEY_COLUMN]] = (path.stem, row["key"], row)
+    by_shard: dict[str, list[str]] = {}
+    for ours in new_rows:
+        by_shard.setdefault(wanted[ours][0], []).append(ours)
+    for shard, ours_list in sorted(by_shard.items()):
+        _merge_into_shard(shards, shard, [(wanted[o][1], *new_rows[o]) for o in sorted(ours_list)], scratch / "shards")
+    shutil.rmtree(scratch, ignore_errors=True)
+    return len(new_rows)
+
+
+def _merge_into_shard(shards: Path, shard: str, recovered: list, new_dir: Path) -> None:
+    """`recovered`: (original i2d key, new shard, new i2d key, new parquet row)."""
+    members: dict[str, list[tuple[tarfile.TarInfo, bytes]]] = {}
+    for new_shard in {r[1] for r in recovered}:
+        with tarfile.open(new_dir / f"{new_shard}.tar") as tar:
+            for info in tar.getmembers():
+                if info.isfile():
+                    members.setdefault(info.name.split(".", 1)[0], []).append((info, tar.extractfile(info).read()))
+    buffer = io.BytesIO()
+    with tarfile.open(shards / f"{shard}.tar") as old, tarfile.open(fileobj=buffer, mode="w") as out:
+        for info in old.getmembers():
+            out.addfile(info, old.extractfile(info) if info.isfile() else None)
+        for original, _, new_key, _ in recovered:
+            for info, data in members.get(new_key, []):
+                ext = info.name.split(".", 1)[1]
+                if ext == "json":
+                    meta = json.loads(data)
+                    meta["key"] = original
+                    data = json.dumps(meta).encode()
+                renamed = tarfile.TarInfo(f"{original}.{ext}")
+                renamed.size, renamed.mtime, renamed.mode = len(data), info.mtime, info.mode
+                out.addfile(renamed, io.BytesIO(data))
+    _replace_bytes(shards / f"{shard}.tar", buffer.getvalue())
+
+    parquet_path = shards / f"{shard}.parquet"
+    old_table = pq.read_table(parquet_path)
+    replacement = {original: dict(row, key=original) for original, _, _, row in recovered}
+    rows = [replacement.get(row["key"], row) for row in old_table.to_pylist()]
+    merged = pa.Table.from_pylist(rows, schema=old_table.schema)
+    sink = io.BytesIO()
+    pq.write_table(merged, sink)
+    _replace_bytes(parquet_path, sink.getvalue())
+
+    stats_path = shards / f"{shard}_stats.json"
+    stats = read_json(stats_path)
+    statuses = merged.column("status").to_pylist()
+    messages = merged.column("error_message").to_pylist()
+    stats["successes"] = statuses.count("success")
+    stats["failed_to_download"] = statuses.count("failed_to_download")
+    stats["failed_to_resize"] = statuses.count("failed_to_resize")
+    status_dict: dict[str, int] = {}
+    for status, message in zip(statuses, messages):
+        name = "success" if status == "success" else message
+        status_dict[name] = status_dict.get(name, 0) + 1
+    stats["status_dict"] = status_dict
+    tmp = stats_path.with_name(f".{stats_path.name}.{os.getpid()}.tmp")
+    write_json(tmp, stats)
+    os.replace(tmp, stats_path)
+
+
+def retry_part(cfg, part: int) -> tuple[int, int]:
+    """`laionbuild retry-failed` for one built part: (transient failures, recovered). The part
+    is rebuilt beside the old one (hard links, new files for what changes) and swapped in."""
+    target = part_dir("download", part)
+    if not (target / "stats.json").exists():
+        raise FileNotFoundError(f"{target}: part {part} is not downloaded yet; build it first")
+    old_stats = load_stats(target)
+    metadata = pq.read_table(part_dir("dedup", part) / "metadata.parquet", columns=["key", "url", "caption"])
+    failed = len(_transient_failures(target))
+    if not failed:
+        return 0, 0
+    staging = TMP / f"retry_part_{part}.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for path in target.iterdir():
+        os.link(path, staging / path.name)
+    with web(cfg) as rewrite:
+        recovered = retry_shards(cfg, staging, metadata, rewrite, TMP / f"retry_scratch_{part}.{os.getpid()}")
+    counts = part_counts(metadata.num_rows, old_stats.get("refused", {}), staging)
+    with atomic_dir(target) as out:
+        for path in sorted(staging.iterdir()):
+            if path.name != "stats.json":
+                os.link(path, out / path.name)
+        counts.save(out, refused=old_stats.get("refused", {}))
+    shutil.rmtree(staging, ignore_errors=True)
+    return failed, recovered

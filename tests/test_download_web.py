@@ -1,0 +1,123 @@
+"""The download stage against a misbehaving loopback web (tests/webfaults.py): faults at 30 %
+of URLs, per-host concurrency caps and 429 back-off through the polite proxy, the URL policy on
+redirects, and `laionbuild retry-failed`."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from laionbuild.failures import REFUSED_HOP, classify, transient
+
+from .imageserver import source_overrides
+from .webfaults import FaultyWeb
+
+
+def write_urls(directory, urls: list[str]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({
+        "SAMPLE_ID": list(range(len(urls))), "URL": urls,
+        "TEXT": [f"a generated picture number {i}" for i in range(len(urls))], "NSFW": ["UNLIKELY"] * len(urls),
+    }), directory / "part-00000.parquet")
+
+
+def stats(project) -> dict:
+    return json.loads((project / "data/images/part_0/stats.json").read_text())
+
+
+@pytest.mark.parametrize("message,reason,is_transient", [
+    ("HTTP Error 404: Not Found", "http 404", False),
+    ("HTTP Error 503: Service Unavailable", "http 503", True),
+    ("HTTP Error 429: Too Many Requests", "http 429", True),
+    ("HTTP Error 403: laionbuild proxy: refused by URL policy", REFUSED_HOP, False),
+    ("HTTP Error 504: laionbuild proxy: timeout", "timeout", True),
+    ("The read operation timed out", "timeout", True),
+    ("<urlopen error [Errno 111] Connection refused>", "connection error", True),
+    ("<urlopen error [Errno -2] Name or service not known>", "dns error", True),
+    ("IncompleteRead(1024 bytes read, 1024 more expected)", "truncated body", True),
+    ("Image decoding error", "not an image", False),
+    ("image area too large", "image area too large", False),
+    ("Use of image disallowed by X-Robots-Tag directive", "opted out (X-Robots-Tag)", False),
+])
+def test_failure_reasons(message, reason, is_transient):
+    assert classify(message) == reason
+    assert transient(reason) is is_transient
+
+
+def test_faults_at_30_percent_are_all_accounted(project, tmp_path):
+    kinds = ["missing", "error", "hang", "stall", "truncated", "notimage", "huge", "redirect"]
+    with FaultyWeb(hosts=["127.0.0.1", "127.0.0.2"], redirect_host="127.0.0.2", hang=5) as web:
+        urls = [web.url(0, f"/img/{i}.jpg") for i in range(60)] + [web.url(0, f"/slow/{i}.jpg") for i in range(4)]
+        urls += [web.url(0, f"/{kind}/{i}.jpg") for kind in kinds for i in range(4)]  # 32 of 96: a third
+        write_urls(tmp_path / "source", urls)
+        # the policy refuses private addresses except the allowlisted 127.0.0.1: the redirects to
+        # 127.0.0.2 are refused at the hop, by the proxy
+        project.build(*source_overrides(tmp_path / "source"), "download.allow_private_urls=false",
+                      "download.private_host_allowlist=[127.0.0.1]", "download.timeout=2",
+                      "download.max_image_area=4000000", "download.number_sample_per_shard=32",
+                      "--stage", "download")
+        assert not any(host == "127.0.0.2" for host, _ in web.requests)  # never reached
+    s = stats(project)
+    assert s["counts"] == {"download_attempted": 96, "refused_by_url_policy": 0, "downloaded_ok": 64,
+                           "download_failed": 32}
+    assert s["failures"] == {"http 404": 4, "http 500": 4, "timeout": 8, "truncated body": 4, "not an image": 4,
+                             "image area too large": 4, REFUSED_HOP: 4}
+    for path in (project / "data/images/part_0").glob("*.tar"):
+        with tarfile.open(path) as tar:  # no truncated tar in the output
+            assert all(m.size >= 0 for m in tar.getmembers())
+
+
+def test_per_host_cap_keeps_busy_hosts_happy(project, tmp_path):
+    hosts = [f"127.0.0.{i}" for i in range(1, 5)]
+    with FaultyWeb(hosts=hosts, limit=2, delay=0.2) as web:
+        urls = [web.url(h, f"/img/{i}.jpg") for h in range(4) for i in range(12)]
+        write_urls(tmp_path / "source", urls)
+        overrides = [*source_overrides(tmp_path / "source"), "download.allow_private_urls=true",
+                     "download.thread_count=16", "download.number_sample_per_shard=48"]
+        project.build(*overrides, "download.max_per_host=2", "--stage", "download")
+        assert web.too_many == 0 and max(web.peak.values()) <= 2
+        assert stats(project)["counts"]["downloaded_ok"] == 48
+        # the same build without the cap: the busy hosts answer 429 (so the check above can fail)
+        project.build(*overrides, "download.max_per_host=null", "download.backoff_seconds=0", "--stage", "download")
+        assert web.too_many > 0 and max(web.peak.values()) > 2
+        assert stats(project)["failures"].get("http 429", 0) > 0
+
+
+def test_429_is_backed_off_and_retried(project, tmp_path):
+    with FaultyWeb(retry_after="1") as web:
+        write_urls(tmp_path / "source", [web.url(0, f"/backoff/{i}.jpg") for i in range(6)])
+        project.build(*source_overrides(tmp_path / "source"), "download.allow_private_urls=true",
+                      "download.timeout=5", "--stage", "download")
+        assert all(n == 2 for n in web.requests.values())  # one 429, then the image
+    assert stats(project)["counts"]["downloaded_ok"] == 6
+
+
+def test_retry_failed_merges_recovered_samples(project, tmp_path):
+    with FaultyWeb() as web:
+        urls = [web.url(0, f"/img/{i}.jpg") for i in range(10)] + [web.url(0, f"/flaky/{i}.jpg") for i in range(10, 14)]
+        urls += [web.url(0, f"/missing/{i}.jpg") for i in range(14, 16)]
+        write_urls(tmp_path / "source", urls)
+        overrides = [*source_overrides(tmp_path / "source"), "download.allow_private_urls=true",
+                     "download.number_sample_per_shard=6", "select.min_clip_similarity=null"]
+        project.build(*overrides)
+        before = stats(project)
+        assert before["counts"]["downloaded_ok"] == 10 and before["failures"] == {"http 503": 4, "http 404": 2}
+        out = project.laionbuild("retry-failed").output
+        assert "4 transient failures re-attempted, 4 recovered" in out
+        assert sum(n for (_, path), n in web.requests.items() if path.startswith("/missing/")) == 2  # 404s not retried
+    after = stats(project)
+    assert after["counts"]["downloaded_ok"] == 14 and after["failures"] == {"http 404": 2}
+    keys = []
+    for path in sorted((project / "data/images/part_0").glob("*.tar")):
+        with tarfile.open(path) as tar:
+            keys += [m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith(".jpg")]
+    assert len(keys) == len(set(keys)) == 14
+    assert project.status()["download@0"] == "built"  # recorded in dvc.lock
+    rebuilt = project.build(*overrides)
+    assert "download@0" not in rebuilt.ran and "embed@0" in rebuilt.ran
+    funnel = json.loads((project / "data/metrics/funnel.json").read_text())
+    assert funnel["downloaded_ok"] == funnel["embedded"] == 14
