@@ -158,15 +158,29 @@ class EmbedConfig:
 
 
 @dataclass
+class FacesConfig:
+    # none (no face tags) | auto (retinaface when its weights file exists, else opencv_haar) |
+    # opencv_haar (cascades shipped in OpenCV, offline) | retinaface (the retina-face package)
+    detector: str = "none"
+    weights: Optional[str] = None  # retinaface weights file; None: $DEEPFACE_HOME/.deepface/weights/retinaface.pth
+    min_score: float = 0.5  # faces below this score are not reported
+    processes: int = 2  # shards of a part are tagged in parallel, one process per shard
+
+
+@dataclass
 class TagConfig:
     # Which tags the tag stage computes. clip_similarity and the image sizes are always there.
     clip_similarity: bool = True
+    faces: FacesConfig = field(default_factory=FacesConfig)
 
 
 @dataclass
 class SelectConfig:
     # Keep samples whose CLIP image-text cosine is >= this (None: no CLIP rule).
     min_clip_similarity: Optional[float] = None
+    # Face rules (need tag.faces.detector): at least this many faces / a face scoring at least this.
+    min_faces: Optional[int] = None
+    min_face_score: Optional[float] = None
 
 
 @dataclass
@@ -226,6 +240,9 @@ CANONICAL_COLUMNS = ("url", "caption", "sample_id", "width", "height", "license"
 def _check(condition: bool, key: str, message: str, where: str) -> None:
     if not condition:
         raise RecipeError(f"{where}: invalid value for `{key}`: {message}")
+
+
+FACE_DETECTORS = ("none", "auto", "opencv_haar", "retinaface")
 
 
 def validate(cfg: Config | DictConfig, where: str = "recipe") -> None:
@@ -324,6 +341,16 @@ def validate(cfg: Config | DictConfig, where: str = "recipe") -> None:
     _check(c.index.nb_cores is None or c.index.nb_cores > 0, "index.nb_cores", "must be > 0", where)
     _check(c.index.max_index_query_time_ms > 0, "index.max_index_query_time_ms", "must be > 0", where)
     _check(c.engine.name in ("local", "spark"), "engine.name", "must be local or spark", where)
+    f = c.tag.faces
+    _check(f.detector in FACE_DETECTORS, "tag.faces.detector", f"must be one of {FACE_DETECTORS}", where)
+    _check(0 <= f.min_score <= 1, "tag.faces.min_score", f"must be in [0, 1], got {f.min_score}", where)
+    _check(f.processes >= 1, "tag.faces.processes", "must be >= 1", where)
+    for key in ("min_faces", "min_face_score"):
+        _check(getattr(c.select, key) is None or f.detector != "none", f"select.{key}",
+               "needs face tags: set tag.faces.detector (auto, opencv_haar or retinaface)", where)
+    _check(c.select.min_faces is None or c.select.min_faces >= 0, "select.min_faces", "must be >= 0", where)
+    _check(c.select.min_face_score is None or 0 <= c.select.min_face_score <= 1, "select.min_face_score",
+           "must be in [0, 1]", where)
     _check(c.engine.shuffle_partitions > 0, "engine.shuffle_partitions", "must be > 0", where)
     _check(c.engine.write_threads >= 1, "engine.write_threads", f"must be >= 1, got {c.engine.write_threads}", where)
 

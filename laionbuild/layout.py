@@ -23,12 +23,13 @@ PART_DIRS = {
     "prepare": DATA / "prepared",
     "dedup": DEDUPED,
     "download": DATA / "images",
+    "faces": DATA / "faces",
     "embed": DATA / "embed",
     "tag": DATA / "tags",
 }
-PER_PART_STAGES = ("fetch", "prepare", "download", "embed", "tag")
+PER_PART_STAGES = ("fetch", "prepare", "download", "faces", "embed", "tag")
 GLOBAL_STAGES = ("consolidate", "dedup", "select", "assemble", "index", "report")
-# pipeline order: consolidate, fetch, prepare, dedup, download, embed, tag, select, assemble, index, report
+# pipeline order: consolidate, fetch, prepare, dedup, download, faces, embed, tag, select, assemble, index, report
 STAGES = ("consolidate",) + PER_PART_STAGES[:2] + ("dedup",) + PER_PART_STAGES[2:] + GLOBAL_STAGES[2:]
 
 SELECTED = DATA / "selected"

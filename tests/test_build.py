@@ -20,7 +20,7 @@ import yaml
 
 from .conftest import new_project
 
-PER_PART = ("fetch", "prepare", "download", "embed", "tag")
+PER_PART = ("fetch", "prepare", "download", "faces", "embed", "tag")
 GLOBAL = ["select", "assemble", "index", "report"]  # after the tags; `dedup` runs before download
 
 

@@ -10,7 +10,7 @@ from ..atomic import read_json, write_json
 from ..funnel import load_stats
 from ..layout import FUNNEL, INDEX, SELECTED, part_dir
 
-PART_STEPS = ("prepare", "dedup", "download", "embed", "tag")
+PART_STEPS = ("prepare", "dedup", "download", "faces", "embed", "tag")
 
 
 def run(cfg) -> None:

@@ -20,6 +20,10 @@ def rules(select_cfg) -> list[tuple[str, str]]:
     out = []
     if select_cfg.min_clip_similarity is not None:
         out.append(("min_clip_similarity", f"clip_similarity >= {float(select_cfg.min_clip_similarity)!r}"))
+    if select_cfg.min_faces is not None:
+        out.append(("min_faces", f"face_count >= {int(select_cfg.min_faces)}"))
+    if select_cfg.min_face_score is not None:
+        out.append(("min_face_score", f"face_max_score >= {float(select_cfg.min_face_score)!r}"))
     return out
 
 

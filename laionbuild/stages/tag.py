@@ -1,6 +1,7 @@
 """tag: per-sample tag table of one part (`data/tags/part_N/tags.parquet`): `clip_similarity`
-(cosine of the image and text embeddings) and the image's original width/height. Tags are
-computed once per part; selection only queries them."""
+(cosine of the image and text embeddings), the image's original width/height and, with
+`tag.faces.detector`, the face tags of the faces stage (face_count, face_max_score,
+face_boxes). Tags are computed once per part; selection only queries them."""
 
 from __future__ import annotations
 
@@ -37,6 +38,16 @@ def run(cfg, part: int) -> None:
         "width": pa.array(metadata.get("original_width", pd.Series(dtype="float")).tolist(), pa.int64()),
         "height": pa.array(metadata.get("original_height", pd.Series(dtype="float")).tolist(), pa.int64()),
     })
+    faces = pq.read_table(part_dir("faces", part) / "faces.parquet")
+    if "face_count" in faces.column_names:
+        by_key = {row["key"]: row for row in faces.to_pylist()}
+        missing = [k for k in tags.column("key").to_pylist() if k not in by_key]
+        if missing:
+            raise RuntimeError(f"{part_dir('faces', part)}: no face tags for {len(missing)} embedded samples "
+                               f"(e.g. {missing[0]}); rebuild faces@{part}")
+        for name in ("face_count", "face_max_score", "face_boxes"):
+            column = [by_key[k][name] for k in tags.column("key").to_pylist()]
+            tags = tags.append_column(name, pa.array(column, faces.schema.field(name).type))
     counts = Counts()
     counts.set("tagged", tags.num_rows)
     with atomic_dir(part_dir("tag", part)) as out:

@@ -1,0 +1,118 @@
+"""faces: face tags of one part (`data/faces/part_N/faces.parquet`: key, face_count,
+face_max_score, face_boxes as JSON [[x, y, w, h, score], ...] in the stored image's pixels),
+detected on the downloaded shards (`tag.faces.detector`, see laionbuild/faces.py).
+
+Shards are tagged in parallel, one process per shard (`tag.faces.processes`). Each finished
+shard's tags are written atomically to `data/.work/faces/part_N-<fingerprint>/`, so a killed run
+resumes with the shards it has not finished; the part is assembled in key order and moved into
+place only when every shard is done. With `detector: none` the table has the keys and no face
+columns, and nothing is decoded."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..atomic import atomic_dir
+from ..funnel import Counts
+from ..layout import WORK, part_dir
+from .download import KEY_COLUMN, shard_files
+
+log = logging.getLogger(__name__)
+SCHEMA = pa.schema([("key", pa.string()), ("face_count", pa.int32()), ("face_max_score", pa.float32()),
+                    ("face_boxes", pa.string())])
+_detector = None  # one per worker process
+
+
+def _init_worker(settings: dict) -> None:
+    global _detector
+    from ..faces import make_detector
+
+    _detector = make_detector(settings["detector"], weights=settings["weights"], min_score=settings["min_score"])
+
+
+def _tag_shard(tar_path: str, target: str) -> int:
+    """Tags of one shard -> `target` (written atomically). Returns the row count."""
+    from PIL import Image
+
+    from ..faces import face_tags
+
+    samples: dict[str, dict] = {}
+    with tarfile.open(tar_path) as tar:
+        for member in tar.getmembers():
+            if not member.isfile():
+                continue
+            stem, _, ext = member.name.partition(".")
+            samples.setdefault(stem, {})[ext] = tar.extractfile(member).read()
+    rows = []
+    for stem in sorted(samples):
+        sample = samples[stem]
+        image_bytes = next((sample[e] for e in ("jpg", "png", "webp") if e in sample), None)
+        if image_bytes is None or "json" not in sample:
+            continue
+        key = json.loads(sample["json"])[KEY_COLUMN]
+        image = np.asarray(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
+        rows.append({"key": str(key), **face_tags(_detector.detect(image))})
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    tmp = f"{target}.{os.getpid()}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, target)
+    return table.num_rows
+
+
+def _fingerprint(cfg, shards: list[Path]) -> str:
+    f = cfg.tag.faces
+    digest = hashlib.sha256(json.dumps([f.detector, f.weights, f.min_score]).encode())
+    for path in shards:
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def run(cfg, part: int) -> None:
+    f = cfg.tag.faces
+    shards = shard_files(part_dir("download", part))
+    counts = Counts()
+    if f.detector == "none":
+        keys = []
+        for path in sorted(part_dir("download", part).glob("*.parquet")):
+            t = pq.read_table(path, columns=["status", KEY_COLUMN]).to_pydict()
+            keys += [k for k, s in zip(t[KEY_COLUMN], t["status"]) if s == "success"]
+        table = pa.table({"key": pa.array(sorted(keys), pa.string())})
+    else:
+        from ..faces import make_detector
+
+        settings = {"detector": f.detector, "weights": f.weights, "min_score": f.min_score}
+        name = make_detector(f.detector, weights=f.weights, min_score=f.min_score).name  # fails here, in the stage's process, on a bad setting
+        work = WORK / "faces" / f"part_{part}-{_fingerprint(cfg, shards)}"
+        work.mkdir(parents=True, exist_ok=True)
+        targets = [work / f"{path.stem}.parquet" for path in shards]
+        todo = [(str(s), str(t)) for s, t in zip(shards, targets) if not t.exists()]
+        if todo:
+            with ProcessPoolExecutor(max_workers=min(f.processes, len(todo)), mp_context=get_context("spawn"),
+                                     initializer=_init_worker, initargs=(settings,)) as pool:
+                for n in pool.map(_tag_shard, *zip(*todo)):
+                    log.debug("tagged a shard of %d images", n)
+        table = pa.concat_tables([pq.read_table(t) for t in targets]) if targets else SCHEMA.empty_table()
+        table = table.sort_by("key")
+        counts.set("with_faces", sum(1 for c in table.column("face_count").to_pylist() if c))
+        log.info("faces of part %d (%s): %d images, %d with faces", part, name, table.num_rows,
+                 counts.values["with_faces"])
+    counts.set("face_tagged", table.num_rows)
+    with atomic_dir(part_dir("faces", part)) as out:
+        pq.write_table(table, out / "faces.parquet")
+        counts.save(out, detector=f.detector)
+    if f.detector != "none":
+        shutil.rmtree(work, ignore_errors=True)
