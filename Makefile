@@ -14,6 +14,10 @@ $(BIN)/laionbuild: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools<81" wheel
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# retina-face without its declared deps (they would add a second OpenCV and numpy 2); its
+	# PyTorch path needs only gdown besides what we have. See laionbuild/faces.py.
+	$(BIN)/python -m pip install --quiet --no-deps retina-face==0.0.19
+	$(BIN)/python -m pip install --quiet "gdown>=4"
 	touch $@
 
 setup: $(BIN)/laionbuild

@@ -149,7 +149,8 @@ class HaarDetector:
 
     @staticmethod
     def score(level_weight: float) -> float:
-        return 1.0 / (1.0 + math.exp(-(level_weight - HAAR_WEIGHT_CENTER) / HAAR_WEIGHT_SCALE))
+        z = (level_weight - HAAR_WEIGHT_CENTER) / HAAR_WEIGHT_SCALE
+        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))  # no overflow
 
     def detect(self, image: np.ndarray) -> list[Face]:
         import cv2
@@ -217,8 +218,9 @@ def _import_retinaface():
     with _env(DEEPFACE_BACKEND_ENGINE="pytorch"), warnings.catch_warnings():
         engine = backend_utils.get_backend_engine()
         if engine != "pytorch":
-            raise RuntimeError(f"retina-face already chose its `{engine}` backend in this process; "
-                               "laionbuild runs it on pytorch (import laionbuild.faces first)")
+            raise RuntimeError(f"retina-face already chose its `{engine}` backend in this process; laionbuild "
+                               "runs it on pytorch: make the detector before other retina-face use, or set "
+                               "DEEPFACE_BACKEND_ENGINE=pytorch")
         from retinaface import RetinaFace
         from retinaface.model import retinaface_pth_model
     return RetinaFace, retinaface_pth_model

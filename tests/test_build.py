@@ -140,7 +140,7 @@ def test_status_shows_stale_stages_after_a_change(built):
     built.laionbuild("compose", "embed.model=laionbuild-tiny", "embed.batch_size=16", "download.processes_count=1",
                      "subset.parts=[0,1]", "select.min_clip_similarity=0.5")
     rows = built.status()
-    assert len(rows) == 5 * 2 + 6
+    assert len(rows) == len(PER_PART) * 2 + 6
     assert rows["select"] == "stale"
     assert rows["download@0"] == "built" and rows["tag@1"] == "built"
 

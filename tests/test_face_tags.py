@@ -108,3 +108,70 @@ def test_faces_stage_killed_at_random_points_resumes_to_the_same_tags(project, t
             assert not list((project / "data/faces").glob("part_0/*.parquet"))  # nothing half-written in place
             assert _run_faces(project, kill_after=None) == 0
         assert pq.read_table(target).equals(reference)
+
+
+def test_laion_face_20m_builds_end_to_end(project, tmp_path):
+    """recipe=laion_face, subset=laion_face_20m (two of its parts, to stay fast): id join ->
+    download with resize border -> embeddings -> index."""
+    import faiss
+    import torch
+
+    from .imageserver import ImageServer
+    from .standins import LAION400M_NAME, LAION400M_SCHEMA
+
+    source = tmp_path / "laion"
+    source.mkdir()
+    with ImageServer() as server:
+        ids = []
+        for part in range(3):
+            rows = [{"SAMPLE_ID": part * 1000 + i, "URL": f"{server.url}/img/{part * 100 + i}.jpg",
+                     "TEXT": f"a face photo {part} {i}", "HEIGHT": 40, "WIDTH": 48, "LICENSE": "?",
+                     "NSFW": "UNLIKELY", "similarity": 0.35} for i in range(12)]
+            pq.write_table(pa.Table.from_pylist(rows, schema=LAION400M_SCHEMA), source / LAION400M_NAME.format(part=part))
+            ids.append(torch.tensor([r["SAMPLE_ID"] for r in rows[::2]]))  # entry i: the ids kept from part i
+        torch.save(ids, tmp_path / "laion_face_ids.pth")
+        project.build("recipe=laion_face", "subset=laion_face_20m", "subset.parts=[0,2]", f"source.base_url={source}",
+                      f"source.ids_url={tmp_path / 'laion_face_ids.pth'}", "download.allow_private_urls=true",
+                      "download.image_size=64", "embed.pretrained=random", "select.min_clip_similarity=null")
+        assert len(server.requests) == 12  # only the id-listed rows of parts 0 and 2 were fetched
+    funnel = json.loads((project / "data/metrics/funnel.json").read_text())
+    assert funnel["after_ids"] == 12 and funnel["downloaded_ok"] == funnel["selected"] == funnel["indexed"] == 12
+    with tarfile_open(next((project / "data/images/part_0").glob("*.tar"))) as tar:
+        jpg = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        assert Image.open(tar.extractfile(jpg)).size == (64, 64)  # border: the 48x40 images padded to a square
+    assert faiss.read_index(str(project / "data/index/image.index")).ntotal == 12
+
+
+def tarfile_open(path):
+    import tarfile
+
+    return tarfile.open(path)
+
+
+def test_faces_stage_runs_retinaface_from_a_configured_weights_file(project, tmp_path):
+    """tag.faces.detector=retinaface with tag.faces.weights: the stage's worker processes load the
+    weights through retina-face's own loader (random weights the test writes: the boxes are
+    noise, the loading path and the tag table are real)."""
+    import torch
+    from retinaface.model.retinaface_pth_model import RetinaFace
+
+    weights = tmp_path / "weights" / "my_retinaface.pth"
+    weights.parent.mkdir()
+    torch.manual_seed(0)
+    torch.save(RetinaFace().state_dict(), weights)
+    with PhotoWeb() as web:
+        urls = [web.url(0, f"/photo/{n}.jpg") for n in ("astronaut", "coffee")]
+        (tmp_path / "source").mkdir()
+        pq.write_table(pa.table({"SAMPLE_ID": [0, 1], "URL": urls, "TEXT": ["a", "b"], "NSFW": ["UNLIKELY"] * 2}),
+                       tmp_path / "source" / "part-00000.parquet")
+        project.build(*source_overrides(tmp_path / "source"), "download.allow_private_urls=true",
+                      "download.image_size=64", "tag.faces.detector=retinaface", f"tag.faces.weights={weights}",
+                      "tag.faces.min_score=0.99", "--stage", "faces")
+    table = pq.read_table(project / "data/faces/part_0/faces.parquet")
+    assert table.num_rows == 2 and table.schema.names == ["key", "face_count", "face_max_score", "face_boxes"]
+    stats = json.loads((project / "data/faces/part_0/stats.json").read_text())
+    assert stats["detector"] == "retinaface"
+    missing = project.build(*source_overrides(tmp_path / "source"), "download.allow_private_urls=true",
+                            "download.image_size=64", "tag.faces.detector=retinaface",
+                            f"tag.faces.weights={tmp_path / 'nope.pth'}", "--stage", "faces", check=False)
+    assert missing.returncode != 0 and "nope.pth" in missing.output

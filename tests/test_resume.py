@@ -63,3 +63,44 @@ def test_kill_during_download_then_resume(tmp_path):
         funnel = json.loads((project / "data/metrics/funnel.json").read_text())
         assert funnel["downloaded_ok"] == ROWS - ROWS // 10
         assert not list((project / "data/.work/download").glob("*"))  # scratch cleaned up
+
+
+def _shard_keys(project) -> dict[str, list[str]]:
+    """shard -> sorted sample keys (our key) of its successes, every tar read to the end."""
+    import tarfile
+
+    out = {}
+    for path in sorted((project / "data/images/part_0").glob("*.tar")):
+        with tarfile.open(path) as tar:
+            out[path.name] = sorted(json.loads(tar.extractfile(m).read())["laionbuild_key"]
+                                    for m in tar.getmembers() if m.name.endswith(".json"))
+    return out
+
+
+def test_download_stage_killed_at_random_points(tmp_path):
+    import random
+
+    with ImageServer(delay=0.02) as server:
+        source = tmp_path / "source"
+        write_source(source, server.url, ROWS, missing_every=10)
+        project = new_project(tmp_path / "project")
+        project.build(*source_overrides(source), f"download.number_sample_per_shard={PER_SHARD}",
+                      "download.thread_count=2", "--stage", "download")
+        reference = _shard_keys(project)
+        reference_stats = json.loads((project / "data/images/part_0/stats.json").read_text())
+        rng = random.Random(7)
+        for _ in range(3):
+            os.rename(project / "data/images/part_0", tmp_path / f"old_{rng.random()}")
+            process = subprocess.Popen([str(BIN / "laionbuild"), "stage", "download", "--part", "0"],
+                                       cwd=project.path, env=build_env(), stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, start_new_session=True)
+            time.sleep(rng.uniform(0.5, 5.0))
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            if process.returncode != 0:
+                assert not (project / "data/images/part_0").exists()  # nothing half-done in place
+                project.laionbuild("stage", "download", "--part", "0")
+            got = _shard_keys(project)
+            assert got == reference
+            assert json.loads((project / "data/images/part_0/stats.json").read_text()) == reference_stats

@@ -36,11 +36,23 @@ SCHEMA = pa.schema([("key", pa.string()), ("face_count", pa.int32()), ("face_max
 _detector = None  # one per worker process
 
 
-def _init_worker(settings: dict) -> None:
-    global _detector
+def _detector_for(settings: dict):
     from ..faces import make_detector
 
-    _detector = make_detector(settings["detector"], weights=settings["weights"], min_score=settings["min_score"])
+    options = {} if settings["detector"] == "opencv_haar" else {"allow_upscaling": settings["upscale"]}
+    return make_detector(settings["detector"], weights=settings["weights"], min_score=settings["min_score"],
+                         **options)
+
+
+def _init_worker(settings: dict) -> None:
+    global _detector
+    import cv2
+    import torch
+
+    # one process per shard: each uses one core, or the processes fight over them
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    _detector = _detector_for(settings)
 
 
 def _tag_shard(tar_path: str, target: str) -> int:
@@ -74,7 +86,7 @@ def _tag_shard(tar_path: str, target: str) -> int:
 
 def _fingerprint(cfg, shards: list[Path]) -> str:
     f = cfg.tag.faces
-    digest = hashlib.sha256(json.dumps([f.detector, f.weights, f.min_score]).encode())
+    digest = hashlib.sha256(json.dumps([f.detector, f.weights, f.min_score, f.upscale]).encode())
     for path in shards:
         stat = path.stat()
         digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
@@ -92,10 +104,8 @@ def run(cfg, part: int) -> None:
             keys += [k for k, s in zip(t[KEY_COLUMN], t["status"]) if s == "success"]
         table = pa.table({"key": pa.array(sorted(keys), pa.string())})
     else:
-        from ..faces import make_detector
-
-        settings = {"detector": f.detector, "weights": f.weights, "min_score": f.min_score}
-        name = make_detector(f.detector, weights=f.weights, min_score=f.min_score).name  # fails here, in the stage's process, on a bad setting
+        settings = {"detector": f.detector, "weights": f.weights, "min_score": f.min_score, "upscale": f.upscale}
+        name = _detector_for(settings).name  # a bad setting fails here, in the stage's own process
         work = WORK / "faces" / f"part_{part}-{_fingerprint(cfg, shards)}"
         work.mkdir(parents=True, exist_ok=True)
         targets = [work / f"{path.stem}.parquet" for path in shards]
