@@ -34,9 +34,10 @@ SETTINGS = dict(image_size=256, resize_mode="border", encode_format="jpg", encod
 
 RAW = """
 import sys, img2dataset
-img2dataset.download(url_list=sys.argv[1], input_format="parquet", url_col="url", caption_col="caption",
-                     output_folder=sys.argv[2], output_format="webdataset", distributor="multiprocessing",
-                     enable_wandb=False, {settings})
+if __name__ == "__main__":  # img2dataset's workers are spawned: they re-import this file
+    img2dataset.download(url_list=sys.argv[1], input_format="parquet", url_col="url", caption_col="caption",
+                         output_folder=sys.argv[2], output_format="webdataset", distributor="multiprocessing",
+                         enable_wandb=False, {settings})
 """
 
 
@@ -89,9 +90,11 @@ def main() -> None:
 
             project = tmp / "project"
             project.mkdir()
-            overrides = ["recipe=laion400m", f"source.base_url={source}", "source.num_parts=1", "subset.parts=[0]",
+            # the demo recipe's source layout (part-00000.parquet), pointed at the generated part
+            overrides = [f"source.base_url={source}", "source.num_parts=1", "subset.parts=[0]",
                          "~source.columns.sample_id", "~source.columns.width", "~source.columns.height",
-                         "~source.columns.license", "~source.columns.similarity", "prepare.min_similarity=null",
+                         "~source.columns.license", "~source.columns.similarity",
+                         "download.local_server.host=null", "download.local_server.root=null",
                          "download.allow_private_urls=true", "tag.faces.detector=opencv_haar",
                          *[f"download.{k}={v}" for k, v in SETTINGS.items()]]
             subprocess.run([str(BIN / "laionbuild"), "compose", "--conf-dir", str(ROOT / "conf"), *overrides],

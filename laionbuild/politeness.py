@@ -22,16 +22,15 @@ apply, 429s inside TLS are not visible (they still count as transient failures).
 
 from __future__ import annotations
 
-import http.client
 import logging
 import os
 import select
 import socket
+import socketserver
 import threading
 import time
 from contextlib import contextmanager
 from email.utils import parsedate_to_datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urljoin, urlsplit
 
 from .url_policy import host_allowed
@@ -39,6 +38,7 @@ from .url_policy import host_allowed
 log = logging.getLogger(__name__)
 PREFIX = "laionbuild proxy:"
 REFUSED = f"{PREFIX} refused by URL policy"
+MAX_HEAD = 65536
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
               "te", "trailer", "transfer-encoding", "upgrade"}
 
@@ -108,7 +108,7 @@ class PoliteProxy:
         self._stats_lock = threading.Lock()
         self._active: dict[str, int] = {}
         self._resolved: dict[str, tuple[bool, list[str]]] = {}
-        self._server: ThreadingHTTPServer | None = None
+        self._server: socketserver.ThreadingTCPServer | None = None
 
     # -- policy -------------------------------------------------------------------------------
     def check(self, host: str) -> tuple[bool, list[str]]:
@@ -144,9 +144,7 @@ class PoliteProxy:
         class Handler(_Handler):
             owner = proxy
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._server.request_queue_size = 1024
+        self._server = _Server(("127.0.0.1", 0), Handler)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
@@ -156,48 +154,85 @@ class PoliteProxy:
             self._server.server_close()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    owner: PoliteProxy
-    protocol_version = "HTTP/1.0"  # one request per connection; a body ends when we close
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024
 
-    def log_message(self, fmt, *args) -> None:  # keep img2dataset's console readable
-        log.debug("proxy: " + fmt, *args)
+    def handle_error(self, request, client_address) -> None:
+        log.debug("proxy: connection from %s failed", client_address, exc_info=True)
+
+
+class _Upstream(Exception):
+    """The upstream failed before answering: (status, reason) for the client."""
+
+
+def _read_head(sock: socket.socket) -> tuple[bytes, bytes]:
+    """Bytes up to the blank line ending an HTTP head, and what came after it."""
+    buffer = b""
+    while b"\r\n\r\n" not in buffer:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("connection closed before the end of the HTTP head")
+        buffer += chunk
+        if len(buffer) > MAX_HEAD:
+            raise ConnectionError("HTTP head too large")
+    end = buffer.index(b"\r\n\r\n") + 4
+    return buffer[:end], buffer[end:]
+
+
+def _headers(head: bytes) -> tuple[str, list[tuple[str, str]]]:
+    lines = head.decode("latin-1").split("\r\n")
+    fields = []
+    for line in lines[1:]:
+        if ":" in line:
+            name, _, value = line.partition(":")
+            fields.append((name.strip(), value.strip()))
+    return lines[0], fields
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    """One client connection: one request (urllib sends `Connection: close`). Plain sockets and a
+    minimal head parser: the proxy sits on every image's path, so it must be cheap."""
+
+    owner: PoliteProxy
 
     def _fail(self, code: int, reason: str) -> None:
         try:
-            self.send_response_only(code, reason)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            self.request.sendall(f"HTTP/1.0 {code} {reason}\r\nContent-Length: 0\r\n\r\n".encode("latin-1"))
         except OSError:
             pass
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        self._forward("GET")
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._forward("HEAD")
-
-    def _forward(self, method: str) -> None:
+    def handle(self) -> None:
         proxy = self.owner
-        parts = urlsplit(self.path)
-        if parts.scheme != "http" or not parts.hostname:
-            self._fail(400, f"{PREFIX} not an absolute http URL")
+        client = self.request
+        client.settimeout(proxy.timeout + 1)
+        try:
+            head, rest = _read_head(client)
+        except OSError:
             return
+        request_line, fields = _headers(head)
+        try:
+            method, target, _ = request_line.split(" ", 2)
+        except ValueError:
+            return self._fail(400, f"{PREFIX} bad request line")
+        if method == "CONNECT":
+            return self._connect(target)
+        parts = urlsplit(target)
+        if parts.scheme != "http" or not parts.hostname:
+            return self._fail(400, f"{PREFIX} not an absolute http URL")
         host = parts.hostname.lower()
         allowed, addresses = proxy.check(host)
         if not allowed:
             proxy.count("refused")
-            self._fail(403, REFUSED)
-            return
+            return self._fail(403, REFUSED)
         if not addresses:
-            self._fail(502, f"{PREFIX} dns error: {host} does not resolve")
-            return
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
-        headers["Host"] = parts.netloc
-        headers["Connection"] = "close"
+            return self._fail(502, f"{PREFIX} dns error: {host} does not resolve")
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {parts.netloc}"]
+        lines += [f"{k}: {v}" for k, v in fields if k.lower() not in HOP_BY_HOP and k.lower() != "host"]
+        lines.append("Connection: close")
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + rest
         deadline = time.monotonic() + proxy.backoff_budget
         attempt = 0
         while True:
@@ -205,73 +240,79 @@ class _Handler(BaseHTTPRequestHandler):
             with proxy.gate.slot(host):
                 proxy._enter(host)
                 try:
-                    done = self._attempt(method, parts, host, addresses[0], path, headers, deadline, attempt)
+                    done = self._attempt(request, parts, host, addresses[0], path, deadline, attempt)
                 finally:
                     proxy._leave(host)
             if done:
                 return
             attempt += 1
 
-    def _attempt(self, method, parts, host, address, path, headers, deadline, attempt) -> bool:
-        """One upstream request. False: backed off, try again."""
+    def _attempt(self, request: bytes, parts, host: str, address: str, path: str, deadline: float,
+                 attempt: int) -> bool:
+        """One upstream request, relayed. False: backed off, try again."""
         proxy = self.owner
-        conn = http.client.HTTPConnection(address, parts.port or 80, timeout=proxy.timeout + 1)
         try:
-            conn.request(method, path, headers=headers)
-            resp = conn.getresponse()
+            upstream = socket.create_connection((address, parts.port or 80), timeout=proxy.timeout + 1)
         except socket.timeout:
-            conn.close()
             self._fail(504, f"{PREFIX} timeout")
             return True
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
+        except OSError as exc:
             self._fail(502, f"{PREFIX} connection error ({type(exc).__name__})")
             return True
         try:
-            if resp.status == 429 or (resp.status == 503 and resp.getheader("Retry-After")):
-                delay = retry_after(resp.getheader("Retry-After"), proxy.backoff_base * 2 ** attempt)
+            try:
+                upstream.sendall(request)
+                head, rest = _read_head(upstream)
+            except socket.timeout:
+                self._fail(504, f"{PREFIX} timeout")
+                return True
+            except OSError as exc:
+                self._fail(502, f"{PREFIX} connection error ({type(exc).__name__})")
+                return True
+            status_line, fields = _headers(head)
+            try:
+                status = int(status_line.split(" ", 2)[1])
+            except (IndexError, ValueError):
+                self._fail(502, f"{PREFIX} connection error (bad status line)")
+                return True
+            named = {k.lower(): v for k, v in fields}
+            if status == 429 or (status == 503 and "retry-after" in named):
+                delay = retry_after(named.get("retry-after"), proxy.backoff_base * 2 ** attempt)
                 proxy.gate.pause(host, delay)
                 if time.monotonic() + delay < deadline:
                     proxy.count("backoffs")
                     return False
-            if 300 <= resp.status < 400 and resp.getheader("Location"):
-                if not proxy.location_allowed(f"http://{parts.netloc}{path}", resp.getheader("Location")):
+            if 300 <= status < 400 and named.get("location"):
+                if not proxy.location_allowed(f"http://{parts.netloc}{path}", named["location"]):
                     proxy.count("refused")
                     self._fail(403, REFUSED)
                     return True
-            self.send_response_only(resp.status, resp.reason)
-            for key, value in resp.getheaders():
-                if key.lower() not in HOP_BY_HOP:
-                    self.send_header(key, value)
-            self.send_header("Connection", "close")
-            self.end_headers()
-            if method != "HEAD":
-                while True:
-                    chunk = resp.read1(65536) if hasattr(resp, "read1") else resp.read(65536)
-                    if not chunk:
-                        break
-                    self.wfile.write(chunk)
+            # the head as the server sent it (we asked it to close: the body ends at EOF, or at its
+            # Content-Length or last chunk, which the client reads itself), then the body as it comes
+            self.request.sendall(head + rest)
+            while True:
+                chunk = upstream.recv(65536)
+                if not chunk:
+                    break
+                self.request.sendall(chunk)
             return True
-        except (OSError, http.client.HTTPException):
-            # upstream broke mid-body (or the client left): closing the connection passes the
-            # truncation on; img2dataset reports it as it would without us
-            self.close_connection = True
+        except OSError:
+            # upstream broke or stalled mid-body (or the client left): closing the connection passes
+            # the truncation on; img2dataset reports it as it would without us
             return True
         finally:
-            conn.close()
+            upstream.close()
 
-    def do_CONNECT(self) -> None:  # noqa: N802
+    def _connect(self, target: str) -> None:
         proxy = self.owner
-        host, _, port = self.path.rpartition(":")
+        host, _, port = target.rpartition(":")
         host = host.strip("[]").lower()
         allowed, addresses = proxy.check(host)
         if not allowed:
             proxy.count("refused")
-            self._fail(403, REFUSED)
-            return
+            return self._fail(403, REFUSED)
         if not addresses:
-            self._fail(502, f"{PREFIX} dns error: {host} does not resolve")
-            return
+            return self._fail(502, f"{PREFIX} dns error: {host} does not resolve")
         proxy.gate.wait_until_resumed(host)
         with proxy.gate.slot(host):
             proxy._enter(host)
@@ -279,31 +320,29 @@ class _Handler(BaseHTTPRequestHandler):
                 try:
                     upstream = socket.create_connection((addresses[0], int(port or 443)), timeout=proxy.timeout + 1)
                 except OSError as exc:
-                    self._fail(502, f"{PREFIX} connection error ({type(exc).__name__})")
-                    return
-                self.send_response_only(200, "Connection established")
-                self.end_headers()
-                self._pipe(self.connection, upstream, proxy.timeout + 1)
+                    return self._fail(502, f"{PREFIX} connection error ({type(exc).__name__})")
+                self.request.sendall(b"HTTP/1.0 200 Connection established\r\n\r\n")
+                _pipe(self.request, upstream, proxy.timeout + 1)
             finally:
                 proxy._leave(host)
 
-    @staticmethod
-    def _pipe(a: socket.socket, b: socket.socket, idle: float) -> None:
-        try:
-            sockets = [a, b]
-            while True:
-                ready, _, _ = select.select(sockets, [], [], idle)
-                if not ready:
+
+def _pipe(a: socket.socket, b: socket.socket, idle: float) -> None:
+    try:
+        sockets = [a, b]
+        while True:
+            ready, _, _ = select.select(sockets, [], [], idle)
+            if not ready:
+                return
+            for sock in ready:
+                data = sock.recv(65536)
+                if not data:
                     return
-                for sock in ready:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    (b if sock is a else a).sendall(data)
-        except OSError:
-            return
-        finally:
-            b.close()
+                (b if sock is a else a).sendall(data)
+    except OSError:
+        return
+    finally:
+        b.close()
 
 
 @contextmanager
