@@ -11,6 +11,7 @@ hosts to the downloader), with the faults LAION-scale downloads meet.
     /notimage/N.jpg   200 with HTML
     /huge/N.jpg       a 4000x4000 JPEG (fails download.max_image_area)
     /redirect/N.jpg   302 to the same path on `redirect_host` (e.g. a host the policy refuses)
+    /optout/N.jpg     a JPEG with `X-Robots-Tag: noai` (an opt-out img2dataset honours)
     /flaky/N.jpg      503 the first time, the JPEG afterwards
     /backoff/N.jpg    429 with Retry-After the first time, the JPEG afterwards
 
@@ -132,6 +133,8 @@ class FaultyWeb:
                     self.close_connection = True
                 elif kind == "notimage":
                     self._status(200, {"Content-Type": "text/html"}, b"<html><body>not an image</body></html>")
+                elif kind == "optout":
+                    self._status(200, {"Content-Type": "image/jpeg", "X-Robots-Tag": "noai"}, body)
                 elif kind == "huge":
                     self._image(huge_image())
                 elif kind == "redirect":
