@@ -102,6 +102,9 @@ class DedupConfig:
     merge_captions: bool = False
     # DuckDB memory cap for the global dedup; beyond it DuckDB spills to data/.tmp.
     memory_limit: str = "4GB"
+    # local engine: rows are hash-partitioned on the dedup keys into buckets of about this many
+    # rows, each deduplicated on its own, so time and memory grow linearly with the build
+    bucket_rows: int = 5_000_000
 
 
 @dataclass
@@ -354,6 +357,7 @@ def validate(cfg: Config | DictConfig, where: str = "recipe") -> None:
     _check(c.select.min_faces is None or c.select.min_faces >= 0, "select.min_faces", "must be >= 0", where)
     _check(c.select.min_face_score is None or 0 <= c.select.min_face_score <= 1, "select.min_face_score",
            "must be in [0, 1]", where)
+    _check(c.dedup.bucket_rows >= 1, "dedup.bucket_rows", f"must be >= 1, got {c.dedup.bucket_rows}", where)
     _check(c.engine.shuffle_partitions > 0, "engine.shuffle_partitions", "must be > 0", where)
     _check(c.engine.write_threads >= 1, "engine.write_threads", f"must be >= 1, got {c.engine.write_threads}", where)
 

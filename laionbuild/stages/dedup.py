@@ -77,16 +77,15 @@ def run(cfg) -> None:
 
 def _run_duckdb(cfg, sources, targets) -> None:
     spill = TMP / "duckdb"
-    spill.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(config={"memory_limit": cfg.dedup.memory_limit, "temp_directory": str(spill)})
+    shutil.rmtree(spill, ignore_errors=True)
+    spill.mkdir(parents=True)
+    con = duckdb.connect(config={"memory_limit": cfg.dedup.memory_limit, "temp_directory": str(spill / "duckdb")})
     selects = [f"SELECT *, {rank} AS _part_rank FROM read_parquet({sql_string(path)})"
                for rank, path in enumerate(sources)]
     con.execute(f"CREATE TEMP VIEW all_rows AS {' UNION ALL BY NAME '.join(selects)}")
-    if cfg.dedup.keys:
-        # sorted by key, so each part's survivors are one key range that zonemaps find without
-        # scanning every part's survivors for every part
-        con.execute(f"CREATE TEMP TABLE survivors AS {survivors_sql(cfg, DUCKDB)} ORDER BY key")
     union = [(n, t) for n, t, *_ in con.execute("DESCRIBE all_rows").fetchall() if n != "_part_rank"]
+    if cfg.dedup.keys:
+        _survivors_by_part(cfg, con, sources, spill)
     con.execute(f"SET threads = {int(cfg.engine.write_threads)}")  # see engine.write_threads
     for path, target in zip(sources, targets):
         con.execute(f"CREATE OR REPLACE TEMP VIEW part_rows AS SELECT * FROM read_parquet({sql_string(path)})")
@@ -95,20 +94,54 @@ def _run_duckdb(cfg, sources, targets) -> None:
         if not cfg.dedup.keys:  # a scan keeps the part's (key) order
             con.execute(f"COPY (SELECT {columns} FROM part_rows p) TO {sql_string(target)} (FORMAT parquet)")
             continue
+        prefix = con.execute("SELECT substr(min(key), 1, 5) FROM part_rows").fetchone()[0]
+        files = sorted(str(f) for f in (spill / "survivors").glob(f"*/_p={prefix}/*.parquet"))
+        survivors = (f"read_parquet([{', '.join(sql_string(f) for f in files)}])" if files else
+                     f"(SELECT NULL::VARCHAR AS key{', NULL::VARCHAR[] AS captions' if cfg.dedup.merge_captions else ''} "
+                     "WHERE false)")
         # One flag per row of the part, in key order (a sort of keys and flags only), then the
         # part's rows streamed beside their flags by position: the whole rows are never sorted
         # or held. The prepared part is in key order; a misaligned row stops the stage.
-        first, last = con.execute("SELECT min(key), max(key) FROM part_rows").fetchone()
         captions = ", s.captions" if cfg.dedup.merge_captions else ""
         con.execute(f"""CREATE OR REPLACE TEMP TABLE flags AS
-                        SELECT p.key, s.key IS NOT NULL AS keep{captions} FROM part_rows p LEFT JOIN
-                          (SELECT * FROM survivors WHERE key BETWEEN {sql_string(first)} AND {sql_string(last)}) s
-                          ON p.key = s.key ORDER BY p.key""")
+                        SELECT p.key, s.key IS NOT NULL AS keep{captions} FROM part_rows p
+                        LEFT JOIN {survivors} s ON p.key = s.key ORDER BY p.key""")
         misaligned = sql_string(f"{path}: rows are not in key order")
         con.execute(f"""COPY (SELECT {columns}{', f.captions' if captions else ''} FROM part_rows p POSITIONAL JOIN flags f
                               WHERE CASE WHEN p.key IS DISTINCT FROM f.key THEN error({misaligned}) ELSE f.keep END)
                         TO {sql_string(target)} (FORMAT parquet)""")
+    con.close()
     shutil.rmtree(spill, ignore_errors=True)
+
+
+def _survivors_by_part(cfg, con, sources, spill) -> None:
+    """The surviving keys (and merged captions) of the whole build, written under
+    `spill/survivors/bucket_B/_p=PPPPP/` (PPPPP: the part prefix of the key). Rows are first
+    hash-partitioned on the dedup keys into buckets of about `dedup.bucket_rows` rows (equal keys
+    land in one bucket), and each bucket is deduplicated on its own: linear in the build's size,
+    each window fits in memory."""
+    rows = sum(pq.read_metadata(path).num_rows for path in sources)
+    buckets = max(1, -(-rows // cfg.dedup.bucket_rows))
+    keys = ", ".join(DUCKDB.quote(k) for k in cfg.dedup.keys)
+    needed = ["key", "_part_rank", *cfg.dedup.keys] + (["caption"] if cfg.dedup.merge_captions else [])
+    columns = ", ".join(DUCKDB.quote(c) for c in dict.fromkeys(needed))
+    if buckets == 1:
+        con.execute(f"CREATE TEMP VIEW bucket_rows AS SELECT {columns} FROM all_rows")
+        bucket_sources = [None]
+    else:
+        con.execute(f"""COPY (SELECT {columns}, hash({keys}) % {buckets} AS _bucket FROM all_rows)
+                        TO {sql_string(spill / 'buckets')} (FORMAT parquet, PARTITION_BY (_bucket))""")
+        bucket_sources = sorted((spill / "buckets").glob("_bucket=*"))
+    (spill / "survivors").mkdir()
+    for i, directory in enumerate(bucket_sources):
+        if directory is not None:
+            con.execute(f"CREATE OR REPLACE TEMP VIEW bucket_rows AS SELECT {columns} FROM "
+                        f"read_parquet({sql_string(directory / '*.parquet')})")
+        survivors = survivors_sql(cfg, DUCKDB).replace("FROM all_rows", "FROM bucket_rows")
+        con.execute(f"""COPY (SELECT *, substr(key, 1, 5) AS _p FROM ({survivors}))
+                        TO {sql_string(spill / 'survivors' / f'bucket_{i}')} (FORMAT parquet, PARTITION_BY (_p))""")
+        if directory is not None:
+            shutil.rmtree(directory)
 
 
 def _run_spark(cfg, sources, targets) -> None:
