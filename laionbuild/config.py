@@ -174,10 +174,28 @@ class FacesConfig:
 
 
 @dataclass
+class HeadConfig:
+    kind: str = "linear"  # linear | mlp | improved_aesthetic (laionbuild/heads.py documents each format)
+    path: str = ""  # weights file (.pth state dict or .npz); missing: the tag is skipped with a warning
+    sigmoid: Optional[bool] = None  # None: the format's default
+    activation: Optional[str] = None  # mlp: between layers (relu | none); None: the format's default
+
+
+@dataclass
+class NearDupConfig:
+    enabled: bool = False
+    index: str = "Flat"  # faiss index_factory string; Flat is exact (quadratic), HNSW32 scales
+
+
+@dataclass
 class TagConfig:
     # Which tags the tag stage computes. clip_similarity and the image sizes are always there.
     clip_similarity: bool = True
     faces: FacesConfig = field(default_factory=FacesConfig)
+    # Score heads on the image embeddings: tag column name -> head (e.g. aesthetic_score, nsfw_score).
+    heads: Dict[str, HeadConfig] = field(default_factory=dict)
+    # Near-duplicate tag over all parts (the global neardup stage).
+    near_dup: NearDupConfig = field(default_factory=NearDupConfig)
 
 
 @dataclass
@@ -187,6 +205,12 @@ class SelectConfig:
     # Face rules (need tag.faces.detector): at least this many faces / a face scoring at least this.
     min_faces: Optional[int] = None
     min_face_score: Optional[float] = None
+    # Semantic dedup (needs tag.near_dup.enabled): keep samples whose image embedding's cosine to
+    # every earlier sample is below this.
+    max_near_dup_similarity: Optional[float] = None
+    # Score-head tags (tag.heads): keep samples whose score is >= / <= these, per tag column.
+    min_scores: Dict[str, float] = field(default_factory=dict)
+    max_scores: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -249,6 +273,7 @@ def _check(condition: bool, key: str, message: str, where: str) -> None:
 
 
 FACE_DETECTORS = ("none", "auto", "opencv_haar", "retinaface")
+HEAD_KINDS = ("linear", "mlp", "improved_aesthetic")
 
 
 def validate(cfg: Config | DictConfig, where: str = "recipe") -> None:
@@ -357,6 +382,15 @@ def validate(cfg: Config | DictConfig, where: str = "recipe") -> None:
     _check(c.select.min_faces is None or c.select.min_faces >= 0, "select.min_faces", "must be >= 0", where)
     _check(c.select.min_face_score is None or 0 <= c.select.min_face_score <= 1, "select.min_face_score",
            "must be in [0, 1]", where)
+    _check(c.select.max_near_dup_similarity is None or c.tag.near_dup.enabled, "select.max_near_dup_similarity",
+           "needs tag.near_dup.enabled=true", where)
+    for name, head in c.tag.heads.items():
+        _check(head.kind in HEAD_KINDS, f"tag.heads.{name}.kind", f"must be one of {HEAD_KINDS}", where)
+        _check(bool(head.path), f"tag.heads.{name}.path", "must be set", where)
+    for bound in ("min_scores", "max_scores"):
+        for name in getattr(c.select, bound):
+            _check(name in c.tag.heads, f"select.{bound}.{name}", f"is not a score head of tag.heads "
+                   f"({sorted(c.tag.heads)})", where)
     _check(c.dedup.bucket_rows >= 1, "dedup.bucket_rows", f"must be >= 1, got {c.dedup.bucket_rows}", where)
     _check(c.engine.shuffle_partitions > 0, "engine.shuffle_partitions", "must be > 0", where)
     _check(c.engine.write_threads >= 1, "engine.write_threads", f"must be >= 1, got {c.engine.write_threads}", where)

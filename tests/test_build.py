@@ -28,7 +28,7 @@ GLOBAL = ["select", "assemble", "index", "report"]  # after the tags; `dedup` ru
 def built(tmp_path_factory):
     project = new_project(tmp_path_factory.mktemp("demo") / "project")
     result = project.build("subset.parts=[0,1]")
-    assert sorted(result.ran) == sorted([f"{s}@{p}" for s in PER_PART for p in (0, 1)] + ["consolidate", "dedup"]
+    assert sorted(result.ran) == sorted([f"{s}@{p}" for s in PER_PART for p in (0, 1)] + ["consolidate", "dedup", "neardup"]
                                         + GLOBAL)
     return project
 
@@ -140,7 +140,7 @@ def test_status_shows_stale_stages_after_a_change(built):
     built.laionbuild("compose", "embed.model=laionbuild-tiny", "embed.batch_size=16", "download.processes_count=1",
                      "subset.parts=[0,1]", "select.min_clip_similarity=0.5")
     rows = built.status()
-    assert len(rows) == len(PER_PART) * 2 + 6
+    assert len(rows) == len(PER_PART) * 2 + 7
     assert rows["select"] == "stale"
     assert rows["download@0"] == "built" and rows["tag@1"] == "built"
 
@@ -164,12 +164,12 @@ def test_adding_a_part_runs_only_that_part_and_global_stages(built):
     funnel = (built / "data/metrics/funnel.json").read_text()
 
     added = built.build("subset.parts=[0,1,2]")
-    assert sorted(added.ran) == sorted([f"{s}@2" for s in PER_PART] + ["dedup"] + GLOBAL)
+    assert sorted(added.ran) == sorted([f"{s}@2" for s in PER_PART] + ["dedup", "neardup"] + GLOBAL)
     assert set(json.loads((built / "data/metrics/funnel.json").read_text())["parts"]) == {"0", "1", "2"}
 
     removed = built.build(*base)
     assert removed.ran == []
-    assert set(GLOBAL + ["dedup"]) <= set(removed.restored)
+    assert set(GLOBAL + ["dedup", "neardup"]) <= set(removed.restored)
     assert {d: tree_digest(built / "data" / d) for d in digests} == digests
     assert (built / "data/metrics/funnel.json").read_text() == funnel
     assert not (built / "data/images/part_2").exists()

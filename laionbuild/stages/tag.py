@@ -10,10 +10,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import logging
+
 from ..atomic import atomic_dir
 from ..funnel import Counts
 from ..layout import part_dir
 from .download import KEY_COLUMN
+
+log = logging.getLogger(__name__)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -48,8 +52,18 @@ def run(cfg, part: int) -> None:
         for name in ("face_count", "face_max_score", "face_boxes"):
             column = [by_key[k][name] for k in tags.column("key").to_pylist()]
             tags = tags.append_column(name, pa.array(column, faces.schema.field(name).type))
+    skipped = []
+    if cfg.tag.heads:
+        from ..heads import load_heads
+
+        specs = {name: {k: v for k, v in vars(head).items() if v is not None} for name, head in cfg.tag.heads.items()}
+        heads, skipped = load_heads(specs)
+        for warning in skipped:
+            log.warning(warning)
+        for head in heads:
+            tags = tags.append_column(head.name, pa.array(head.score(img), pa.float32()))
     counts = Counts()
     counts.set("tagged", tags.num_rows)
     with atomic_dir(part_dir("tag", part)) as out:
         pq.write_table(tags, out / "tags.parquet")
-        counts.save(out)
+        counts.save(out, skipped_heads=skipped)
