@@ -5,14 +5,12 @@ tag, so sweeping a threshold costs a scan of the tag columns."""
 from __future__ import annotations
 
 import duckdb
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..atomic import atomic_dir
 from ..funnel import Counts
 from ..layout import NEARDUP, SELECTED, part_dir
-from ..rules import count, where
+from ..rules import count, sql_string, where
 
 
 def rules(select_cfg) -> list[tuple[str, str]]:
@@ -33,10 +31,11 @@ def rules(select_cfg) -> list[tuple[str, str]]:
     return out
 
 
-def load_tags(parts) -> pa.Table:
-    tables = [pq.read_table(part_dir("tag", p) / "tags.parquet") for p in parts]
-    table = pa.concat_tables(tables, promote_options="default")
-    return table.append_column("_row", pa.array(np.arange(table.num_rows)))  # build order
+def _tag_columns(parts) -> list[str]:
+    names: dict[str, None] = {}
+    for p in parts:
+        names.update(dict.fromkeys(pq.read_schema(part_dir("tag", p) / "tags.parquet").names))
+    return list(names)
 
 
 def quote(name: str) -> str:
@@ -44,27 +43,32 @@ def quote(name: str) -> str:
 
 
 def run(cfg) -> None:
-    tags = load_tags(cfg.subset.parts)
-    con = duckdb.connect()
-    near = pq.read_table(NEARDUP / "neardup.parquet")
-    if cfg.select.max_near_dup_similarity is not None:  # the table has one row per embedded sample
-        con.register("near", near)
-        con.register("tag_rows", tags)
-        con.execute("CREATE TEMP TABLE tags AS SELECT t.*, n.near_dup_similarity, n.near_dup_of FROM tag_rows t "
-                    "LEFT JOIN near n ON t.key = n.key")
-    else:
-        con.register("tags", tags)
+    active = rules(cfg.select)
+    files = [part_dir("tag", p) / "tags.parquet" for p in cfg.subset.parts]
+    available = _tag_columns(cfg.subset.parts)
     for name in [*cfg.select.min_scores, *cfg.select.max_scores]:
-        if name not in tags.column_names:
+        if name not in available:
             raise ValueError(f"select: no `{name}` tag column (its score head was skipped: missing weights? "
                              f"see data/tags/part_N/stats.json)")
-    active = rules(cfg.select)
+    # only the columns the rules use (not face boxes and the like), read by DuckDB straight from
+    # the parts' files, in build order (a multi-file scan keeps file and row order)
+    needed = ["part", "key"] + [c for c in available if c not in ("part", "key")
+                                and any(c in predicate for _, predicate in active)]
+    source = (f"read_parquet([{', '.join(sql_string(f) for f in files)}], union_by_name=true)")
+    columns = ", ".join(quote(c) for c in needed)
+    con = duckdb.connect()
+    order = ""
+    if cfg.select.max_near_dup_similarity is not None:  # a join: keep build order explicitly
+        con.execute(f"""CREATE TEMP VIEW tags AS SELECT t.*, n.near_dup_similarity FROM
+                        (SELECT {columns}, row_number() OVER () AS _row FROM {source}) t
+                        LEFT JOIN read_parquet({sql_string(NEARDUP / 'neardup.parquet')}) n ON t.key = n.key""")
+        order = " ORDER BY _row"
+    else:
+        con.execute(f"CREATE TEMP VIEW tags AS SELECT {columns} FROM {source}")
     counts = Counts()
     count(lambda sql: con.execute(sql).fetchone(), "tags", active, counts, rows_name="tagged")
-    selected = con.execute(f"SELECT part, key FROM tags WHERE {where(active)} ORDER BY _row").arrow()
-    if hasattr(selected, "read_all"):
-        selected = selected.read_all()
-    counts.set("selected", selected.num_rows)
     with atomic_dir(SELECTED) as out:
-        pq.write_table(selected, out / "selected.parquet")
+        con.execute(f"COPY (SELECT part, key FROM tags WHERE {where(active)}{order}) "
+                    f"TO {sql_string(out / 'selected.parquet')} (FORMAT parquet)")
+        counts.set("selected", pq.read_metadata(out / "selected.parquet").num_rows)
         counts.save(out, rules=[name for name, _ in active])
