@@ -227,6 +227,9 @@ class IndexConfig:
     current_memory_available: str = "8G"
     max_index_query_time_ms: float = 10.0
     nb_cores: Optional[int] = None
+    # the index report (data/metrics/index.json): this many sampled text-embedding queries
+    report_queries: int = 1000
+    report_seed: int = 0
 
 
 @dataclass
@@ -391,6 +394,7 @@ def validate(cfg: Config | DictConfig, where: str = "recipe") -> None:
         for name in getattr(c.select, bound):
             _check(name in c.tag.heads, f"select.{bound}.{name}", f"is not a score head of tag.heads "
                    f"({sorted(c.tag.heads)})", where)
+    _check(c.index.report_queries >= 0, "index.report_queries", "must be >= 0", where)
     _check(c.dedup.bucket_rows >= 1, "dedup.bucket_rows", f"must be >= 1, got {c.dedup.bucket_rows}", where)
     _check(c.engine.shuffle_partitions > 0, "engine.shuffle_partitions", "must be > 0", where)
     _check(c.engine.write_threads >= 1, "engine.write_threads", f"must be >= 1, got {c.engine.write_threads}", where)

@@ -39,6 +39,7 @@ EMBEDDINGS = DATA / "embeddings"
 INDEX = DATA / "index"
 METRICS = DATA / "metrics"
 FUNNEL = METRICS / "funnel.json"
+INDEX_METRICS = METRICS / "index.json"
 STATS_FILE = "stats.json"
 
 

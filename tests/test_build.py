@@ -92,6 +92,24 @@ def test_outputs_users_rely_on(built):
     assert nearest[:, 0].tolist() == list(range(5))
 
 
+def test_index_report_is_measured_against_exact_search(built):
+    report = json.loads((built / "data/metrics/index.json").read_text())
+    img = np.load(built / "data/embeddings/img_emb/img_emb_0.npy").astype("float32")
+    text = np.load(built / "data/embeddings/text_emb/text_emb_0.npy").astype("float32")
+    assert report["vectors"] == len(img) and report["queries"] == len(text)  # fewer than 1000: all of them
+    assert report["size_bytes"] == (built / "data/index/image.index").stat().st_size
+    exact = faiss.IndexFlatIP(img.shape[1])
+    exact.add(img)
+    _, truth = exact.search(text, 10)
+    _, found = faiss.read_index(str(built / "data/index/image.index")).search(text, 10)
+    assert report["recall_at_1"] == pytest.approx(float(np.mean(found[:, 0] == truth[:, 0])))
+    assert report["recall_at_10"] == pytest.approx(float(np.mean([len(set(f) & set(t)) / 10
+                                                                   for f, t in zip(found, truth)])))
+    assert 0 < report["latency_ms_p50"] <= report["latency_ms_p99"]
+    metrics = json.loads(built.dvc("metrics", "show", "--json").output)
+    assert "recall_at_10" in json.dumps(metrics)  # registered as DVC metrics
+
+
 def test_clip_similarity_tag_is_the_cosine_of_the_embeddings(built):
     tags = pd.read_parquet(built / "data/tags/part_1/tags.parquet")
     img = np.load(built / "data/embed/part_1/img_emb/img_emb_0.npy").astype(np.float64)

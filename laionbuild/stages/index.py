@@ -1,13 +1,21 @@
 """index: autofaiss builds a kNN index over the selected image embeddings
-(`data/index/image.index`, loadable by `faiss.read_index`, + `image_infos.json`)."""
+(`data/index/image.index`, loadable by `faiss.read_index`, + `image_infos.json`), then measures
+it (`data/metrics/index.json`, DVC metrics): with `index.report_queries` of the selected
+samples' *text* embeddings as queries (text-to-image search, what `query` does), recall@1 (the
+index's top hit is the exact top hit) and recall@10 (share of the exact top 10 found in the
+index's top 10) against an exact inner-product search, p50/p99 latency of one query at a time,
+and the index's size."""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 
-from ..atomic import atomic_dir
-from ..layout import EMBEDDINGS, INDEX
+import numpy as np
+
+from ..atomic import atomic_dir, read_json, write_json
+from ..layout import EMBEDDINGS, INDEX, INDEX_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -33,3 +41,41 @@ def run(cfg) -> None:
         )
         index = faiss.read_index(str(out / "image.index"))
         log.info("index: %s with %d vectors", type(index).__name__, index.ntotal)
+    report(cfg)
+
+
+def _load(kind: str) -> np.ndarray:
+    files = sorted((EMBEDDINGS / kind).glob(f"{kind}_*.npy"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    arrays = [np.load(f).astype(np.float32) for f in files]
+    return np.concatenate(arrays) if arrays else np.zeros((0, 0), np.float32)
+
+
+def report(cfg) -> dict:
+    import faiss
+
+    c = cfg.index
+    index = faiss.read_index(str(INDEX / "image.index"))
+    image, text = _load("img_emb"), _load("text_emb")
+    n = len(image)
+    queries = np.random.default_rng(c.report_seed).choice(n, size=min(c.report_queries, n), replace=False) if n else []
+    q = np.ascontiguousarray(text[np.sort(queries)]) if len(queries) else np.zeros((0, index.d), np.float32)
+    k = min(10, n)
+    result = {"vectors": int(index.ntotal), "index_key": read_json(INDEX / "image_infos.json").get("index_key"),
+              "size_bytes": (INDEX / "image.index").stat().st_size, "queries": len(q)}
+    if len(q) and k:
+        exact = faiss.IndexFlatIP(image.shape[1])
+        exact.add(np.ascontiguousarray(image))
+        _, truth = exact.search(q, k)
+        _, found = index.search(q, k)
+        result["recall_at_1"] = float(np.mean(found[:, 0] == truth[:, 0]))
+        result["recall_at_10"] = float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth)]))
+        latencies = []
+        for row in q:
+            start = time.perf_counter()
+            index.search(row[None, :], k)
+            latencies.append((time.perf_counter() - start) * 1000)
+        result["latency_ms_p50"] = float(np.percentile(latencies, 50))
+        result["latency_ms_p99"] = float(np.percentile(latencies, 99))
+    write_json(INDEX_METRICS, result)
+    log.info("index report: %s", result)
+    return result
