@@ -138,6 +138,21 @@ def cmd_retry_failed(args) -> int:
     return 0
 
 
+def cmd_query(args) -> int:
+    from .query import encode, search
+
+    if (args.text is None) == (args.image is None):
+        raise RecipeError("query: give exactly one of --text or --image")
+    cfg = load_params(args.params)
+    results = search(encode(cfg, text=args.text, image=args.image), args.k)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            print(f"{r['score']:.4f}\t{r['url']}\t{r['caption']}")
+    return 0
+
+
 def stage_status() -> list[tuple[str, str]]:
     """(stage name as DVC knows it, built|stale|missing) for every stage of params.yaml's recipe."""
     import yaml
@@ -206,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part", type=int, action="append", help="part id (repeatable; default: every part)")
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=cmd_retry_failed)
+
+    p = sub.add_parser("query", help="nearest selected samples to a text or an image (url, caption, score)")
+    p.add_argument("--text")
+    p.add_argument("--image", help="path of an image file")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="JSON with key, url, caption, score")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("status", help="per stage and part: built / stale / missing")
     p.set_defaults(func=cmd_status)

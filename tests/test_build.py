@@ -199,3 +199,31 @@ def test_params_yaml_is_what_dvc_tracks(built):
     lock = yaml.safe_load((built / "dvc.lock").read_text())["stages"]
     assert set(lock["select"]["params"]["params.yaml"]) == {"subset", "select"}
     assert set(lock["download@0"]["params"]["params.yaml"]) == {"download"}
+
+
+def test_query_by_image_and_text(built, tmp_path):
+    samples = read_dataset(built.path)
+    first = samples[0]
+    with tarfile.open(sorted((built / "data/dataset").glob("*.tar"))[0]) as tar:
+        member = next(m for m in tar.getmembers() if m.name.startswith(first["key"] + ".") and not
+                      m.name.endswith((".json", ".txt")))
+        (tmp_path / "query.jpg").write_bytes(tar.extractfile(member).read())
+    found = _json_tail(built.laionbuild("query", "--image", str(tmp_path / "query.jpg"), "-k", "3", "--json").output)
+    assert found[0]["key"] == first["key"] and found[0]["score"] > 0.99  # its own image embedding
+
+    text = np.load(built / "data/embeddings/text_emb/text_emb_0.npy").astype("float32")
+    keys = pd.concat([pd.read_parquet(p) for p in sorted((built / "data/embeddings/metadata").glob("*.parquet"))])["key"].tolist()
+    i = keys.index(first["key"])
+    out = built.laionbuild("query", "--text", first["caption"], "-k", "5", "--json").output
+    got = _json_tail(out)
+    scores, rows = faiss.read_index(str(built / "data/index/image.index")).search(text[i:i + 1], 5)
+    assert [r["key"] for r in got] == [keys[r] for r in rows[0]]
+    assert [r["score"] for r in got] == pytest.approx(scores[0].tolist(), abs=1e-4)
+    plain = built.laionbuild("query", "--text", first["caption"], "-k", "2").output.strip().splitlines()[-2:]
+    assert [line.split("\t")[1] for line in plain] == [r["url"] for r in got[:2]]
+
+
+def _json_tail(output: str):
+    """The JSON document at the end of a command's output (logs may come before it)."""
+    start = output.rindex("\n[") + 1 if "\n[" in output else output.index("[")
+    return json.loads(output[start:])
