@@ -87,7 +87,10 @@ def test_per_host_cap_keeps_busy_hosts_happy(project, tmp_path):
         # the same build without the cap: the busy hosts answer 429 (so the check above can fail)
         project.build(*overrides, "download.max_per_host=null", "download.backoff_seconds=0", "--stage", "download")
         assert web.too_many > 0 and max(web.peak.values()) > 2
-        assert stats(project)["failures"].get("http 429", 0) > 0
+        # (the proxy still retries those 429s within its budget, so how many end as failures depends
+        # on timing; every row is accounted for either way)
+        s = stats(project)
+        assert s["counts"]["downloaded_ok"] + sum(s["failures"].values()) == 48
 
 
 def test_429_is_backed_off_and_retried(project, tmp_path):
