@@ -57,6 +57,13 @@ class SourceConfig:
     # fetch: transient errors (5xx, 429, timeouts, dropped connections) are retried with backoff
     fetch_retries: int = 5
     fetch_backoff_s: float = 1.0
+    # Precomputed image embeddings published next to the metadata (LAION2B-en's
+    # img_emb/img_emb_NNNN.npy: row i embeds metadata row i): file name of part N's .npy inside
+    # base_url, formatted with `part=N`. fetch fetches it with the metadata; `embed.from_source`
+    # uses it instead of running a model. None: the source has none.
+    image_embeddings: Optional[str] = None
+    # The model that made them (recorded in model.json and the dataset card), e.g. ViT-L-14/openai.
+    image_embeddings_model: Optional[str] = None
 
 
 @dataclass
@@ -116,6 +123,8 @@ class LocalServerConfig:
 
 @dataclass
 class DownloadConfig:
+    # False: no images (an embeddings-only build from source.image_embeddings, e.g. SISAP LAION2B)
+    enabled: bool = True
     image_size: int = 256
     resize_mode: str = "border"  # no | border | keep_ratio | keep_ratio_largest | center_crop
     encode_format: str = "jpg"
@@ -158,6 +167,9 @@ class EmbedConfig:
     batch_size: int = 64
     num_prepro_workers: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Take the source's precomputed image embeddings (source.image_embeddings) for the part's
+    # rows instead of running the model: no images needed, no text embeddings.
+    from_source: bool = False
 
 
 @dataclass
@@ -220,6 +232,19 @@ class AssembleConfig:
 
 
 @dataclass
+class ExportConfig:
+    """Extra export formats of the selected samples (data/export/), streamed part by part."""
+
+    # h5: data/export/emb.h5, dataset `emb` (N x dim) of the image embeddings in dataset order
+    h5: bool = False
+    h5_dtype: str = "float16"  # float16 | float32
+    # tsv: data/export/metadata.tsv with these columns, same row order: output name -> column of
+    # the prepared metadata (e.g. {caption: caption, NSFW: nsfw}). {}: no TSV. Fields holding tabs,
+    # newlines or quotes are quoted (RFC 4180 style, read back by csv/pandas with sep=tab).
+    tsv_columns: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class IndexConfig:
     index_key: Optional[str] = None  # None: autofaiss picks one
     metric_type: str = "ip"
@@ -259,6 +284,7 @@ class Config:
     tag: TagConfig = field(default_factory=TagConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     assemble: AssembleConfig = field(default_factory=AssembleConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -358,6 +384,24 @@ def validate(cfg: Config | DictConfig, where: str = "recipe") -> None:
            "set both host and root, or neither", where)
 
     e = c.embed
+    _check(not e.from_source or bool(c.source.image_embeddings), "embed.from_source",
+           "needs source.image_embeddings (the source's precomputed embedding files)", where)
+    _check(d.enabled or e.from_source, "download.enabled",
+           "without images there is nothing to embed: set embed.from_source=true (with source.image_embeddings)",
+           where)
+    _check(d.enabled or c.tag.faces.detector == "none", "download.enabled",
+           "face tags need images: set tag.faces.detector=none", where)
+    _check(not e.from_source or c.select.min_clip_similarity is None, "select.min_clip_similarity",
+           "needs text embeddings, which embed.from_source does not have (use prepare.min_similarity, "
+           "the source's own similarity column)", where)
+    _check(c.export.h5_dtype in ("float16", "float32"), "export.h5_dtype", "must be float16 or float32", where)
+    _check(not (c.source.image_embeddings and c.source.consolidate_parts), "source.image_embeddings",
+           "cannot follow consolidated (shuffled) parts: set source.consolidate_parts=null", where)
+    if c.source.image_embeddings:
+        try:
+            c.source.image_embeddings.format(part=0)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise RecipeError(f"{where}: invalid value for `source.image_embeddings`: {exc!r}; use {{part}}") from None
     _check(bool(e.model), "embed.model", "must name an open_clip architecture", where)
     _check(bool(e.pretrained), "embed.pretrained", "must be a pretrained tag, a checkpoint path or `random`", where)
     _check(e.batch_size > 0, "embed.batch_size", "must be > 0", where)

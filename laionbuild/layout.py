@@ -28,14 +28,15 @@ PART_DIRS = {
     "tag": DATA / "tags",
 }
 PER_PART_STAGES = ("fetch", "prepare", "download", "faces", "embed", "tag")
-GLOBAL_STAGES = ("consolidate", "dedup", "neardup", "select", "assemble", "index", "report")
-# pipeline order: consolidate, fetch, prepare, dedup, download, faces, embed, tag, neardup, select, assemble, index, report
+GLOBAL_STAGES = ("consolidate", "dedup", "neardup", "select", "assemble", "export", "index", "report")
+# pipeline order: consolidate, fetch, prepare, dedup, download, faces, embed, tag, neardup, select, assemble, export, index, report
 STAGES = ("consolidate",) + PER_PART_STAGES[:2] + ("dedup",) + PER_PART_STAGES[2:] + GLOBAL_STAGES[2:]
 
 NEARDUP = DATA / "neardup"
 SELECTED = DATA / "selected"
 DATASET = DATA / "dataset"
 EMBEDDINGS = DATA / "embeddings"
+EXPORT = DATA / "export"
 INDEX = DATA / "index"
 METRICS = DATA / "metrics"
 FUNNEL = METRICS / "funnel.json"

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from ..atomic import atomic_dir, read_json
 from ..layout import DATASET, EMBEDDINGS, SELECTED, part_dir
 from .download import KEY_COLUMN, shard_files
+from .select import selected_keys
 
 TAG_COLUMNS_SKIP = {"key", "part"}
 
@@ -87,53 +88,114 @@ class _ShardWriter:
             self.tar = None
 
 
-def _write_embeddings(out: Path, img: np.ndarray, text: np.ndarray, meta: pd.DataFrame, per_file: int) -> None:
-    for sub in ("img_emb", "text_emb", "metadata"):
-        (out / sub).mkdir()
-    for i, start in enumerate(range(0, max(len(meta), 1), per_file)):
-        end = start + per_file
-        np.save(out / "img_emb" / f"img_emb_{i}.npy", img[start:end])
-        np.save(out / "text_emb" / f"text_emb_{i}.npy", text[start:end])
-        meta.iloc[start:end].to_parquet(out / "metadata" / f"metadata_{i}.parquet", index=False)
+class _EmbeddingWriter:
+    """Rows in dataset order -> clip-retrieval's layout (`img_emb/img_emb_N.npy`,
+    [`text_emb/text_emb_N.npy`,] `metadata/metadata_N.parquet`), `per_file` rows per file,
+    holding at most one file's rows (plus the part being added), whatever the build's size.
+    Arrays keep their dtype (LAION's float16 stays float16)."""
+
+    def __init__(self, out: Path, per_file: int, kinds: tuple[str, ...]):
+        self.out, self.per_file, self.kinds = out, per_file, kinds
+        self.files, self.rows = 0, 0
+        self.arrays: dict[str, list[np.ndarray]] = {k: [] for k in kinds}
+        self.meta: list[pd.DataFrame] = []
+        self.buffered = 0
+        for sub in (*kinds, "metadata"):
+            (out / sub).mkdir()
+
+    def add(self, arrays: dict[str, np.ndarray], meta: pd.DataFrame) -> None:
+        for kind in self.kinds:
+            self.arrays[kind].append(np.asarray(arrays[kind]))
+        self.meta.append(meta.reset_index(drop=True))
+        self.buffered += len(meta)
+        while self.buffered >= self.per_file:
+            self._flush(self.per_file)
+
+    def _flush(self, n: int) -> None:
+        meta = pd.concat(self.meta, ignore_index=True)
+        for kind in self.kinds:
+            data = np.concatenate(self.arrays[kind])
+            np.save(self.out / kind / f"{kind}_{self.files}.npy", data[:n])
+            self.arrays[kind] = [data[n:]]
+        meta.iloc[:n].to_parquet(self.out / "metadata" / f"metadata_{self.files}.parquet", index=False)
+        self.meta = [meta.iloc[n:]]
+        self.files += 1
+        self.rows += n
+        self.buffered -= n
+
+    def close(self) -> None:
+        if self.buffered:
+            self._flush(self.buffered)
+
+
+class _ParquetShards:
+    """Metadata-only dataset shards (`NNNNN.parquet`, no tars) of an embeddings-only build."""
+
+    def __init__(self, out: Path, per_shard: int):
+        self.out, self.per_shard, self.shard, self.frames, self.buffered = out, per_shard, 0, [], 0
+
+    def add(self, frame: pd.DataFrame) -> None:
+        self.frames.append(frame)
+        self.buffered += len(frame)
+        while self.buffered >= self.per_shard:
+            self._flush(self.per_shard)
+
+    def _flush(self, n: int) -> None:
+        frame = pd.concat(self.frames, ignore_index=True)
+        frame.iloc[:n].assign(shard=self.shard).to_parquet(self.out / f"{self.shard:05d}.parquet", index=False)
+        self.frames, self.buffered, self.shard = [frame.iloc[n:]], self.buffered - n, self.shard + 1
+
+    def close(self) -> None:
+        if self.buffered:
+            self._flush(self.buffered)
+
+
+def _part_rows(part: int, keys: list[str]) -> pd.DataFrame:
+    """The selected rows of a part with url, caption and tags, in `keys` order (vectorised)."""
+    prepared = pq.read_table(part_dir("dedup", part) / "metadata.parquet", columns=["key", "url", "caption"])
+    tags = pq.read_table(part_dir("tag", part) / "tags.parquet").drop_columns(["part"])
+    frame = pd.DataFrame({"key": keys}).merge(prepared.to_pandas(), on="key", how="left")
+    frame = frame.merge(tags.to_pandas(), on="key", how="left")
+    frame.insert(1, "part", part)
+    return frame
 
 
 def run(cfg) -> None:
-    selected = pq.read_table(SELECTED / "selected.parquet").to_pandas()
-    img_parts, text_parts, meta_rows = [], [], []
+    selected = pq.ParquetFile(SELECTED / "selected.parquet")
+    images_wanted = cfg.download.enabled
+    kinds = ("img_emb", "text_emb") if all((part_dir("embed", p) / "text_emb").exists()
+                                           for p in cfg.subset.parts) else ("img_emb",)
     with atomic_dir(DATASET) as dataset_out, atomic_dir(EMBEDDINGS) as emb_out:
-        writer = _ShardWriter(dataset_out, cfg.assemble.samples_per_shard)
+        writer = (_ShardWriter if images_wanted else _ParquetShards)(dataset_out, cfg.assemble.samples_per_shard)
+        embeddings = _EmbeddingWriter(emb_out, cfg.assemble.embeddings_per_file, kinds)
         for part in cfg.subset.parts:
-            keys = selected.loc[selected["part"] == part, "key"].tolist()  # in build order
+            keys = selected_keys(selected, part)  # in build order
             if not keys:
                 continue
-            prepared = pq.read_table(part_dir("dedup", part) / "metadata.parquet").to_pandas().set_index("key")
-            tags = pq.read_table(part_dir("tag", part) / "tags.parquet").to_pandas().set_index("key")
             embed_dir = part_dir("embed", part)
-            emb_meta = pd.read_parquet(embed_dir / "metadata" / "metadata_0.parquet")
-            row_of = {k: i for i, k in enumerate(emb_meta[KEY_COLUMN].astype(str))}
-            img = np.load(embed_dir / "img_emb" / "img_emb_0.npy", mmap_mode="r")
-            text = np.load(embed_dir / "text_emb" / "text_emb_0.npy", mmap_mode="r")
-            rows = []
-            with downloaded_images(part) as images:
-                for key in keys:
-                    tar, member, ext = images[key]
-                    image = tar.extractfile(member).read()
-                    source = prepared.loc[key]
-                    tag_values = {c: _plain(v) for c, v in tags.loc[key].items() if c not in TAG_COLUMNS_SKIP}
-                    meta = {"key": key, "part": part, "url": source["url"], "caption": source["caption"],
-                            "tags": tag_values}
-                    writer.add(key, image, ext, source["caption"], meta)
-                    rows.append(row_of[key])
-                    meta_rows.append({"key": key, "url": source["url"], "caption": source["caption"],
-                                      **tag_values})
-            img_parts.append(np.asarray(img[rows]))
-            text_parts.append(np.asarray(text[rows]))
+            emb_meta = pd.read_parquet(embed_dir / "metadata" / "metadata_0.parquet", columns=[KEY_COLUMN])
+            row_of = pd.Series(np.arange(len(emb_meta)), index=emb_meta[KEY_COLUMN].astype(str))
+            rows = row_of.loc[keys].to_numpy()
+            frame = _part_rows(part, keys)
+            if images_wanted:
+                tag_names = [c for c in frame.columns if c not in TAG_COLUMNS_SKIP | {"url", "caption"}]
+                with downloaded_images(part) as images:
+                    for record in frame.to_dict("records"):
+                        key = record["key"]
+                        tar, member, ext = images[key]
+                        tag_values = {c: _plain(record[c]) for c in tag_names}
+                        meta = {"key": key, "part": part, "url": record["url"], "caption": record["caption"],
+                                "tags": tag_values}
+                        writer.add(key, tar.extractfile(member).read(), ext, record["caption"], meta)
+            else:
+                writer.add(frame)
+            arrays = {k: np.load(embed_dir / k / f"{k}_0.npy", mmap_mode="r")[rows] for k in kinds}
+            embeddings.add(arrays, frame.drop(columns=["part"]))
         writer.close()
-        if not meta_rows:
+        embeddings.close()
+        if not embeddings.rows:
             raise RuntimeError("no sample is selected: loosen `select` or check the funnel "
                                "(data/selected/stats.json)")
-        _write_embeddings(emb_out, np.concatenate(img_parts), np.concatenate(text_parts),
-                          pd.DataFrame(meta_rows), cfg.assemble.embeddings_per_file)
         models = {read_json(part_dir("embed", p) / "model.json")["architecture"] for p in cfg.subset.parts}
         untrained = any(read_json(part_dir("embed", p) / "model.json")["untrained"] for p in cfg.subset.parts)
         (emb_out / "README.txt").write_text(

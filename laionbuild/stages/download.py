@@ -159,6 +159,10 @@ def part_counts(attempted: int, refused: dict, shards: Path) -> Counts:
 
 def run(cfg, part: int) -> None:
     metadata_path = part_dir("dedup", part) / "metadata.parquet"
+    if not cfg.download.enabled:  # an embeddings-only build: nothing to fetch, an empty part
+        with atomic_dir(part_dir("download", part)) as out:
+            Counts().save(out)
+        return
     table = pq.read_table(metadata_path, columns=["key", "url", "caption"])
     work = WORK / "download" / f"part_{part}-{_fingerprint(cfg, metadata_path)}"
     shards = work / "shards"

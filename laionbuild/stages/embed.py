@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from ..atomic import atomic_dir, read_json, write_json
 from ..funnel import Counts
@@ -51,7 +52,50 @@ def write_part(out: Path, img: np.ndarray, text: np.ndarray, metadata: pd.DataFr
     metadata.to_parquet(out / "metadata" / "metadata_0.parquet", index=False)
 
 
+def from_source(cfg, part: int) -> None:
+    """The part's rows' precomputed image embeddings (source.image_embeddings, fetched next to
+    the metadata), gathered by source row in key order; their dtype is kept (LAION2B: float16).
+    No text embeddings."""
+    raw_dir = part_dir("fetch", part)
+    fetched = read_json(raw_dir / "fetch.json")
+    if "image_embeddings" not in fetched:
+        raise RuntimeError(f"{raw_dir}: fetched without source.image_embeddings; rebuild fetch@{part}")
+    emb_path = raw_dir / fetched["image_embeddings"]["file"]
+    meta_path = raw_dir / fetched["file"]
+    emb = np.load(emb_path, mmap_mode="r")
+    source_rows = pq.read_metadata(meta_path).num_rows if meta_path.suffix == ".parquet" else None
+    if emb.ndim != 2 or (source_rows is not None and emb.shape[0] != source_rows):
+        raise ValueError(f"{emb_path}: shape {emb.shape} does not match {meta_path.name} "
+                         f"({source_rows} rows): row i must embed metadata row i")
+    table = pq.read_table(part_dir("dedup", part) / "metadata.parquet")
+    keys = table.column("key").to_pylist()
+    rows = np.fromiter((int(k[-9:]) for k in keys), np.int64, len(keys))  # key = 5-digit part + 9-digit row
+    if len(rows) and rows.max() >= emb.shape[0]:
+        raise ValueError(f"{emb_path}: {emb.shape[0]} rows, but metadata row {int(rows.max())} is kept")
+    img = np.asarray(emb[rows])
+    metadata = pd.DataFrame({KEY_COLUMN: keys, "caption": table.column("caption").to_pylist(),
+                             "url": table.column("url").to_pylist()})
+    for column in ("width", "height"):
+        if column in table.column_names:
+            metadata["original_" + column] = table.column(column).to_pylist()
+    counts = Counts()
+    with atomic_dir(part_dir("embed", part)) as out:
+        (out / "img_emb").mkdir()
+        (out / "metadata").mkdir()
+        np.save(out / "img_emb" / "img_emb_0.npy", img)
+        metadata.to_parquet(out / "metadata" / "metadata_0.parquet", index=False)
+        counts.set("embedded", len(metadata))
+        counts.save(out)
+        write_json(out / "model.json", {"architecture": cfg.source.image_embeddings_model or "unknown",
+                                        "pretrained": None, "untrained": False, "dim": int(emb.shape[1]),
+                                        "from_source": fetched["image_embeddings"]["url"],
+                                        "dtype": str(emb.dtype)})
+    log.info("part %d: %d precomputed image embeddings (%s) from %s", part, len(img), emb.dtype, emb_path.name)
+
+
 def run(cfg, part: int) -> None:
+    if cfg.embed.from_source:
+        return from_source(cfg, part)
     _select_device(cfg.embed.device)
     from clip_retrieval.clip_inference.main import main as clip_inference
 

@@ -48,5 +48,22 @@ def run(cfg, part: int) -> None:
     with atomic_dir(part_dir("fetch", part)) as out:
         info = fetch_file(url, out / name, work / f"{name}.partial", retries=cfg.source.fetch_retries,
                           backoff=cfg.source.fetch_backoff_s)
-        write_json(out / "fetch.json", {**info, "file": name})
+        record = {**info, "file": name}
+        emb_url = image_embeddings_url(cfg, part)
+        if emb_url:
+            emb_name = emb_url.rsplit("/", 1)[-1]
+            if emb_name == name:
+                raise ValueError(f"source.image_embeddings `{cfg.source.image_embeddings}` names the metadata "
+                                 f"file itself ({name})")
+            emb_info = fetch_file(emb_url, out / emb_name, work / f"{emb_name}.partial",
+                                  retries=cfg.source.fetch_retries, backoff=cfg.source.fetch_backoff_s)
+            record["image_embeddings"] = {**emb_info, "file": emb_name}
+        write_json(out / "fetch.json", record)
     log.info("fetched part %d: %s (%d bytes)", part, url, info["size"])
+
+
+def image_embeddings_url(cfg, part: int) -> str | None:
+    """Where part N's precomputed image embeddings are (source.image_embeddings), or None."""
+    if not cfg.source.image_embeddings:
+        return None
+    return f"{cfg.source.base_url.rstrip('/')}/{cfg.source.image_embeddings.format(part=part)}"

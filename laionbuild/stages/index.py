@@ -44,10 +44,44 @@ def run(cfg) -> None:
     report(cfg)
 
 
-def _load(kind: str) -> np.ndarray:
-    files = sorted((EMBEDDINGS / kind).glob(f"{kind}_*.npy"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-    arrays = [np.load(f).astype(np.float32) for f in files]
-    return np.concatenate(arrays) if arrays else np.zeros((0, 0), np.float32)
+def _files(kind: str) -> list:
+    return sorted((EMBEDDINGS / kind).glob(f"{kind}_*.npy"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+
+
+def _rows(kind: str, wanted: np.ndarray) -> np.ndarray:
+    """Rows `wanted` (sorted global row numbers) of data/embeddings/<kind>, as float32, reading
+    only those rows of each file (memory-mapped)."""
+    found, start = [], 0
+    for path in _files(kind):
+        array = np.load(path, mmap_mode="r")
+        mine = wanted[(wanted >= start) & (wanted < start + len(array))] - start
+        if len(mine):
+            found.append(np.asarray(array[mine], np.float32))
+        start += len(array)
+    return np.concatenate(found) if found else np.zeros((0, 0), np.float32)
+
+
+def exact_search(queries: np.ndarray, k: int, chunk: int = 262_144) -> np.ndarray:
+    """Exact inner-product top k of `queries` over all image embeddings, streamed a chunk at a
+    time (memory: one chunk, whatever the index's size). Ties break toward the lower row."""
+    import faiss
+
+    best_d = np.full((len(queries), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(queries), 0), np.int64)
+    start = 0
+    for path in _files("img_emb"):
+        array = np.load(path, mmap_mode="r")
+        for offset in range(0, len(array), chunk):
+            block = np.ascontiguousarray(array[offset:offset + chunk], np.float32)
+            flat = faiss.IndexFlatIP(block.shape[1])
+            flat.add(block)
+            d, i = flat.search(queries, min(k, len(block)))
+            d = np.concatenate([best_d, d], axis=1)
+            i = np.concatenate([best_i, np.where(i >= 0, i + start + offset, -1)], axis=1)
+            order = np.lexsort((i, -d), axis=1)[:, :k]
+            best_d, best_i = np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+        start += len(array)
+    return best_i
 
 
 def report(cfg) -> dict:
@@ -55,17 +89,18 @@ def report(cfg) -> dict:
 
     c = cfg.index
     index = faiss.read_index(str(INDEX / "image.index"))
-    image, text = _load("img_emb"), _load("text_emb")
-    n = len(image)
+    n = int(index.ntotal)
+    # text-to-image queries (what `query --text` does); image-to-image when the build has no text
+    # embeddings (embeddings taken from the source)
+    kind = "text_emb" if _files("text_emb") else "img_emb"
     queries = np.random.default_rng(c.report_seed).choice(n, size=min(c.report_queries, n), replace=False) if n else []
-    q = np.ascontiguousarray(text[np.sort(queries)]) if len(queries) else np.zeros((0, index.d), np.float32)
+    q = np.ascontiguousarray(_rows(kind, np.sort(queries))) if len(queries) else np.zeros((0, index.d), np.float32)
     k = min(10, n)
     result = {"vectors": int(index.ntotal), "index_key": read_json(INDEX / "image_infos.json").get("index_key"),
-              "size_bytes": (INDEX / "image.index").stat().st_size, "queries": len(q)}
+              "size_bytes": (INDEX / "image.index").stat().st_size, "queries": len(q),
+              "query_kind": kind.split("_")[0]}
     if len(q) and k:
-        exact = faiss.IndexFlatIP(image.shape[1])
-        exact.add(np.ascontiguousarray(image))
-        _, truth = exact.search(q, k)
+        truth = exact_search(q, k)
         _, found = index.search(q, k)
         result["recall_at_1"] = float(np.mean(found[:, 0] == truth[:, 0]))
         result["recall_at_10"] = float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth)]))

@@ -5,6 +5,7 @@ tag, so sweeping a threshold costs a scan of the tag columns."""
 from __future__ import annotations
 
 import duckdb
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..atomic import atomic_dir
@@ -72,3 +73,18 @@ def run(cfg) -> None:
                     f"TO {sql_string(out / 'selected.parquet')} (FORMAT parquet)")
         counts.set("selected", pq.read_metadata(out / "selected.parquet").num_rows)
         counts.save(out, rules=[name for name, _ in active])
+
+
+def selected_keys(selected: pq.ParquetFile, part: int) -> list[str]:
+    """The selected keys of one part, in build order, reading only the row groups of
+    `selected.parquet` that can hold the part (the file is in part order): memory follows one
+    part, not the build."""
+    keys: list[str] = []
+    part_index = selected.schema_arrow.get_field_index("part")
+    for i in range(selected.num_row_groups):
+        stats = selected.metadata.row_group(i).column(part_index).statistics
+        if stats is not None and stats.has_min_max and not stats.min <= part <= stats.max:
+            continue
+        group = selected.read_row_group(i, columns=["key", "part"])
+        keys += group.filter(pc.equal(group.column("part"), part)).column("key").to_pylist()
+    return keys

@@ -33,12 +33,15 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def run(cfg, part: int) -> None:
     embed_dir = part_dir("embed", part)
     img = np.load(embed_dir / "img_emb" / "img_emb_0.npy")
-    text = np.load(embed_dir / "text_emb" / "text_emb_0.npy")
     metadata = pd.read_parquet(embed_dir / "metadata" / "metadata_0.parquet")
+    if (embed_dir / "text_emb").exists():
+        similarity = pa.array(cosine(img, np.load(embed_dir / "text_emb" / "text_emb_0.npy")), pa.float32())
+    else:  # embeddings from the source (embed.from_source): no text embeddings, no CLIP similarity
+        similarity = pa.nulls(len(metadata), pa.float32())
     tags = pa.table({
         "key": pa.array(metadata[KEY_COLUMN].astype(str).tolist(), pa.string()),
         "part": pa.array(np.full(len(metadata), part, np.int32)),
-        "clip_similarity": pa.array(cosine(img, text), pa.float32()),
+        "clip_similarity": similarity,
         "width": pa.array(metadata.get("original_width", pd.Series(dtype="float")).tolist(), pa.int64()),
         "height": pa.array(metadata.get("original_height", pd.Series(dtype="float")).tolist(), pa.int64()),
     })

@@ -1,0 +1,599 @@
+"""Embed and index benchmark, side by side in one run (issue #5).
+
+1. The embed stage (`laionbuild.stages.embed.run(cfg, part)`: clip-retrieval's `clip_inference`
+   + key order + model.json) vs raw `clip_inference.main(...)` with the arguments the stage
+   passes, vs a plain open_clip loop (tar read, JPEG decode, preprocess, tokenize, encode_image
+   + encode_text in batches of the same size, normalise, float16: the work the stage has to
+   do), all on the same webdataset shards (img2dataset's layout) and the same weights
+   (`embed.pretrained=random`: untrained, offline). Each run is a fresh process; imports are
+   timed apart. Two part sizes give the fixed start-up cost (model load + warm-up, ...) and
+   the steady throughput: steady = (N - n) / (T - t), start-up = T - N / steady.
+   Goals: stage/clip_inference >= 0.95, stage/raw forward >= 0.9 (samples/s of the call).
+2. The index stage (`laionbuild.stages.index.run(cfg)`: autofaiss build_index, then the index
+   report) vs raw `autofaiss.build_index` with the same arguments on the same embeddings.
+   Goal: stage build time / raw <= 1.05; the report's extra time is shown apart.
+
+    .venv/bin/python bench/bench_embed.py [--samples 256] [--small 64] [--batch-size 32]
+        [--shards 2] [--workers 2] [--index-rows 100000] [--dim 512] [--repeat 1]
+    .venv/bin/python bench/bench_embed.py --variants 0:32 1:32 2:8 2:32:nowarmup   # clip_inference knobs
+
+`--variants W:B[:nowarmup]` adds raw clip_inference runs on the big part with
+num_prepro_workers=W, batch_size=B (and all_clip's warm-up skipped), compared to the raw
+forward at --batch-size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "WANDB_MODE": "disabled",
+       "CUDA_VISIBLE_DEVICES": ""}
+BIG, SMALL = 0, 1  # part ids (the demo recipe has parts 0..2)
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def write_part(project: Path, part: int, n: int, shards: int, image_size: int, seed: int) -> None:
+    """n samples in img2dataset's webdataset layout: KEY.jpg, KEY.json (with laionbuild_key),
+    KEY.txt per sample, contiguous shard names, plus the stats.json the embed stage reads."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed + part)
+    folder = project / f"data/images/part_{part}"
+    folder.mkdir(parents=True)
+    per_shard = -(-n // shards)
+    colours = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple"]
+    shapes = ["circle", "square", "triangle", "star", "cat", "house", "tree", "car"]
+    row = 0
+    for shard in range(shards):
+        count = min(per_shard, n - row)
+        if count <= 0:
+            break
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+            for i in range(count):
+                key = f"{shard:05d}{i:04d}"
+                # smooth colour field + noise: JPEG size and decode cost like a real thumbnail
+                low = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+                img = Image.fromarray(low).resize((image_size, image_size), Image.BICUBIC)
+                pixels = np.asarray(img, dtype=np.int16) + rng.integers(-12, 13, (image_size, image_size, 3))
+                buf = io.BytesIO()
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=95)
+                caption = f"a {colours[row % 8]} {shapes[(row // 8) % 8]} number {row} on a {colours[(row // 3) % 8]} background"
+                meta = {"laionbuild_key": f"{part:05d}{row:09d}", "caption": caption,
+                        "url": f"http://bench.invalid/{part}/{row}.jpg", "key": key, "status": "success",
+                        "error_message": None, "width": image_size, "height": image_size,
+                        "original_width": image_size * 2, "original_height": image_size * 2, "exif": "{}"}
+                for ext, data in (("jpg", buf.getvalue()), ("json", json.dumps(meta).encode()),
+                                  ("txt", caption.encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mtime = len(data), 1_700_000_000
+                    tar.addfile(info, io.BytesIO(data))
+                row += 1
+    (folder / "stats.json").write_text(json.dumps({"counts": {"download_attempted": n, "download_failed": 0,
+                                                              "downloaded_ok": n}, "failures": {}}))
+
+
+def write_embeddings(project: Path, rows: int, dim: int, seed: int) -> None:
+    """data/embeddings/{img_emb,text_emb}/..._0.npy as the assemble stage writes them (float16,
+    L2-normalised); image vectors clustered a little, text = image + noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((256, dim)).astype(np.float32)
+    img = centres[rng.integers(0, 256, rows)] + 0.7 * rng.standard_normal((rows, dim)).astype(np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    text = img + 0.5 * rng.standard_normal((rows, dim)).astype(np.float32) / np.sqrt(dim) * 4
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    for kind, array in (("img_emb", img), ("text_emb", text)):
+        (project / f"data/embeddings/{kind}").mkdir(parents=True, exist_ok=True)
+        np.save(project / f"data/embeddings/{kind}/{kind}_0.npy", array.astype(np.float16))
+
+
+# ---------------------------------------------------------------------------------------------
+# child processes: one measurement each, in a fresh interpreter, cwd = the project
+
+
+def _cpu(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def _hook_clip_inference(marks: dict, no_warmup: bool = False) -> None:
+    """Time all_clip's model load and warm-up, and collect clip_inference's per-batch stats (the
+    dicts its Runner hands to LoggerWriter in this process)."""
+    import importlib
+
+    import all_clip.main as acm
+    from clip_retrieval.clip_inference.logger import LoggerWriter
+
+    # not `import clip_retrieval.clip_inference.main`: clip_retrieval/__init__ shadows the
+    # subpackage with a function of the same name
+    cim = importlib.import_module("clip_retrieval.clip_inference.main")
+
+    load, warm = acm.load_clip_without_warmup, acm.warmup
+
+    def timed_load(*a, **k):
+        start = time.perf_counter()
+        marks.setdefault("t_load_start", start)
+        try:
+            return load(*a, **k)
+        finally:
+            marks["model_load"] = marks.get("model_load", 0.0) + time.perf_counter() - start
+
+    def timed_warmup(*a, **k):
+        start = time.perf_counter()
+        try:
+            if not no_warmup:
+                warm(*a, **k)
+        finally:
+            marks["warmup"] = marks.get("warmup", 0.0) + time.perf_counter() - start
+            marks["t_warm_end"] = time.perf_counter()
+
+    acm.load_clip_without_warmup, acm.warmup = timed_load, timed_warmup
+    batches = marks.setdefault("batches", [])
+    logger_call = LoggerWriter.__call__
+
+    def record(self, stats):
+        batches.append({**stats, "t_end": time.perf_counter()})
+        return logger_call(self, stats)
+
+    LoggerWriter.__call__ = record
+    inner = cim.main
+
+    def timed_main(*a, **k):
+        start = time.perf_counter()
+        marks["t_main_start"] = start
+        marks["clip_args"] = {key: value for key, value in k.items() if key not in ("input_dataset", "output_folder")}
+        try:
+            return inner(*a, **k)
+        finally:
+            marks["clip_inference"] = time.perf_counter() - start
+            marks["t_main_end"] = time.perf_counter()
+
+    cim.main = timed_main
+
+
+def child_clip(part: int, workers: int | None, batch: int | None, no_warmup: bool) -> dict:
+    """Raw clip_inference, with the arguments the embed stage passes."""
+    start = time.perf_counter()
+    import importlib
+
+    import torch  # noqa: F401
+
+    cim = importlib.import_module("clip_retrieval.clip_inference.main")
+
+    from laionbuild.config import load_params
+    from laionbuild.models import resolve
+    from laionbuild.stages.download import shard_files
+    from laionbuild.stages.embed import _brace_pattern
+    imports = time.perf_counter() - start
+    cfg = load_params("params.yaml")
+    model = resolve(cfg.embed)
+    shards = shard_files(Path(f"data/images/part_{part}"))
+    marks: dict = {"imports": imports}
+    _hook_clip_inference(marks, no_warmup)
+    out = Path(f"data/.bench/clip_part_{part}_{os.getpid()}")
+    cpu_self, cpu_children = _cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    cim.main(input_dataset=_brace_pattern(shards), output_folder=str(out), input_format="webdataset",
+             enable_text=True, enable_image=True, enable_metadata=True,
+             batch_size=batch or cfg.embed.batch_size,
+             num_prepro_workers=min(cfg.embed.num_prepro_workers if workers is None else workers, len(shards)),
+             clip_model=model.clip_model, use_jit=False, output_partition_count=1,
+             distribution_strategy="sequential")
+    marks["call"] = time.perf_counter() - start
+    marks["cpu_self"] = _cpu(resource.RUSAGE_SELF) - cpu_self
+    marks["cpu_children"] = _cpu(resource.RUSAGE_CHILDREN) - cpu_children
+    import numpy as np
+
+    marks["samples"] = int(np.load(out / "img_emb" / "img_emb_0.npy", mmap_mode="r").shape[0])
+    return marks
+
+
+def child_stage(part: int) -> dict:
+    start = time.perf_counter()
+    import importlib
+
+    import torch  # noqa: F401
+
+    importlib.import_module("clip_retrieval.clip_inference.main")
+
+    from laionbuild.config import load_params
+    from laionbuild.stages import embed
+    imports = time.perf_counter() - start
+    cfg = load_params("params.yaml")
+    marks: dict = {"imports": imports}
+    _hook_clip_inference(marks)
+    cpu_self, cpu_children = _cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    embed.run(cfg, part)
+    marks["call"] = time.perf_counter() - start
+    marks["cpu_self"] = _cpu(resource.RUSAGE_SELF) - cpu_self
+    marks["cpu_children"] = _cpu(resource.RUSAGE_CHILDREN) - cpu_children
+    marks["t_call_start"] = start
+    import numpy as np
+
+    marks["samples"] = int(np.load(f"data/embed/part_{part}/img_emb/img_emb_0.npy", mmap_mode="r").shape[0])
+    return marks
+
+
+def child_raw(part: int) -> dict:
+    """The work itself: read the tars, decode + preprocess each image, tokenize the captions,
+    encode_image + encode_text per batch, normalise, float16 (what clip_inference returns)."""
+    start = time.perf_counter()
+    import numpy as np
+    import open_clip
+    import torch
+    from PIL import Image
+
+    from laionbuild.config import load_params
+    from laionbuild.models import resolve
+    from laionbuild.stages.download import shard_files
+    imports = time.perf_counter() - start
+    cfg = load_params("params.yaml")
+    checkpoint = resolve(cfg.embed).checkpoint
+    batch_size = cfg.embed.batch_size
+    marks: dict = {"imports": imports, "decode": 0.0, "forward": 0.0}
+    cpu_self = _cpu(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    # as all_clip loads it (open_clip:ARCH/CHECKPOINT)
+    model, _, preprocess = open_clip.create_model_and_transforms(cfg.embed.model, pretrained=checkpoint, device="cpu")
+    tokenizer = open_clip.get_tokenizer(cfg.embed.model)
+    marks["model_load"] = time.perf_counter() - start
+    keys, images, texts, img_out, text_out, out_keys = [], [], [], [], [], []
+
+    def forward() -> None:
+        t = time.perf_counter()
+        tokens = tokenizer(texts)
+        x = torch.stack(images)
+        marks["decode"] += time.perf_counter() - t
+        t = time.perf_counter()
+        with torch.no_grad():
+            for encode, data, sink in ((model.encode_image, x, img_out), (model.encode_text, tokens, text_out)):
+                features = encode(data)
+                features /= features.norm(dim=-1, keepdim=True)
+                sink.append(features.to(torch.float16).numpy())
+        marks["forward"] += time.perf_counter() - t
+        out_keys.extend(keys)
+        keys.clear(), images.clear(), texts.clear()
+
+    for shard in shard_files(Path(f"data/images/part_{part}")):
+        t = time.perf_counter()
+        sample: dict = {}
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                stem, ext = member.name.rsplit(".", 1)
+                sample[ext] = tar.extractfile(member).read()
+                if not all(e in sample for e in ("jpg", "txt", "json")):
+                    continue
+                images.append(preprocess(Image.open(io.BytesIO(sample["jpg"]))))
+                texts.append(sample["txt"].decode("utf-8"))
+                keys.append(json.loads(sample["json"])["laionbuild_key"])
+                sample = {}
+                if len(images) == batch_size:
+                    marks["decode"] += time.perf_counter() - t
+                    forward()
+                    t = time.perf_counter()
+        marks["decode"] += time.perf_counter() - t
+    if images:
+        forward()
+    marks["call"] = time.perf_counter() - start
+    marks["cpu_self"] = _cpu(resource.RUSAGE_SELF) - cpu_self
+    order = np.argsort(np.array(out_keys), kind="stable")
+    img = np.concatenate(img_out)[order]
+    Path("data/.bench").mkdir(parents=True, exist_ok=True)
+    np.save(f"data/.bench/raw_img_part_{part}.npy", img)
+    marks["samples"] = len(out_keys)
+    return marks
+
+
+def child_index(kind: str) -> dict:
+    start = time.perf_counter()
+    import autofaiss
+    import faiss  # noqa: F401
+
+    from laionbuild.config import load_params
+    from laionbuild.stages import index as index_stage
+    imports = time.perf_counter() - start
+    cfg = load_params("params.yaml")
+    marks: dict = {"imports": imports}
+    if kind == "raw":
+        import logging
+
+        c = cfg.index
+        out = Path("data/.bench/index_raw")
+        out.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        autofaiss.build_index(embeddings="data/embeddings/img_emb", index_path=str(out / "image.index"),
+                              index_infos_path=str(out / "image_infos.json"), index_key=c.index_key,
+                              metric_type=c.metric_type, max_index_memory_usage=c.max_index_memory_usage,
+                              current_memory_available=c.current_memory_available,
+                              max_index_query_time_ms=c.max_index_query_time_ms, nb_cores=c.nb_cores or os.cpu_count(),
+                              save_on_disk=True, verbose=logging.WARNING)
+        marks["build_index"] = marks["call"] = time.perf_counter() - start
+        marks["index_key"] = json.loads((out / "image_infos.json").read_text()).get("index_key")
+        return marks
+    build, report = autofaiss.build_index, index_stage.report
+
+    def timed_build(*a, **k):
+        t = time.perf_counter()
+        try:
+            return build(*a, **k)
+        finally:
+            marks["build_index"] = time.perf_counter() - t
+
+    def timed_report(*a, **k):
+        t = time.perf_counter()
+        try:
+            return report(*a, **k)
+        finally:
+            marks["report"] = time.perf_counter() - t
+
+    autofaiss.build_index, index_stage.report = timed_build, timed_report
+    start = time.perf_counter()
+    index_stage.run(cfg)
+    marks["call"] = time.perf_counter() - start
+    marks["index_key"] = json.loads(Path("data/index/image_infos.json").read_text()).get("index_key")
+    marks["metrics"] = json.loads(Path("data/metrics/index.json").read_text())
+    return marks
+
+
+def child_main(args) -> None:
+    os.environ.update(ENV)
+    sys.path.insert(0, str(ROOT))
+    mode = args.child
+    if mode == "prepare":
+        from laionbuild.config import load_params
+        from laionbuild.models import resolve
+
+        resolve(load_params("params.yaml").embed)  # writes the random checkpoint once
+        result: dict = {}
+    elif mode == "clip":
+        result = child_clip(args.part, args.variant_workers, args.variant_batch, args.no_warmup)
+    elif mode == "stage":
+        result = child_stage(args.part)
+    elif mode == "raw":
+        result = child_raw(args.part)
+    else:
+        result = child_index(mode.split("-", 1)[1])
+    Path(args.result).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------
+# parent
+
+
+def measure(project: Path, log: Path, mode: str, part: int | None = None, extra: tuple[str, ...] = ()) -> dict:
+    result = project / "data/.bench" / f"result_{mode}_{part}.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--result", str(result), *extra]
+    if part is not None:
+        cmd += ["--part", str(part)]
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **ENV)
+    start = time.perf_counter()
+    with open(log, "a") as out:
+        out.write(f"\n==== {' '.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.run(cmd, cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{log.read_text()[-4000:]}")
+    marks = json.loads(result.read_text())
+    marks["process"] = time.perf_counter() - start
+    return marks
+
+
+def best(runs: list[dict]) -> dict:
+    return min(runs, key=lambda m: m["call"])
+
+
+def clip_breakdown(m: dict) -> dict:
+    """Where the call's time goes, from the hooks (seconds)."""
+    batches = m.get("batches", [])
+    t0 = m.get("t_call_start", m["t_main_start"])
+    out = {"before clip_inference": m["t_main_start"] - t0,
+           "clip_inference set-up": m.get("t_load_start", m["t_main_start"]) - m["t_main_start"],
+           "model load": m.get("model_load", 0.0), "warm-up": m.get("warmup", 0.0)}
+    if batches:
+        first = batches[0]
+        out["first batch wait (workers start)"] = first["read_duration"]
+        out["later batch waits (reader)"] = sum(b["read_duration"] for b in batches[1:])
+        out["inference"] = sum(b["inference_duration"] for b in batches)
+        out["writer.add"] = sum(b["write_duration"] for b in batches)
+        accounted = m["t_warm_end"] - t0 + sum(b["read_duration"] + b["inference_duration"] + b["write_duration"]
+                                               for b in batches)
+        out["between warm-up and 1st batch"] = (batches[0]["t_end"] - sum(
+            batches[0][k] for k in ("read_duration", "inference_duration", "write_duration"))) - m["t_warm_end"]
+        accounted += out["between warm-up and 1st batch"]
+        out["flush + logger join"] = m["t_main_end"] - batches[-1]["t_end"]
+        accounted += out["flush + logger join"]
+    else:
+        accounted = 0.0
+    out["after clip_inference (stage)"] = m["call"] - (m["t_main_end"] - t0)
+    out["other"] = m["call"] - accounted - out["after clip_inference (stage)"] if batches else 0.0
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=256, help="samples of the big part")
+    parser.add_argument("--small", type=int, default=64, help="samples of the small part (start-up estimate)")
+    parser.add_argument("--batch-size", type=int, default=32, help="embed.batch_size (the demo recipe's 32)")
+    parser.add_argument("--workers", type=int, default=2, help="embed.num_prepro_workers (capped at --shards)")
+    parser.add_argument("--shards", type=int, default=2, help="webdataset shards per part")
+    parser.add_argument("--image-size", type=int, default=256, help="JPEG side (download.image_size default)")
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--index-rows", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=1, help="best of N for every measurement")
+    parser.add_argument("--variants", nargs="*", default=[], metavar="W:B[:nowarmup]",
+                        help="extra raw clip_inference runs on the big part: num_prepro_workers:batch_size")
+    parser.add_argument("--no-index", action="store_true")
+    parser.add_argument("--no-embed", action="store_true")
+    parser.add_argument("--keep", metavar="DIR", help="build the project in DIR and keep it (default: a temp dir)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--part", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--variant-workers", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--variant-batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--no-warmup", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child_main(args)
+    if args.small >= args.samples:
+        parser.error("--small must be below --samples")
+
+    os.environ.update(ENV)
+    tmp = None
+    if args.keep:
+        project = Path(args.keep).resolve()
+        if project.exists() and any(project.iterdir()):
+            parser.error(f"--keep {project}: not empty")
+        project.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="bench_embed_")
+        project = Path(tmp.name)
+    log = project / "bench.log"
+    try:
+        env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+        subprocess.run([str(BIN / "laionbuild"), "compose", "--conf-dir", str(ROOT / "conf"), "recipe=demo",
+                        f"embed.model={args.model}", "embed.pretrained=random", "embed.device=cpu",
+                        f"embed.batch_size={args.batch_size}", f"embed.num_prepro_workers={args.workers}"],
+                       cwd=project, env=env, check=True, stdout=subprocess.DEVNULL)
+        import torch  # only for the header
+
+        threads = torch.get_num_threads()
+        print(f"embed + index benchmark: {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), "
+              f"{args.model} untrained (embed.pretrained=random), cpu")
+        if not args.no_embed:
+            run_embed(args, project, log)
+        if not args.no_index:
+            run_index(args, project, log)
+        print(f"(child logs: {log})" if args.keep else "")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def run_embed(args, project: Path, log: Path) -> None:
+    start = time.perf_counter()
+    write_part(project, BIG, args.samples, args.shards, args.image_size, seed=1)
+    write_part(project, SMALL, args.small, args.shards, args.image_size, seed=1)
+    measure(project, log, "prepare")
+    setup = time.perf_counter() - start
+    workers = min(args.workers, args.shards)
+    print(f"\n1. embed: parts of {args.samples} and {args.small} samples, {args.shards} shards each, "
+          f"{args.image_size}px JPEGs, batch_size={args.batch_size}, num_prepro_workers={workers}, "
+          f"best of {args.repeat} (inputs + checkpoint made in {setup:.0f} s)")
+    runs: dict = {(w, p): [] for w in ("raw", "clip", "stage") for p in (SMALL, BIG)}
+    for _ in range(args.repeat):
+        for part in (SMALL, BIG):  # alternate methods so drift hits them alike
+            for what in ("raw", "clip", "stage"):
+                runs[(what, part)].append(measure(project, log, what, part))
+    r = {k: best(v) for k, v in runs.items()}
+    n, small = args.samples, args.small
+    names = {"raw": "raw open_clip forward", "clip": "raw clip_inference", "stage": "embed stage"}
+    rows = {}
+    for what in ("raw", "clip", "stage"):
+        big_t, small_t = r[(what, BIG)]["call"], r[(what, SMALL)]["call"]
+        steady = (n - small) / (big_t - small_t) if big_t > small_t else float("nan")
+        rows[what] = {"call": big_t, "small": small_t, "e2e": n / big_t, "steady": steady,
+                      "startup": big_t - n / steady, "imports": r[(what, BIG)]["imports"]}
+        got = r[(what, BIG)]["samples"]
+        if got != n:
+            print(f"  WARNING: {names[what]} embedded {got} of {n} samples")
+    print(f"{'':<24}{'call s':>8}{'(small)':>9}{'samples/s':>11}{'steady/s':>10}{'start-up s':>12}"
+          f"{'imports s':>11}")
+    for what, row in rows.items():
+        print(f"{names[what]:<24}{row['call']:>8.1f}{row['small']:>9.1f}{row['e2e']:>11.2f}{row['steady']:>10.2f}"
+              f"{row['startup']:>12.1f}{row['imports']:>11.1f}")
+    print("  call s: the stage call / clip_inference.main / load + loop, in a process that has done its imports;"
+          "\n  samples/s = samples / call s; steady/s and start-up s from the two part sizes")
+    print(f"{'ratio':<40}{'samples/s':>10}{'steady/s':>10}{'goal':>12}")
+    for label, a, b, goal in (("embed stage / raw clip_inference", "stage", "clip", ">= 0.95"),
+                              ("embed stage / raw open_clip forward", "stage", "raw", ">= 0.9"),
+                              ("raw clip_inference / raw open_clip forward", "clip", "raw", "")):
+        print(f"{label:<40}{rows[a]['e2e'] / rows[b]['e2e']:>10.3f}{rows[a]['steady'] / rows[b]['steady']:>10.3f}"
+              f"{goal:>12}")
+
+    raw_big = r[("raw", BIG)]
+    print(f"where the time goes, big part ({n} samples), seconds:")
+    breakdowns = {w: clip_breakdown(r[(w, BIG)]) for w in ("clip", "stage")}
+    print(f"{'':<36}{'clip_inference':>15}{'embed stage':>13}")
+    for key in breakdowns["stage"]:
+        print(f"{key:<36}{breakdowns['clip'].get(key, 0.0):>15.2f}{breakdowns['stage'][key]:>13.2f}")
+    for key, label in (("cpu_self", "CPU s, main process"), ("cpu_children", "CPU s, helper processes")):
+        print(f"{label:<36}{r[('clip', BIG)][key]:>15.1f}{r[('stage', BIG)][key]:>13.1f}")
+    print(f"raw open_clip forward: model load {raw_big['model_load']:.2f}, tar read + decode + preprocess + "
+          f"tokenize {raw_big['decode']:.2f}, encode + normalise {raw_big['forward']:.2f}, "
+          f"CPU s {raw_big['cpu_self']:.1f}")
+    import numpy as np
+
+    ours = np.load(project / f"data/embed/part_{BIG}/img_emb/img_emb_0.npy").astype(np.float32)
+    raw_img = np.load(project / f"data/.bench/raw_img_part_{BIG}.npy").astype(np.float32)
+    if ours.shape == raw_img.shape:
+        print(f"check: embed stage vs raw forward image embeddings (key order): max |diff| "
+              f"{np.abs(ours - raw_img).max():.4f}")
+    else:
+        print(f"check: shapes differ: stage {ours.shape} vs raw {raw_img.shape}")
+
+    if args.variants:
+        print(f"raw clip_inference variants on the big part (vs raw forward at batch_size={args.batch_size}, "
+              f"{rows['raw']['e2e']:.2f} samples/s):")
+        print(f"{'workers:batch':<22}{'call s':>8}{'samples/s':>11}{'/ raw fwd':>11}{'load s':>8}{'warm-up s':>11}"
+              f"{'1st wait s':>12}{'infer s':>9}")
+        for variant in args.variants:
+            parts = variant.split(":")
+            extra = ("--variant-workers", parts[0], "--variant-batch", parts[1])
+            if len(parts) > 2 and parts[2] == "nowarmup":
+                extra += ("--no-warmup",)
+            m = best([measure(project, log, "clip", BIG, extra) for _ in range(args.repeat)])
+            b = clip_breakdown(m)
+            print(f"{variant:<22}{m['call']:>8.1f}{n / m['call']:>11.2f}{n / m['call'] / rows['raw']['e2e']:>11.3f}"
+                  f"{b['model load']:>8.2f}{b['warm-up']:>11.2f}{b.get('first batch wait (workers start)', 0):>12.2f}"
+                  f"{b.get('inference', 0):>9.2f}")
+
+
+def run_index(args, project: Path, log: Path) -> None:
+    start = time.perf_counter()
+    write_embeddings(project, args.index_rows, args.dim, seed=2)
+    setup = time.perf_counter() - start
+    runs: dict = {"raw": [], "stage": []}
+    for _ in range(args.repeat):
+        for kind in ("raw", "stage"):
+            runs[kind].append(measure(project, log, f"index-{kind}"))
+    raw, ours = best(runs["raw"]), best(runs["stage"])
+    print(f"\n2. index: {args.index_rows} x {args.dim} float16 embeddings (made in {setup:.0f} s), "
+          f"index.* defaults (autofaiss picked {ours['index_key']}), best of {args.repeat}")
+    build = ours["call"] - ours["report"]
+    print(f"{'':<44}{'seconds':>9}")
+    print(f"{'raw autofaiss.build_index':<44}{raw['call']:>9.2f}")
+    print(f"{'index stage, whole run(cfg)':<44}{ours['call']:>9.2f}")
+    print(f"{'  of which build_index':<44}{ours['build_index']:>9.2f}")
+    print(f"{'  of which read_index + log':<44}{build - ours['build_index']:>9.2f}")
+    print(f"{'  of which report (extra)':<44}{ours['report']:>9.2f}")
+    metrics = ours["metrics"]
+    print(f"{'ratio':<44}{'':>9}{'goal':>12}")
+    print(f"{'index stage build (run - report) / raw':<44}{build / raw['call']:>9.3f}{'<= 1.05':>12}")
+    print(f"{'index stage whole / raw (report included)':<44}{ours['call'] / raw['call']:>9.3f}")
+    print(f"report: {metrics.get('queries')} queries, recall@1 {metrics.get('recall_at_1', float('nan')):.3f}, "
+          f"recall@10 {metrics.get('recall_at_10', float('nan')):.3f}, p50 {metrics.get('latency_ms_p50', 0):.3f} ms, "
+          f"size {metrics.get('size_bytes', 0) / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
