@@ -158,6 +158,15 @@ class DownloadConfig:
 
 
 @dataclass
+class ModelSpec:
+    """One more model embedded per part (embed.extra_models.NAME)."""
+
+    model: str = "ViT-L-14"  # any open_clip architecture
+    pretrained: str = "openai"  # an open_clip pretrained tag, a local checkpoint path, or `random`
+    seed: int = 0  # used by `random` only
+
+
+@dataclass
 class EmbedConfig:
     model: str = "ViT-B-32"  # any open_clip architecture
     # An open_clip pretrained tag (e.g. laion2b_s34b_b79k), a local checkpoint path, or
@@ -170,6 +179,11 @@ class EmbedConfig:
     # Take the source's precomputed image embeddings (source.image_embeddings) for the part's
     # rows instead of running the model: no images needed, no text embeddings.
     from_source: bool = False
+    # More models embedded per part besides embed.model, by name (LAION-5B: ViT-B/32 for the CLIP
+    # similarity filter, ViT-L/14 for the NSFW/watermark heads and the index). Their embeddings go
+    # to data/embed/part_N/models/NAME/; tag.clip_similarity_model, tag.heads.X.model,
+    # tag.near_dup.model, index.model and export.model name the one they use (null: embed.model).
+    extra_models: Dict[str, ModelSpec] = field(default_factory=dict)
 
 
 @dataclass
@@ -191,18 +205,21 @@ class HeadConfig:
     path: str = ""  # weights file (.pth state dict or .npz); missing: the tag is skipped with a warning
     sigmoid: Optional[bool] = None  # None: the format's default
     activation: Optional[str] = None  # mlp: between layers (relu | none); None: the format's default
+    model: Optional[str] = None  # the embed.extra_models entry whose image embeddings it scores; None: embed.model
 
 
 @dataclass
 class NearDupConfig:
     enabled: bool = False
     index: str = "Flat"  # faiss index_factory string; Flat is exact (quadratic), HNSW32 scales
+    model: Optional[str] = None  # embed.extra_models entry whose image embeddings it compares; None: embed.model
 
 
 @dataclass
 class TagConfig:
     # Which tags the tag stage computes. clip_similarity and the image sizes are always there.
     clip_similarity: bool = True
+    clip_similarity_model: Optional[str] = None  # embed.extra_models entry; None: embed.model
     faces: FacesConfig = field(default_factory=FacesConfig)
     # Score heads on the image embeddings: tag column name -> head (e.g. aesthetic_score, nsfw_score).
     heads: Dict[str, HeadConfig] = field(default_factory=dict)
@@ -238,6 +255,7 @@ class ExportConfig:
     # h5: data/export/emb.h5, dataset `emb` (N x dim) of the image embeddings in dataset order
     h5: bool = False
     h5_dtype: str = "float16"  # float16 | float32
+    model: Optional[str] = None  # whose image embeddings: an embed.extra_models entry; None: embed.model
     # tsv: data/export/metadata.tsv with these columns, same row order: output name -> column of
     # the prepared metadata (e.g. {caption: caption, NSFW: nsfw}). {}: no TSV. Fields holding tabs,
     # newlines or quotes are quoted (RFC 4180 style, read back by csv/pandas with sep=tab).
@@ -246,6 +264,7 @@ class ExportConfig:
 
 @dataclass
 class IndexConfig:
+    model: Optional[str] = None  # whose image embeddings to index: an embed.extra_models entry; None: embed.model
     index_key: Optional[str] = None  # None: autofaiss picks one
     metric_type: str = "ip"
     max_index_memory_usage: str = "4G"
@@ -394,6 +413,18 @@ def validate(cfg: Config | DictConfig, where: str = "recipe") -> None:
     _check(not e.from_source or c.select.min_clip_similarity is None, "select.min_clip_similarity",
            "needs text embeddings, which embed.from_source does not have (use prepare.min_similarity, "
            "the source's own similarity column)", where)
+    for name, spec in e.extra_models.items():
+        _check(name.isidentifier(), f"embed.extra_models.{name}", "names must be identifiers (a-z, 0-9, _)", where)
+        _check(bool(spec.model) and bool(spec.pretrained), f"embed.extra_models.{name}",
+               "needs model and pretrained", where)
+    _check(not (e.from_source and e.extra_models), "embed.extra_models",
+           "models need images, which embed.from_source builds do not have", where)
+    users = {"tag.clip_similarity_model": c.tag.clip_similarity_model, "tag.near_dup.model": c.tag.near_dup.model,
+             "index.model": c.index.model, "export.model": c.export.model,
+             **{f"tag.heads.{n}.model": h.model for n, h in c.tag.heads.items()}}
+    for key, name in users.items():
+        _check(name is None or name in e.extra_models, key,
+               f"`{name}` is not in embed.extra_models ({sorted(e.extra_models)}); null means embed.model", where)
     _check(c.export.h5_dtype in ("float16", "float32"), "export.h5_dtype", "must be float16 or float32", where)
     _check(not (c.source.image_embeddings and c.source.consolidate_parts), "source.image_embeddings",
            "cannot follow consolidated (shuffled) parts: set source.consolidate_parts=null", where)

@@ -48,6 +48,19 @@ def part_dir(stage: str, part: int) -> Path:
     return PART_DIRS[stage] / f"part_{part}"
 
 
+def embed_dir(part: int, model: str | None = None) -> Path:
+    """A part's embeddings by one model: embed.model's in data/embed/part_N, an
+    embed.extra_models entry's in data/embed/part_N/models/NAME (same rows, same order)."""
+    base = part_dir("embed", part)
+    return base if model is None else base / "models" / model
+
+
+def embeddings_dir(model: str | None = None) -> Path:
+    """The selected samples' embeddings (assemble): embed.model's in data/embeddings, an
+    extra model's in data/embeddings/models/NAME."""
+    return EMBEDDINGS if model is None else EMBEDDINGS / "models" / model
+
+
 def part_of(path: Path) -> int | None:
     """`data/raw/part_7` -> 7; None for anything else."""
     name = path.name

@@ -1,5 +1,6 @@
 """`laionbuild query --text "..." | --image PATH [-k 10]`: the nearest selected samples of a
-build. The query is embedded with the build's own model (`embed.model` + `embed.pretrained`,
+build. The query is embedded with the model whose embeddings the index holds (`index.model`:
+an `embed.extra_models` entry, else `embed.model` + `embed.pretrained`,
 loaded as clip-retrieval loads it, so a query image gets the embedding the build gave it),
 normalised, and searched in the build's index (`data/index/image.index`, inner product);
 rows map to `data/embeddings/metadata` (url, caption, key)."""
@@ -21,7 +22,7 @@ def encode(cfg, text: str | None = None, image: str | None = None) -> np.ndarray
     from all_clip.main import load_clip_without_warmup
     from PIL import Image
 
-    model_ref = resolve(cfg.embed)
+    model_ref = resolve(cfg.embed.extra_models[cfg.index.model] if cfg.index.model else cfg.embed)
     device = "cuda" if cfg.embed.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     if cfg.embed.device.startswith("cuda:"):
         device = cfg.embed.device

@@ -21,7 +21,7 @@ import yaml
 from .conftest import new_project
 
 PER_PART = ("fetch", "prepare", "download", "faces", "embed", "tag")
-GLOBAL = ["select", "assemble", "index", "report"]  # after the tags; `dedup` runs before download
+GLOBAL = ["select", "assemble", "export", "index", "report"]  # after the tags; `dedup` runs before download
 
 
 @pytest.fixture(scope="module")

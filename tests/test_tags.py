@@ -12,7 +12,7 @@ import torch
 
 from .conftest import new_project
 
-GLOBAL = ["select", "assemble", "index", "report"]
+GLOBAL = ["select", "assemble", "export", "index", "report"]
 
 
 def embeddings(project, parts):

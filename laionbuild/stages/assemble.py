@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from ..atomic import atomic_dir, read_json
-from ..layout import DATASET, EMBEDDINGS, SELECTED, part_dir
+from ..layout import DATASET, EMBEDDINGS, SELECTED, embed_dir, part_dir
 from .download import KEY_COLUMN, shard_files
 from .select import selected_keys
 
@@ -101,7 +101,7 @@ class _EmbeddingWriter:
         self.meta: list[pd.DataFrame] = []
         self.buffered = 0
         for sub in (*kinds, "metadata"):
-            (out / sub).mkdir()
+            (out / sub).mkdir(parents=True)
 
     def add(self, arrays: dict[str, np.ndarray], meta: pd.DataFrame) -> None:
         for kind in self.kinds:
@@ -167,13 +167,16 @@ def run(cfg) -> None:
                                            for p in cfg.subset.parts) else ("img_emb",)
     with atomic_dir(DATASET) as dataset_out, atomic_dir(EMBEDDINGS) as emb_out:
         writer = (_ShardWriter if images_wanted else _ParquetShards)(dataset_out, cfg.assemble.samples_per_shard)
-        embeddings = _EmbeddingWriter(emb_out, cfg.assemble.embeddings_per_file, kinds)
+        # embed.model's embeddings in data/embeddings, each extra model's in data/embeddings/models/NAME
+        embeddings = {None: _EmbeddingWriter(emb_out, cfg.assemble.embeddings_per_file, kinds)}
+        for name in cfg.embed.extra_models:
+            embeddings[name] = _EmbeddingWriter(emb_out / "models" / name, cfg.assemble.embeddings_per_file,
+                                                ("img_emb", "text_emb"))
         for part in cfg.subset.parts:
             keys = selected_keys(selected, part)  # in build order
             if not keys:
                 continue
-            embed_dir = part_dir("embed", part)
-            emb_meta = pd.read_parquet(embed_dir / "metadata" / "metadata_0.parquet", columns=[KEY_COLUMN])
+            emb_meta = pd.read_parquet(part_dir("embed", part) / "metadata" / "metadata_0.parquet", columns=[KEY_COLUMN])
             row_of = pd.Series(np.arange(len(emb_meta)), index=emb_meta[KEY_COLUMN].astype(str))
             rows = row_of.loc[keys].to_numpy()
             frame = _part_rows(part, keys)
@@ -189,18 +192,22 @@ def run(cfg) -> None:
                         writer.add(key, tar.extractfile(member).read(), ext, record["caption"], meta)
             else:
                 writer.add(frame)
-            arrays = {k: np.load(embed_dir / k / f"{k}_0.npy", mmap_mode="r")[rows] for k in kinds}
-            embeddings.add(arrays, frame.drop(columns=["part"]))
+            for model, out in embeddings.items():
+                arrays = {k: np.load(embed_dir(part, model) / k / f"{k}_0.npy", mmap_mode="r")[rows] for k in out.kinds}
+                out.add(arrays, frame.drop(columns=["part"]))
         writer.close()
-        embeddings.close()
-        if not embeddings.rows:
+        for out in embeddings.values():
+            out.close()
+        if not embeddings[None].rows:
             raise RuntimeError("no sample is selected: loosen `select` or check the funnel "
                                "(data/selected/stats.json)")
         models = {read_json(part_dir("embed", p) / "model.json")["architecture"] for p in cfg.subset.parts}
         untrained = any(read_json(part_dir("embed", p) / "model.json")["untrained"] for p in cfg.subset.parts)
         (emb_out / "README.txt").write_text(
             f"Embeddings of data/dataset, rows in dataset order. Model: {', '.join(sorted(models))}."
-            + (" UNTRAINED weights (embed.pretrained=random): not meaningful.\n" if untrained else "\n"))
+            + (" UNTRAINED weights (embed.pretrained=random): not meaningful.\n" if untrained else "\n")
+            + "".join(f"models/{name}/: the same rows embedded by {spec.model} ({spec.pretrained}).\n"
+                      for name, spec in cfg.embed.extra_models.items()))
 
 
 def _plain(value):

@@ -93,54 +93,68 @@ def from_source(cfg, part: int) -> None:
     log.info("part %d: %d precomputed image embeddings (%s) from %s", part, len(img), emb.dtype, emb_path.name)
 
 
+def _embed(cfg, part: int, shards: list[Path], downloaded: int, model) -> tuple:
+    """One model over the part's shards -> (img, text, metadata, dim), rows in key order."""
+    if downloaded == 0:
+        metadata = pd.DataFrame({c: pd.Series(dtype="object") for c in METADATA_COLUMNS})
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), metadata, None
+    from clip_retrieval.clip_inference.main import main as clip_inference
+
+    raw = TMP / f"clip_inference.part_{part}.{os.getpid()}"
+    shutil.rmtree(raw, ignore_errors=True)
+    clip_inference(
+        input_dataset=_brace_pattern(shards),
+        output_folder=str(raw),
+        input_format="webdataset",
+        enable_text=True,
+        enable_image=True,
+        enable_metadata=True,
+        batch_size=cfg.embed.batch_size,
+        # clip_inference hangs when a DataLoader worker gets no shard
+        num_prepro_workers=min(cfg.embed.num_prepro_workers, len(shards)),
+        clip_model=model.clip_model,
+        use_jit=False,
+        output_partition_count=1,
+        distribution_strategy="sequential",
+    )
+    img = np.load(raw / "img_emb" / "img_emb_0.npy")
+    text = np.load(raw / "text_emb" / "text_emb_0.npy")
+    metadata = pd.read_parquet(raw / "metadata" / "metadata_0.parquet")
+    # Build order is our key order (part, then source row). clip_inference's workers
+    # interleave shards, and img2dataset writes a shard in completion order.
+    order = np.argsort(metadata[KEY_COLUMN].astype(str).to_numpy(), kind="stable")
+    img, text = img[order], text[order]
+    metadata = metadata.iloc[order].reset_index(drop=True)
+    metadata = metadata[[c for c in METADATA_COLUMNS if c in metadata.columns]]
+    shutil.rmtree(raw, ignore_errors=True)
+    return img, text, metadata, int(img.shape[1])
+
+
 def run(cfg, part: int) -> None:
     if cfg.embed.from_source:
         return from_source(cfg, part)
     _select_device(cfg.embed.device)
-    from clip_retrieval.clip_inference.main import main as clip_inference
-
     shards = shard_files(part_dir("download", part))
     downloaded = read_json(part_dir("download", part) / "stats.json")["counts"]["downloaded_ok"]
     model = resolve(cfg.embed)
+    extra = {name: resolve(spec) for name, spec in cfg.embed.extra_models.items()}  # bad names fail first
     counts = Counts()
     with atomic_dir(part_dir("embed", part)) as out:
-        if downloaded == 0:
-            dim = None
-            img = np.zeros((0, 0), np.float32)
-            text = np.zeros((0, 0), np.float32)
-            metadata = pd.DataFrame({c: pd.Series(dtype="object") for c in METADATA_COLUMNS})
-        else:
-            raw = TMP / f"clip_inference.part_{part}.{os.getpid()}"
-            clip_inference(
-                input_dataset=_brace_pattern(shards),
-                output_folder=str(raw),
-                input_format="webdataset",
-                enable_text=True,
-                enable_image=True,
-                enable_metadata=True,
-                batch_size=cfg.embed.batch_size,
-                # clip_inference hangs when a DataLoader worker gets no shard
-                num_prepro_workers=min(cfg.embed.num_prepro_workers, len(shards)),
-                clip_model=model.clip_model,
-                use_jit=False,
-                output_partition_count=1,
-                distribution_strategy="sequential",
-            )
-            img = np.load(raw / "img_emb" / "img_emb_0.npy")
-            text = np.load(raw / "text_emb" / "text_emb_0.npy")
-            metadata = pd.read_parquet(raw / "metadata" / "metadata_0.parquet")
-            # Build order is our key order (part, then source row). clip_inference's workers
-            # interleave shards, and img2dataset writes a shard in completion order.
-            order = np.argsort(metadata[KEY_COLUMN].astype(str).to_numpy(), kind="stable")
-            img, text = img[order], text[order]
-            metadata = metadata.iloc[order].reset_index(drop=True)
-            metadata = metadata[[c for c in METADATA_COLUMNS if c in metadata.columns]]
-            shutil.rmtree(raw, ignore_errors=True)
-            dim = int(img.shape[1])
+        img, text, metadata, dim = _embed(cfg, part, shards, downloaded, model)
         write_part(out, img, text, metadata)
+        write_json(out / "model.json", {**describe(model), "dim": dim})
+        for name, other in extra.items():
+            # the same shards again with another model (LAION-5B: ViT-B/32 to filter, ViT-L/14 to tag and index)
+            o_img, o_text, o_meta, o_dim = _embed(cfg, part, shards, downloaded, other)
+            if o_meta[KEY_COLUMN].astype(str).tolist() != metadata[KEY_COLUMN].astype(str).tolist():
+                raise RuntimeError(f"part {part}: embed.extra_models.{name} embedded other samples than "
+                                   f"embed.model ({len(o_meta)} vs {len(metadata)} rows)")
+            target = out / "models" / name
+            target.mkdir(parents=True)
+            write_part(target, o_img, o_text, o_meta)
+            write_json(target / "model.json", {**describe(other), "dim": o_dim, "name": name})
         counts.set("embedded", len(metadata))
         counts.save(out)
-        write_json(out / "model.json", {**describe(model), "dim": dim})
     if len(metadata) != downloaded:
         log.warning("part %d: %d downloaded samples but %d embedded (unreadable images are skipped)",
                     part, downloaded, len(metadata))

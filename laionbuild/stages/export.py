@@ -19,21 +19,21 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from ..atomic import atomic_dir, write_json
-from ..layout import EMBEDDINGS, EXPORT, SELECTED, part_dir
+from ..layout import EXPORT, SELECTED, embeddings_dir, part_dir
 from .select import selected_keys
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 262_144
 
 
-def _embedding_files() -> list:
-    return sorted((EMBEDDINGS / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+def _embedding_files(model: str | None) -> list:
+    return sorted((embeddings_dir(model) / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
 
 
-def write_h5(path, dtype: str) -> int:
+def write_h5(path, dtype: str, model: str | None = None) -> int:
     import h5py
 
-    files = [np.load(f, mmap_mode="r") for f in _embedding_files()]
+    files = [np.load(f, mmap_mode="r") for f in _embedding_files(model)]
     rows = sum(len(a) for a in files)
     dim = files[0].shape[1] if files else 0
     with h5py.File(path, "w", libver="earliest") as h5:
@@ -78,7 +78,7 @@ def run(cfg) -> None:
     with atomic_dir(EXPORT) as out:
         written = {}
         if e.h5:
-            written["emb.h5"] = {"rows": write_h5(out / "emb.h5", e.h5_dtype), "dataset": "emb", "dtype": e.h5_dtype}
+            written["emb.h5"] = {"rows": write_h5(out / "emb.h5", e.h5_dtype, e.model), "dataset": "emb", "dtype": e.h5_dtype}
         if e.tsv_columns:
             written["metadata.tsv"] = {"rows": write_tsv(cfg, out / "metadata.tsv"), "columns": list(e.tsv_columns)}
         if "emb.h5" in written and "metadata.tsv" in written and \

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from ..atomic import atomic_dir, read_json, write_json
-from ..layout import EMBEDDINGS, INDEX, INDEX_METRICS
+from ..layout import INDEX, INDEX_METRICS, embeddings_dir
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,9 @@ def run(cfg) -> None:
 
     c = cfg.index
     with atomic_dir(INDEX) as out:
+        source = embeddings_dir(c.model)
         build_index(
-            embeddings=str(EMBEDDINGS / "img_emb"),
+            embeddings=str(source / "img_emb"),
             index_path=str(out / "image.index"),
             index_infos_path=str(out / "image_infos.json"),
             index_key=c.index_key,
@@ -40,19 +41,22 @@ def run(cfg) -> None:
             verbose=logging.WARNING,
         )
         index = faiss.read_index(str(out / "image.index"))
+        spec = cfg.embed.extra_models[c.model] if c.model else cfg.embed
+        write_json(out / "model.json", {"embeddings": str(source), "name": c.model, "model": spec.model,
+                                        "pretrained": spec.pretrained})
         log.info("index: %s with %d vectors", type(index).__name__, index.ntotal)
     report(cfg)
 
 
-def _files(kind: str) -> list:
-    return sorted((EMBEDDINGS / kind).glob(f"{kind}_*.npy"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+def _files(kind: str, model: str | None = None) -> list:
+    return sorted((embeddings_dir(model) / kind).glob(f"{kind}_*.npy"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
 
 
-def _rows(kind: str, wanted: np.ndarray) -> np.ndarray:
+def _rows(kind: str, wanted: np.ndarray, model: str | None = None) -> np.ndarray:
     """Rows `wanted` (sorted global row numbers) of data/embeddings/<kind>, as float32, reading
     only those rows of each file (memory-mapped)."""
     found, start = [], 0
-    for path in _files(kind):
+    for path in _files(kind, model):
         array = np.load(path, mmap_mode="r")
         mine = wanted[(wanted >= start) & (wanted < start + len(array))] - start
         if len(mine):
@@ -61,7 +65,7 @@ def _rows(kind: str, wanted: np.ndarray) -> np.ndarray:
     return np.concatenate(found) if found else np.zeros((0, 0), np.float32)
 
 
-def exact_search(queries: np.ndarray, k: int, chunk: int = 262_144) -> np.ndarray:
+def exact_search(queries: np.ndarray, k: int, model: str | None = None, chunk: int = 262_144) -> np.ndarray:
     """Exact inner-product top k of `queries` over all image embeddings, streamed a chunk at a
     time (memory: one chunk, whatever the index's size). Ties break toward the lower row."""
     import faiss
@@ -69,7 +73,7 @@ def exact_search(queries: np.ndarray, k: int, chunk: int = 262_144) -> np.ndarra
     best_d = np.full((len(queries), 0), -np.inf, np.float32)
     best_i = np.zeros((len(queries), 0), np.int64)
     start = 0
-    for path in _files("img_emb"):
+    for path in _files("img_emb", model):
         array = np.load(path, mmap_mode="r")
         for offset in range(0, len(array), chunk):
             block = np.ascontiguousarray(array[offset:offset + chunk], np.float32)
@@ -92,15 +96,15 @@ def report(cfg) -> dict:
     n = int(index.ntotal)
     # text-to-image queries (what `query --text` does); image-to-image when the build has no text
     # embeddings (embeddings taken from the source)
-    kind = "text_emb" if _files("text_emb") else "img_emb"
+    kind = "text_emb" if _files("text_emb", c.model) else "img_emb"
     queries = np.random.default_rng(c.report_seed).choice(n, size=min(c.report_queries, n), replace=False) if n else []
-    q = np.ascontiguousarray(_rows(kind, np.sort(queries))) if len(queries) else np.zeros((0, index.d), np.float32)
+    q = np.ascontiguousarray(_rows(kind, np.sort(queries), c.model)) if len(queries) else np.zeros((0, index.d), np.float32)
     k = min(10, n)
     result = {"vectors": int(index.ntotal), "index_key": read_json(INDEX / "image_infos.json").get("index_key"),
               "size_bytes": (INDEX / "image.index").stat().st_size, "queries": len(q),
               "query_kind": kind.split("_")[0]}
     if len(q) and k:
-        truth = exact_search(q, k)
+        truth = exact_search(q, k, c.model)
         _, found = index.search(q, k)
         result["recall_at_1"] = float(np.mean(found[:, 0] == truth[:, 0]))
         result["recall_at_10"] = float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth)]))

@@ -20,17 +20,17 @@ import pyarrow.parquet as pq
 
 from ..atomic import atomic_dir
 from ..funnel import Counts
-from ..layout import NEARDUP, part_dir
+from ..layout import NEARDUP, embed_dir, part_dir
 from .download import KEY_COLUMN
 
 log = logging.getLogger(__name__)
 BATCH = 4096
 
 
-def _part(part: int) -> tuple[list[str], np.ndarray]:
-    embed = part_dir("embed", part)
-    keys = pq.read_table(embed / "metadata" / "metadata_0.parquet", columns=[KEY_COLUMN]).column(KEY_COLUMN)
-    emb = np.load(embed / "img_emb" / "img_emb_0.npy").astype(np.float32)
+def _part(part: int, model: str | None = None) -> tuple[list[str], np.ndarray]:
+    keys = pq.read_table(part_dir("embed", part) / "metadata" / "metadata_0.parquet",
+                         columns=[KEY_COLUMN]).column(KEY_COLUMN)
+    emb = np.load(embed_dir(part, model) / "img_emb" / "img_emb_0.npy").astype(np.float32)
     norms = np.linalg.norm(emb, axis=1, keepdims=True)
     return [str(k) for k in keys.to_pylist()], emb / np.where(norms == 0, 1, norms)
 
@@ -45,7 +45,7 @@ def run(cfg) -> None:
 
         index = None
         for part in cfg.subset.parts:
-            part_keys, emb = _part(part)
+            part_keys, emb = _part(part, settings.model)
             if index is None and len(emb):
                 index = faiss.index_factory(emb.shape[1], settings.index, faiss.METRIC_INNER_PRODUCT)
                 if not index.is_trained:

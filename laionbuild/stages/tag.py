@@ -14,7 +14,7 @@ import logging
 
 from ..atomic import atomic_dir
 from ..funnel import Counts
-from ..layout import part_dir
+from ..layout import embed_dir, part_dir
 from .download import KEY_COLUMN
 
 log = logging.getLogger(__name__)
@@ -30,12 +30,20 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", a, b)
 
 
+def image_embeddings(part: int, model: str | None, rows: int) -> np.ndarray:
+    path = embed_dir(part, model) / "img_emb" / "img_emb_0.npy"
+    emb = np.load(path)
+    if len(emb) != rows:
+        raise RuntimeError(f"{path}: {len(emb)} rows, the part has {rows}; rebuild embed@{part}")
+    return emb
+
+
 def run(cfg, part: int) -> None:
-    embed_dir = part_dir("embed", part)
-    img = np.load(embed_dir / "img_emb" / "img_emb_0.npy")
-    metadata = pd.read_parquet(embed_dir / "metadata" / "metadata_0.parquet")
-    if (embed_dir / "text_emb").exists():
-        similarity = pa.array(cosine(img, np.load(embed_dir / "text_emb" / "text_emb_0.npy")), pa.float32())
+    metadata = pd.read_parquet(part_dir("embed", part) / "metadata" / "metadata_0.parquet")
+    sim_dir = embed_dir(part, cfg.tag.clip_similarity_model)
+    if (sim_dir / "text_emb").exists():
+        similarity = pa.array(cosine(image_embeddings(part, cfg.tag.clip_similarity_model, len(metadata)),
+                                     np.load(sim_dir / "text_emb" / "text_emb_0.npy")), pa.float32())
     else:  # embeddings from the source (embed.from_source): no text embeddings, no CLIP similarity
         similarity = pa.nulls(len(metadata), pa.float32())
     tags = pa.table({
@@ -59,12 +67,14 @@ def run(cfg, part: int) -> None:
     if cfg.tag.heads:
         from ..heads import load_heads
 
-        specs = {name: {k: v for k, v in vars(head).items() if v is not None} for name, head in cfg.tag.heads.items()}
+        specs = {name: {k: v for k, v in vars(head).items() if v is not None and k != "model"}
+                 for name, head in cfg.tag.heads.items()}
         heads, skipped = load_heads(specs)
         for warning in skipped:
             log.warning(warning)
-        for head in heads:
-            tags = tags.append_column(head.name, pa.array(head.score(img), pa.float32()))
+        for head in heads:  # each head scores the embeddings of the model it names
+            emb = image_embeddings(part, cfg.tag.heads[head.name].model, len(metadata))
+            tags = tags.append_column(head.name, pa.array(head.score(emb), pa.float32()))
     counts = Counts()
     counts.set("tagged", tags.num_rows)
     with atomic_dir(part_dir("tag", part)) as out:
