@@ -15,11 +15,16 @@
 
     .venv/bin/python bench/bench_embed.py [--samples 256] [--small 64] [--batch-size 32]
         [--shards 2] [--workers 2] [--index-rows 100000] [--dim 512] [--repeat 1]
-    .venv/bin/python bench/bench_embed.py --variants 0:32 1:32 2:8 2:32:nowarmup   # clip_inference knobs
+    .venv/bin/python bench/bench_embed.py --variants 0:32 2:8 2:32:nowarmup:nologger   # knobs
 
-`--variants W:B[:nowarmup]` adds raw clip_inference runs on the big part with
-num_prepro_workers=W, batch_size=B (and all_clip's warm-up skipped), compared to the raw
-forward at --batch-size.
+`--variants W:B[:nowarmup][:nologger]` adds raw clip_inference runs on the big part with
+num_prepro_workers=W, batch_size=B, and optionally all_clip's warm-up skipped and/or its two
+spawned logger processes replaced by an in-process no-op (monkeypatches, not arguments),
+compared to the raw forward at --batch-size.
+
+The machine is shared: the header and footer print the load average; numbers taken while
+other work runs are not comparable across runs (the ratios, measured side by side, hold up
+better).
 """
 
 from __future__ import annotations
@@ -113,9 +118,28 @@ def _cpu(who: int) -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _hook_clip_inference(marks: dict, no_warmup: bool = False) -> None:
+class _InProcessLogger:
+    """Stand-in for clip_inference's LoggerReader/LoggerWriter (variant `nologger`): each of
+    those starts a *spawned* process that imports all of clip_retrieval (torch,
+    sentence_transformers, ...) just to write/read a stats json."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def start(self):
+        pass
+
+    def end(self):
+        pass
+
+    def __call__(self, stats):
+        pass
+
+
+def _hook_clip_inference(marks: dict, no_warmup: bool = False, no_logger: bool = False) -> None:
     """Time all_clip's model load and warm-up, and collect clip_inference's per-batch stats (the
-    dicts its Runner hands to LoggerWriter in this process)."""
+    dicts its Runner hands to LoggerWriter in this process). Variants: skip all_clip's warm-up,
+    replace the spawned logger processes by an in-process no-op."""
     import importlib
 
     import all_clip.main as acm
@@ -145,7 +169,23 @@ def _hook_clip_inference(marks: dict, no_warmup: bool = False) -> None:
             marks["t_warm_end"] = time.perf_counter()
 
     acm.load_clip_without_warmup, acm.warmup = timed_load, timed_warmup
+    import laionbuild.models as models
+
+    md5 = models._file_md5
+
+    def timed_md5(*a, **k):
+        t = time.perf_counter()
+        try:
+            return md5(*a, **k)
+        finally:
+            marks["checkpoint md5"] = time.perf_counter() - t
+
+    models._file_md5 = timed_md5
     batches = marks.setdefault("batches", [])
+    if no_logger:
+        cim.LoggerReader = _InProcessLogger
+        importlib.import_module("clip_retrieval.clip_inference.worker").LoggerWriter = _InProcessLogger
+        LoggerWriter = _InProcessLogger
     logger_call = LoggerWriter.__call__
 
     def record(self, stats):
@@ -168,7 +208,7 @@ def _hook_clip_inference(marks: dict, no_warmup: bool = False) -> None:
     cim.main = timed_main
 
 
-def child_clip(part: int, workers: int | None, batch: int | None, no_warmup: bool) -> dict:
+def child_clip(part: int, workers: int | None, batch: int | None, no_warmup: bool, no_logger: bool) -> dict:
     """Raw clip_inference, with the arguments the embed stage passes."""
     start = time.perf_counter()
     import importlib
@@ -186,7 +226,7 @@ def child_clip(part: int, workers: int | None, batch: int | None, no_warmup: boo
     model = resolve(cfg.embed)
     shards = shard_files(Path(f"data/images/part_{part}"))
     marks: dict = {"imports": imports}
-    _hook_clip_inference(marks, no_warmup)
+    _hook_clip_inference(marks, no_warmup, no_logger)
     out = Path(f"data/.bench/clip_part_{part}_{os.getpid()}")
     cpu_self, cpu_children = _cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -364,7 +404,7 @@ def child_main(args) -> None:
         resolve(load_params("params.yaml").embed)  # writes the random checkpoint once
         result: dict = {}
     elif mode == "clip":
-        result = child_clip(args.part, args.variant_workers, args.variant_batch, args.no_warmup)
+        result = child_clip(args.part, args.variant_workers, args.variant_batch, args.no_warmup, args.no_logger)
     elif mode == "stage":
         result = child_stage(args.part)
     elif mode == "raw":
@@ -397,6 +437,10 @@ def measure(project: Path, log: Path, mode: str, part: int | None = None, extra:
     return marks
 
 
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def best(runs: list[dict]) -> dict:
     return min(runs, key=lambda m: m["call"])
 
@@ -424,7 +468,9 @@ def clip_breakdown(m: dict) -> dict:
     else:
         accounted = 0.0
     out["after clip_inference (stage)"] = m["call"] - (m["t_main_end"] - t0)
+    out["  of which checkpoint md5"] = m.get("checkpoint md5", 0.0)
     out["other"] = m["call"] - accounted - out["after clip_inference (stage)"] if batches else 0.0
+    out["helper processes CPU s"] = m["cpu_children"]
     return out
 
 
@@ -440,7 +486,7 @@ def main() -> None:
     parser.add_argument("--index-rows", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=1, help="best of N for every measurement")
-    parser.add_argument("--variants", nargs="*", default=[], metavar="W:B[:nowarmup]",
+    parser.add_argument("--variants", nargs="*", default=[], metavar="W:B[:nowarmup][:nologger]",
                         help="extra raw clip_inference runs on the big part: num_prepro_workers:batch_size")
     parser.add_argument("--no-index", action="store_true")
     parser.add_argument("--no-embed", action="store_true")
@@ -451,6 +497,7 @@ def main() -> None:
     parser.add_argument("--variant-workers", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--variant-batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--no-warmup", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-logger", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child_main(args)
@@ -478,12 +525,12 @@ def main() -> None:
 
         threads = torch.get_num_threads()
         print(f"embed + index benchmark: {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), "
-              f"{args.model} untrained (embed.pretrained=random), cpu")
+              f"{args.model} untrained (embed.pretrained=random), cpu; load average {_load()}")
         if not args.no_embed:
             run_embed(args, project, log)
         if not args.no_index:
             run_index(args, project, log)
-        print(f"(child logs: {log})" if args.keep else "")
+        print(f"\nload average at the end {_load()}" + (f"; child logs: {log}" if args.keep else ""))
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -536,8 +583,7 @@ def run_embed(args, project: Path, log: Path) -> None:
     print(f"{'':<36}{'clip_inference':>15}{'embed stage':>13}")
     for key in breakdowns["stage"]:
         print(f"{key:<36}{breakdowns['clip'].get(key, 0.0):>15.2f}{breakdowns['stage'][key]:>13.2f}")
-    for key, label in (("cpu_self", "CPU s, main process"), ("cpu_children", "CPU s, helper processes")):
-        print(f"{label:<36}{r[('clip', BIG)][key]:>15.1f}{r[('stage', BIG)][key]:>13.1f}")
+    print(f"{'main process CPU s':<36}{r[('clip', BIG)]['cpu_self']:>15.2f}{r[('stage', BIG)]['cpu_self']:>13.2f}")
     print(f"raw open_clip forward: model load {raw_big['model_load']:.2f}, tar read + decode + preprocess + "
           f"tokenize {raw_big['decode']:.2f}, encode + normalise {raw_big['forward']:.2f}, "
           f"CPU s {raw_big['cpu_self']:.1f}")
@@ -559,8 +605,10 @@ def run_embed(args, project: Path, log: Path) -> None:
         for variant in args.variants:
             parts = variant.split(":")
             extra = ("--variant-workers", parts[0], "--variant-batch", parts[1])
-            if len(parts) > 2 and parts[2] == "nowarmup":
-                extra += ("--no-warmup",)
+            unknown = set(parts[2:]) - {"nowarmup", "nologger"}
+            if unknown:
+                sys.exit(f"--variants {variant}: unknown option(s) {sorted(unknown)} (nowarmup, nologger)")
+            extra += ("--no-warmup",) * ("nowarmup" in parts[2:]) + ("--no-logger",) * ("nologger" in parts[2:])
             m = best([measure(project, log, "clip", BIG, extra) for _ in range(args.repeat)])
             b = clip_breakdown(m)
             print(f"{variant:<22}{m['call']:>8.1f}{n / m['call']:>11.2f}{n / m['call'] / rows['raw']['e2e']:>11.3f}"

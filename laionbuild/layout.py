@@ -28,8 +28,8 @@ PART_DIRS = {
     "tag": DATA / "tags",
 }
 PER_PART_STAGES = ("fetch", "prepare", "download", "faces", "embed", "tag")
-GLOBAL_STAGES = ("consolidate", "dedup", "neardup", "select", "assemble", "export", "index", "report")
-# pipeline order: consolidate, fetch, prepare, dedup, download, faces, embed, tag, neardup, select, assemble, export, index, report
+GLOBAL_STAGES = ("consolidate", "dedup", "neardup", "select", "assemble", "export", "index", "report", "card")
+# pipeline order: consolidate, fetch, prepare, dedup, download, faces, embed, tag, neardup, select, assemble, export, index, report, card
 STAGES = ("consolidate",) + PER_PART_STAGES[:2] + ("dedup",) + PER_PART_STAGES[2:] + GLOBAL_STAGES[2:]
 
 NEARDUP = DATA / "neardup"
@@ -41,6 +41,8 @@ INDEX = DATA / "index"
 METRICS = DATA / "metrics"
 FUNNEL = METRICS / "funnel.json"
 INDEX_METRICS = METRICS / "index.json"
+CARD_MD = DATA / "card.md"
+CARD_JSON = DATA / "card.json"
 STATS_FILE = "stats.json"
 
 

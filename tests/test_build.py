@@ -21,7 +21,7 @@ import yaml
 from .conftest import new_project
 
 PER_PART = ("fetch", "prepare", "download", "faces", "embed", "tag")
-GLOBAL = ["select", "assemble", "export", "index", "report"]  # after the tags; `dedup` runs before download
+GLOBAL = ["select", "assemble", "export", "index", "report", "card"]  # after the tags; `dedup` runs before download
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,25 @@ def test_untrained_weights_are_labelled(built):
     assert json.loads((built / "data/metrics/funnel.json").read_text())["untrained_embeddings"] is True
 
 
+def test_dataset_card(built):
+    card = json.loads((built / "data/card.json").read_text())
+    assert card["recipe"] == yaml.safe_load((built / "params.yaml").read_text())  # the full composed recipe
+    head = built.run("git", "rev-parse", "HEAD").output.strip()
+    assert card["git"]["commit"] == head
+    for source in card["sources"]:  # source files with their hashes
+        data = (built / source["url"]).read_bytes() if not Path(source["url"]).is_absolute() else \
+            Path(source["url"]).read_bytes()
+        assert source["md5"] == hashlib.md5(data).hexdigest() and source["size"] == len(data)
+    assert [s["part"] for s in card["sources"]] == [0, 1]
+    funnel = json.loads((built / "data/metrics/funnel.json").read_text())
+    assert card["samples"] == funnel["selected"] > 0
+    assert sum(card["licences"].values()) == card["samples"]
+    assert card["tools"]["img2dataset"] == "1.47.0" and card["tools"]["clip-retrieval"] == "2.45.0"
+    assert card["untrained_weights"] is True and card["models"]["embed.model"]["architecture"] == "laionbuild-tiny"
+    md = (built / "data/card.md").read_text()
+    assert "UNTRAINED" in md and head in md and "## Reproduce" in md and f"samples: **{card['samples']}**" in md
+
+
 def test_funnel_accounts_for_every_row(built):
     funnel = json.loads((built / "data/metrics/funnel.json").read_text())
     raw_rows = sum(pq.read_metadata(p).num_rows for p in (built / "data/raw").glob("part_*/*.parquet"))
@@ -158,7 +177,7 @@ def test_status_shows_stale_stages_after_a_change(built):
     built.laionbuild("compose", "embed.model=laionbuild-tiny", "embed.batch_size=16", "download.processes_count=1",
                      "subset.parts=[0,1]", "select.min_clip_similarity=0.5")
     rows = built.status()
-    assert len(rows) == len(PER_PART) * 2 + 7
+    assert len(rows) == len(PER_PART) * 2 + len(["consolidate", "dedup", "neardup"]) + len(GLOBAL)
     assert rows["select"] == "stale"
     assert rows["download@0"] == "built" and rows["tag@1"] == "built"
 

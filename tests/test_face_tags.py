@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from .conftest import BIN, FAST, build_env
+from .conftest import BIN, build_env
 from .imageserver import source_overrides
 from .webfaults import FaultyWeb
 

@@ -12,7 +12,7 @@ import torch
 
 from .conftest import new_project
 
-GLOBAL = ["select", "assemble", "export", "index", "report"]
+GLOBAL = ["select", "assemble", "export", "index", "report", "card"]
 
 
 def embeddings(project, parts):

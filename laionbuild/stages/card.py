@@ -1,0 +1,121 @@
+"""card: the dataset card of a build, `data/card.md` (for people) and `data/card.json` (for
+tools): the full composed recipe, the source files with their sizes and md5s, the tool and model
+versions (and a warning when the weights are untrained), the funnel, the licence breakdown of the
+selected samples, the sample count, the git commit, and how to reproduce the build."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections import Counter
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+from ..atomic import atomic_write_text, read_json
+from ..layout import CARD_JSON, CARD_MD, FUNNEL, SELECTED, embed_dir, part_dir
+from .select import selected_keys
+
+TOOLS = ("laionbuild", "img2dataset", "clip-retrieval", "open_clip_torch", "autofaiss", "faiss-cpu", "torch",
+         "dvc", "duckdb", "pyarrow", "hydra-core", "pyspark")
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib_metadata.version(name)
+    except importlib_metadata.PackageNotFoundError:
+        return None
+
+
+def _git() -> dict:
+    def run(*args):
+        proc = subprocess.run(["git", *args], capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    commit = run("rev-parse", "HEAD")
+    dirty = run("status", "--porcelain", "--", "conf", "dvc.yaml", "params.yaml")
+    return {"commit": commit, "recipe_files_modified": bool(dirty)}
+
+
+def licences(cfg) -> dict:
+    """Selected samples per licence (the source's `license` column; "unknown" when missing)."""
+    counts: Counter = Counter()
+    selected = pq.ParquetFile(SELECTED / "selected.parquet")
+    for part in cfg.subset.parts:
+        keys = set(selected_keys(selected, part))
+        if not keys:
+            continue
+        path = part_dir("dedup", part) / "metadata.parquet"
+        if "license" not in pq.read_schema(path).names:
+            counts["unknown"] += len(keys)
+            continue
+        table = pq.read_table(path, columns=["key", "license"]).to_pydict()
+        counts.update((lic or "unknown") for key, lic in zip(table["key"], table["license"]) if key in keys)
+    return dict(counts.most_common())
+
+
+def run(cfg) -> None:
+    recipe = yaml.safe_load(Path("params.yaml").read_text())
+    funnel = read_json(FUNNEL)
+    sources = []
+    for part in cfg.subset.parts:
+        fetched = read_json(part_dir("fetch", part) / "fetch.json")
+        entry = {"part": part, "url": fetched["url"], "size": fetched["size"], "md5": fetched["md5"]}
+        if "image_embeddings" in fetched:
+            e = fetched["image_embeddings"]
+            entry["image_embeddings"] = {"url": e["url"], "size": e["size"], "md5": e["md5"]}
+        sources.append(entry)
+    first = cfg.subset.parts[0]
+    models = {"embed.model": read_json(embed_dir(first) / "model.json")}
+    for name in cfg.embed.extra_models:
+        models[f"embed.extra_models.{name}"] = read_json(embed_dir(first, name) / "model.json")
+    untrained = any(m.get("untrained") for m in models.values())
+    git = _git()
+    card = {
+        "name": cfg.recipe.name,
+        "description": cfg.recipe.description,
+        "samples": funnel.get("selected"),
+        "untrained_weights": untrained,
+        "git": git,
+        "recipe": recipe,
+        "sources": sources,
+        "tools": {t: _version(t) for t in TOOLS},
+        "models": models,
+        "funnel": {k: v for k, v in funnel.items() if k != "parts"},
+        "licences": licences(cfg),
+        "reproduce": [f"git clone <this repo> && cd <it> && git checkout {git['commit'] or '<commit>'}",
+                      "dvc pull            # the build's outputs from its DVC remote, byte-identical",
+                      "laionbuild build    # or rebuild them from the sources (params.yaml is the recipe)"],
+    }
+    atomic_write_text(CARD_JSON, json.dumps(card, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write_text(CARD_MD, markdown(card))
+
+
+def markdown(card: dict) -> str:
+    lines = [f"# {card['name']}", "", card["description"] or "", ""]
+    if card["untrained_weights"]:
+        lines += ["> **WARNING: UNTRAINED weights** (`pretrained: random`): embeddings, CLIP similarities, "
+                  "score tags and the index are not meaningful.", ""]
+    lines += [f"- samples: **{card['samples']}**",
+              f"- git commit: `{card['git']['commit']}`" + (" (recipe files modified since)" if
+                                                           card["git"]["recipe_files_modified"] else ""), ""]
+    lines += ["## Funnel", "", "| step | rows |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in card["funnel"].items() if isinstance(v, (int, float))]
+    lines += ["", "## Licences of the selected samples", "", "| licence | samples |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in card["licences"].items()]
+    lines += ["", "## Sources", "", "| part | file | bytes | md5 |", "| --- | --- | --- | --- |"]
+    for s in card["sources"]:
+        lines.append(f"| {s['part']} | {s['url']} | {s['size']} | `{s['md5']}` |")
+        if "image_embeddings" in s:
+            e = s["image_embeddings"]
+            lines.append(f"| {s['part']} | {e['url']} | {e['size']} | `{e['md5']}` |")
+    lines += ["", "## Models", ""]
+    for name, m in card["models"].items():
+        lines.append(f"- `{name}`: {m.get('architecture')} ({m.get('pretrained')})"
+                     + (" — UNTRAINED" if m.get("untrained") else ""))
+    lines += ["", "## Tools", ""] + [f"- {t} {v}" for t, v in card["tools"].items() if v]
+    lines += ["", "## Reproduce", "", "```bash"] + card["reproduce"] + ["```", "",
+              "## Recipe (params.yaml)", "", "```yaml", yaml.safe_dump(card["recipe"], sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)
