@@ -92,7 +92,68 @@ def cmd_compose(args) -> int:
     return 0
 
 
+def enable_dvc_hydra() -> None:
+    """`dvc exp run -S` composes conf/config.yaml into params.yaml (DVC's Hydra integration)."""
+    result = _dvc("config", "hydra.enabled", capture=True)
+    if result.stdout.strip() != "true":
+        for key, value in (("hydra.enabled", "true"), ("hydra.config_dir", "conf"), ("hydra.config_name", "config")):
+            if _dvc("config", key, value).returncode:
+                raise RuntimeError(f"dvc config {key} {value} failed")
+
+
+def cmd_sweep(args) -> int:
+    """Each point of a Hydra multirun sweep as one DVC experiment, run one after the other in
+    this workspace; stages a point shares with an earlier one are restored, not recomputed."""
+    from .sweeps import experiment_name, sweep_points
+
+    points, varying = sweep_points(args.overrides)
+    for point in points:  # every point is a valid recipe before any work starts
+        compose(point, conf_dir=args.conf_dir)
+    enable_dvc_hydra()
+    clear_dead_dvc_locks()
+    names = [experiment_name(v) for v in varying]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"build -m: sweep points would share experiment names: {names}")
+    for point, name in zip(points, names):
+        print(f"experiment {name}: {' '.join(point)}", flush=True)
+        command = ["exp", "run", "-n", name]
+        for override in point:
+            command += ["-S", override]
+        if args.stage:
+            command.append(args.stage)
+        code = _dvc(*command).returncode
+        if code:
+            return code
+    print(f"{len(points)} experiments: {', '.join(names)} (dvc exp show)")
+    return 0
+
+
+def cmd_init(args) -> int:
+    from .sweeps import init_project, run
+
+    target = Path(args.dir).resolve()
+    template = Path(__file__).resolve().parents[1]
+    init_project(target, template)
+    run(["git", "init", "-q"], target)
+    old = os.getcwd()
+    os.chdir(target)
+    try:
+        if _dvc("init", "-q").returncode:
+            raise RuntimeError(f"dvc init failed in {target}")
+        enable_dvc_hydra()
+        atomic_write_text("params.yaml", to_yaml(compose([], conf_dir="conf")))
+    finally:
+        os.chdir(old)
+    run(["git", "add", "-A"], target)
+    run(["git", "-c", "user.name=laionbuild", "-c", "user.email=laionbuild@localhost", "commit", "-qm",
+         "laionbuild init: recipes (conf/), stage graph (dvc.yaml), composed demo recipe (params.yaml)"], target)
+    print(f"initialised a dataset repo in {target}: cd {target} && laionbuild build")
+    return 0
+
+
 def cmd_build(args) -> int:
+    if args.multirun:
+        return cmd_sweep(args)
     cmd_compose(args)
     clear_dead_dvc_locks()
     repro = ["repro"]
@@ -208,7 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     overrides(p)
     p.add_argument("--stage", help="build only up to this stage (e.g. embed, embed@0, select)")
     p.add_argument("--force", action="store_true", help="rerun stages even if up to date")
+    p.add_argument("-m", "--multirun", action="store_true",
+                   help="sweep: Hydra multirun overrides (a=1,2 b=x,y), one DVC experiment per point")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("init", help="scaffold a dataset repo (git + DVC, conf/, dvc.yaml, params.yaml)")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
     p.add_argument("name", choices=STAGES)

@@ -205,8 +205,10 @@ def test_adding_a_part_runs_only_that_part_and_global_stages(built):
     assert set(json.loads((built / "data/metrics/funnel.json").read_text())["parts"]) == {"0", "1", "2"}
 
     removed = built.build(*base)
-    assert removed.ran == []
-    assert set(GLOBAL + ["dedup", "neardup"]) <= set(removed.restored)
+    # only the dataset card is rewritten (its outputs are `cache: false`, kept in git, and it records
+    # the git commit, which DVC does not see): nothing is recomputed
+    assert removed.ran in ([], ["card"])
+    assert set(GLOBAL + ["dedup", "neardup"]) - {"card"} <= set(removed.restored)
     assert {d: tree_digest(built / "data" / d) for d in digests} == digests
     assert (built / "data/metrics/funnel.json").read_text() == funnel
     assert not (built / "data/images/part_2").exists()

@@ -1,0 +1,79 @@
+"""Sweeps and versioned builds: `laionbuild init` scaffolds a dataset repo; `laionbuild build -m`
+runs one DVC experiment per point of a Hydra multirun sweep, sharing every expensive stage;
+`dvc exp run --queue -S` works through DVC's Hydra composition too."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from .conftest import BIN, FAST, Project
+
+POINT = [*FAST, "subset.parts=[0]"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Project:
+    base = tmp_path_factory.mktemp("sweeps")
+    Project(base).laionbuild("init", str(base / "ds"))
+    return Project(base / "ds")
+
+
+def experiments(project: Project) -> dict[str, dict]:
+    """name -> {params, metrics} of every experiment (`dvc exp show --json`)."""
+    shown = json.loads(project.dvc("exp", "show", "--json").output)
+    found = {}
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                data = rev.get("data", {})
+                found[data.get("name") or exp.get("name")] = {
+                    "params": data.get("params", {}).get("params.yaml", {}).get("data", {}),
+                    "metrics": data.get("metrics", {}).get("data/metrics/funnel.json", {}).get("data", {}),
+                }
+    return found
+
+
+def test_init_scaffolds_a_dataset_repo(repo):
+    for name in ("conf/recipe/demo.yaml", "conf/config.yaml", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore",
+                 "demo/metadata", ".dvc/config", "README.md"):
+        assert (repo / name).exists(), name
+    assert "enabled = true" in (repo / ".dvc/config").read_text()  # DVC's Hydra composition
+    assert repo.run("git", "status", "--porcelain").output.strip() == ""  # all committed
+    assert len(repo.run("git", "log", "--oneline").output.strip().splitlines()) == 1
+    result = Project(repo.path.parent).laionbuild("init", str(repo.path), check=False)
+    assert result.returncode != 0 and "not empty" in result.output
+
+
+def test_sweep_is_one_experiment_per_point_sharing_expensive_stages(repo):
+    result = repo.laionbuild("build", "-m", *POINT, "select.min_clip_similarity=-0.1,0.0,0.02")
+    assert result.ran.count("download@0") == 1 and result.ran.count("embed@0") == 1  # computed once
+    assert result.ran.count("select") == 3
+    exps = experiments(repo)
+    names = ["min_clip_similarity=-0.1", "min_clip_similarity=0.0", "min_clip_similarity=0.02"]
+    assert set(names) <= set(exps)
+    selected = [exps[n]["metrics"]["selected"] for n in names]
+    assert selected[0] >= selected[1] >= selected[2] and selected[0] > selected[2]
+    assert [exps[n]["params"]["select"]["min_clip_similarity"] for n in names] == [-0.1, 0.0, 0.02]
+    bad = repo.laionbuild("build", "-m", *POINT, "select.min_clip_similarity=0.1,7", check=False)
+    assert bad.returncode != 0 and "select.min_clip_similarity" in bad.output  # validated before any run
+
+
+def test_dvc_queue_through_hydra_composition(repo):
+    repo.dvc("exp", "run", "--queue", "-n", "queued", *[a for o in POINT for a in ("-S", o)],
+             "-S", "select.min_clip_similarity=0.01")
+    repo.dvc("queue", "start", "-j", "1")
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = repo.dvc("queue", "status").output
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    logs = repo.dvc("queue", "logs", "queued").output
+    assert "Running stage 'select'" in logs and "Running stage 'download@0'" not in logs  # restored, not re-run
+    exps = experiments(repo)
+    assert exps["queued"]["params"]["select"]["min_clip_similarity"] == 0.01
+    assert exps["queued"]["metrics"]["selected"] > 0
+    assert str(BIN)  # the queue's workers ran this environment's laionbuild (PATH from build_env)
