@@ -8,7 +8,7 @@ from collections import Counter
 
 from ..atomic import read_json, write_json
 from ..funnel import load_stats
-from ..layout import FUNNEL, INDEX, SELECTED, part_dir
+from ..layout import FUNNEL, FUNNEL_STEPS, INDEX, SELECTED, part_dir
 
 PART_STEPS = ("prepare", "dedup", "download", "faces", "embed", "tag")
 
@@ -38,3 +38,8 @@ def run(cfg) -> None:
     funnel["untrained_embeddings"] = any(read_json(part_dir("embed", p) / "model.json")["untrained"]
                                          for p in cfg.subset.parts)
     write_json(FUNNEL, funnel)
+    # the same funnel as a DVC plot (`dvc plots show` / `dvc plots diff` across experiments)
+    flow = ("rows_in", "downloaded_ok", "embedded", "selected", "indexed")
+    steps = [{"step": k, "rows": v} for k, v in funnel.items()
+             if isinstance(v, int) and not isinstance(v, bool) and (k in flow or k.startswith("after_"))]
+    write_json(FUNNEL_STEPS, steps)
