@@ -51,8 +51,13 @@ DUCKDB = SqlDialect("duckdb")
 SPARK = SqlDialect("spark")
 
 
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY")
+
+
 def spark_session(engine_cfg):
-    """The SparkSession for `engine_cfg` (created once per process)."""
+    """The SparkSession for `engine_cfg` (created once per process). Executors get this
+    process's proxy variables (the download stage's polite proxy) and open_clip model configs
+    (laionbuild.spark_daemon)."""
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
@@ -68,6 +73,11 @@ def spark_session(engine_cfg):
                .config("spark.sql.session.timeZone", "UTC")
                .config("spark.driver.memory", engine_cfg.driver_memory)
                .config("spark.sql.shuffle.partitions", str(engine_cfg.shuffle_partitions)))
+    # Python workers fork from our daemon, which registers laionbuild's open_clip model configs first
+    builder = builder.config("spark.python.daemon.module", "laionbuild.spark_daemon")
+    for name in PROXY_VARIABLES:
+        if os.environ.get(name):
+            builder = builder.config(f"spark.executorEnv.{name}", os.environ[name])
     for key, value in engine_cfg.conf.items():
         builder = builder.config(key, str(value))
     session = builder.getOrCreate()

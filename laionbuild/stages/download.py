@@ -106,6 +106,15 @@ def web(cfg):
 def _img2dataset(cfg, input_path: Path, shards: Path) -> None:
     import img2dataset
 
+    distributor = "multiprocessing"
+    if cfg.engine.name == "spark":
+        # img2dataset's own Spark path: one task per shard on the session's executors (which get
+        # the polite proxy's address through spark.executorEnv: the session starts inside web())
+        from ..engines import spark_session
+
+        spark_session(cfg.engine)
+        distributor = "pyspark"
+
     img2dataset.download(
         url_list=str(input_path),
         input_format="parquet",
@@ -115,7 +124,7 @@ def _img2dataset(cfg, input_path: Path, shards: Path) -> None:
         output_folder=str(shards),
         output_format="webdataset",
         incremental_mode="incremental",
-        distributor="multiprocessing",
+        distributor=distributor,
         enable_wandb=False,
         **_i2d_settings(cfg),
     )

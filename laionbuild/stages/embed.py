@@ -102,6 +102,14 @@ def _embed(cfg, part: int, shards: list[Path], downloaded: int, model) -> tuple:
 
     raw = TMP / f"clip_inference.part_{part}.{os.getpid()}"
     shutil.rmtree(raw, ignore_errors=True)
+    strategy, partitions, workers = "sequential", 1, min(cfg.embed.num_prepro_workers, len(shards))
+    if cfg.engine.name == "spark":
+        # clip-retrieval's own Spark path: one task (and output partition) per shard on the
+        # session's executors, each loading the model; partitions are concatenated below
+        from ..engines import spark_session
+
+        spark_session(cfg.engine)
+        strategy, partitions, workers = "pyspark", len(shards), 1
     clip_inference(
         input_dataset=_brace_pattern(shards),
         output_folder=str(raw),
@@ -111,15 +119,22 @@ def _embed(cfg, part: int, shards: list[Path], downloaded: int, model) -> tuple:
         enable_metadata=True,
         batch_size=cfg.embed.batch_size,
         # clip_inference hangs when a DataLoader worker gets no shard
-        num_prepro_workers=min(cfg.embed.num_prepro_workers, len(shards)),
+        num_prepro_workers=workers,
         clip_model=model.clip_model,
         use_jit=False,
-        output_partition_count=1,
-        distribution_strategy="sequential",
+        output_partition_count=partitions,
+        distribution_strategy=strategy,
     )
-    img = np.load(raw / "img_emb" / "img_emb_0.npy")
-    text = np.load(raw / "text_emb" / "text_emb_0.npy")
-    metadata = pd.read_parquet(raw / "metadata" / "metadata_0.parquet")
+
+    def parts(kind: str, ext: str) -> list[Path]:
+        found = sorted((raw / kind).glob(f"{kind}_*.{ext}"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+        if not found:  # (a partition of a shard without a readable image writes nothing)
+            raise RuntimeError(f"{raw / kind}: clip_inference wrote no output partition")
+        return found
+
+    img = np.concatenate([np.load(p) for p in parts("img_emb", "npy")])
+    text = np.concatenate([np.load(p) for p in parts("text_emb", "npy")])
+    metadata = pd.concat([pd.read_parquet(p) for p in parts("metadata", "parquet")], ignore_index=True)
     # Build order is our key order (part, then source row). clip_inference's workers
     # interleave shards, and img2dataset writes a shard in completion order.
     order = np.argsort(metadata[KEY_COLUMN].astype(str).to_numpy(), kind="stable")

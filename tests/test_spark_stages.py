@@ -1,0 +1,121 @@
+"""engine=spark for the heavy stages: img2dataset's pyspark distributor downloads, clip-retrieval's
+pyspark distributor embeds (a task per shard, executors loading the model), on local[2] — the
+same selected samples, dataset shards and (within float tolerance) embeddings as engine=local.
+A Python worker killed mid-task is retried by Spark; the output is complete and duplicate-free."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import tarfile
+import threading
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from laionbuild.stages.download import KEY_COLUMN
+
+from .conftest import new_project
+from .imageserver import source_overrides
+from .test_download_web import write_urls
+from .webfaults import FaultyWeb
+
+
+def shard_samples(root, rel: str) -> dict[str, bytes]:
+    """key -> image bytes over a directory of webdataset shards."""
+    found = {}
+    for path in sorted((root / rel).glob("*.tar")):
+        with tarfile.open(path) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for name, member in members.items():
+                if name.endswith(".json"):
+                    key = json.loads(tar.extractfile(member).read())["key"]
+                    stem = name[:-5]
+                    image = next(members[n] for n in members if n.startswith(stem + ".") and n.endswith(".jpg"))
+                    assert key not in found, f"{key} twice in {rel}"
+                    found[key] = tar.extractfile(image).read()
+    return found
+
+
+def digest(path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory):
+    base = tmp_path_factory.mktemp("spark_stages")
+    local, spark = new_project(base / "local"), new_project(base / "spark")
+    local.build("subset.parts=[0,1]", "engine=local")
+    spark.build("subset.parts=[0,1]", "engine=spark", "engine.master='local[2]'")
+    return local, spark
+
+
+def test_spark_download_and_embed_give_the_local_result(both):
+    local, spark = both
+    for part in (0, 1):
+        rel = f"data/images/part_{part}"
+        assert shard_samples(spark.path, rel) == shard_samples(local.path, rel)
+        a, b = (pq.read_table(p / f"data/embed/part_{part}/metadata/metadata_0.parquet") for p in (local, spark))
+        assert a.column(KEY_COLUMN).to_pylist() == b.column(KEY_COLUMN).to_pylist()
+        for kind in ("img_emb", "text_emb"):
+            np.testing.assert_allclose(np.load(spark / f"data/embed/part_{part}/{kind}/{kind}_0.npy"),
+                                       np.load(local / f"data/embed/part_{part}/{kind}/{kind}_0.npy"), atol=1e-5)
+    assert pq.read_table(spark / "data/selected/selected.parquet").equals(
+        pq.read_table(local / "data/selected/selected.parquet"))
+    assert digest(spark / "data/dataset") == digest(local / "data/dataset")
+
+
+def _kill_one_worker(stop: threading.Event, killed: list) -> None:
+    """SIGKILL the first Spark Python worker (a child of laionbuild.spark_daemon) seen busy."""
+    me = os.getpid()
+    while not stop.is_set() and not killed:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or int(pid) == me:
+                continue
+            try:
+                cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+                ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+                parent = open(f"/proc/{ppid}/cmdline", "rb").read().split(b"\0")
+            except (OSError, ValueError, IndexError):
+                continue
+            # workers are forked from the daemon: same command line, parent is the daemon
+            if b"laionbuild.spark_daemon" in cmdline and b"laionbuild.spark_daemon" in parent:
+                time.sleep(0.8)  # let it start downloading its shard
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed.append(int(pid))
+                except ProcessLookupError:
+                    continue
+                return
+        time.sleep(0.05)
+
+
+def test_a_killed_spark_worker_is_retried_and_the_output_is_complete(tmp_path):
+    project = new_project(tmp_path / "project")
+    with FaultyWeb(delay=0.1) as web:
+        urls = [web.url(0, f"/img/{i}.jpg") for i in range(40)]
+        write_urls(tmp_path / "source", urls)
+        stop, killed = threading.Event(), []
+        killer = threading.Thread(target=_kill_one_worker, args=(stop, killed), daemon=True)
+        killer.start()
+        try:
+            project.build(*source_overrides(tmp_path / "source"), "download.allow_private_urls=true",
+                          "download.thread_count=2", "download.number_sample_per_shard=10", "download.max_per_host=8",
+                          "engine=spark", "engine.master='local[2,4]'", "--stage", "download")  # 4 attempts per task
+        finally:
+            stop.set()
+            killer.join(5)
+    assert killed, "no Spark worker was seen (the kill could not be tested)"
+    samples = shard_samples(project.path, "data/images/part_0")  # asserts no key twice
+    assert len(samples) == 40
+    stats = json.loads((project / "data/images/part_0/stats.json").read_text())
+    assert stats["counts"]["downloaded_ok"] == 40
