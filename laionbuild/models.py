@@ -40,10 +40,20 @@ def register_model_configs() -> None:
 
 
 def _file_md5(path: Path) -> str:
+    """A checkpoint's md5, remembered in data/.work/md5/ by path, size and mtime (hashing a
+    ViT-L/14 checkpoint on every part costs seconds)."""
+    stat = path.stat()
+    memo = WORK / "md5" / (hashlib.md5(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest())
+    if memo.exists():
+        return memo.read_text().strip()
     digest = hashlib.md5()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(memo.name + f".{os.getpid()}.tmp")
+    tmp.write_text(digest.hexdigest())
+    os.replace(tmp, memo)
     return digest.hexdigest()
 
 

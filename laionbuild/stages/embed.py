@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -93,38 +94,82 @@ def from_source(cfg, part: int) -> None:
     log.info("part %d: %d precomputed image embeddings (%s) from %s", part, len(img), emb.dtype, emb_path.name)
 
 
+class _StatsLogger:
+    """clip-retrieval's per-partition stats, kept in-process: its LoggerWriter/LoggerReader
+    spawn two processes that import all of clip_retrieval (~18 CPU-s, ~3 s join per call)
+    only to print samples/s. Same interface (start, __call__, end)."""
+
+    def __init__(self, part: str):
+        self.part, self.samples, self.seconds = part, 0, 0.0
+
+    def start(self) -> None:
+        self.began = time.perf_counter()
+
+    def __call__(self, stats: dict) -> None:
+        self.samples += stats["sample_count"]
+
+    def end(self) -> None:
+        seconds = time.perf_counter() - self.began
+        log.info("%s: %d samples embedded in %.1f s (%.1f samples/s)", self.part, self.samples, seconds,
+                 self.samples / seconds if seconds else 0.0)
+
+
+def _run_local(raw: Path, shards: list[Path], batch_size: int, workers: int, clip_model: str) -> None:
+    """clip_inference's sequential path, built from clip-retrieval's own blocks (Runner,
+    WebdatasetReader, ClipMapper, NumpyWriter) as its worker() does, but with the stats kept
+    in-process and, on CPU, all_clip's warm-up (two forward passes of a full batch, there to
+    settle CUDA kernels) at batch size 1. Same outputs, same layout."""
+    import torch
+    from all_clip import load_clip
+    from clip_retrieval.clip_inference.mapper import ClipMapper
+    from clip_retrieval.clip_inference.reader import WebdatasetReader
+    from clip_retrieval.clip_inference.runner import Runner
+    from clip_retrieval.clip_inference.writer import NumpyWriter
+
+    warmup = batch_size if torch.cuda.is_available() else 1
+    # clip_inference hangs when a DataLoader worker gets no shard
+    workers = max(1, min(workers, len(shards)))
+    inputs = [str(p) for p in shards]
+
+    def reader(sampler):
+        _, preprocess, tokenizer = load_clip(clip_model=clip_model, use_jit=False, warmup_batch_size=warmup,
+                                         clip_cache_path=None)  # ClipMapper's call: one cached load
+        return WebdatasetReader(sampler, preprocess, tokenizer, inputs, batch_size, workers, enable_text=True,
+                                enable_image=True, enable_metadata=True)
+
+    def mapper():
+        return ClipMapper(enable_image=True, enable_text=True, enable_metadata=True, use_mclip=False,
+                          clip_model=clip_model, use_jit=False, mclip_model=None, warmup_batch_size=warmup)
+
+    def writer(i):
+        return NumpyWriter(partition_id=i, output_folder=str(raw), enable_text=True, enable_image=True,
+                           enable_metadata=True, output_partition_count=1)
+
+    Runner(reader_builder=reader, mapper_builder=mapper, writer_builder=writer,
+           logger_builder=lambda i: _StatsLogger(raw.name), output_partition_count=1)(0)
+
+
 def _embed(cfg, part: int, shards: list[Path], downloaded: int, model) -> tuple:
     """One model over the part's shards -> (img, text, metadata, dim), rows in key order."""
     if downloaded == 0:
         metadata = pd.DataFrame({c: pd.Series(dtype="object") for c in METADATA_COLUMNS})
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), metadata, None
-    from clip_retrieval.clip_inference.main import main as clip_inference
-
     raw = TMP / f"clip_inference.part_{part}.{os.getpid()}"
     shutil.rmtree(raw, ignore_errors=True)
-    strategy, partitions, workers = "sequential", 1, min(cfg.embed.num_prepro_workers, len(shards))
     if cfg.engine.name == "spark":
         # clip-retrieval's own Spark path: one task (and output partition) per shard on the
         # session's executors, each loading the model; partitions are concatenated below
+        from clip_retrieval.clip_inference.main import main as clip_inference
+
         from ..engines import spark_session
 
         spark_session(cfg.engine)
-        strategy, partitions, workers = "pyspark", len(shards), 1
-    clip_inference(
-        input_dataset=_brace_pattern(shards),
-        output_folder=str(raw),
-        input_format="webdataset",
-        enable_text=True,
-        enable_image=True,
-        enable_metadata=True,
-        batch_size=cfg.embed.batch_size,
-        # clip_inference hangs when a DataLoader worker gets no shard
-        num_prepro_workers=workers,
-        clip_model=model.clip_model,
-        use_jit=False,
-        output_partition_count=partitions,
-        distribution_strategy=strategy,
-    )
+        clip_inference(input_dataset=_brace_pattern(shards), output_folder=str(raw), input_format="webdataset",
+                       enable_text=True, enable_image=True, enable_metadata=True, batch_size=cfg.embed.batch_size,
+                       num_prepro_workers=1, clip_model=model.clip_model, use_jit=False,
+                       output_partition_count=len(shards), distribution_strategy="pyspark")
+    else:
+        _run_local(raw, shards, cfg.embed.batch_size, cfg.embed.num_prepro_workers, model.clip_model)
 
     def parts(kind: str, ext: str) -> list[Path]:
         found = sorted((raw / kind).glob(f"{kind}_*.{ext}"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
