@@ -8,7 +8,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 export PYSPARK_PYTHON := $(abspath $(BIN)/python)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 
 $(BIN)/laionbuild: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,12 +22,19 @@ $(BIN)/laionbuild: pyproject.toml
 
 setup: $(BIN)/laionbuild
 
+# The browser tests (report, search page) drive Debian's headless Chromium through its
+# chromedriver; Playwright's and Selenium's own browser downloads need more than the registries.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+
 demo: setup
 	test -d .dvc || $(BIN)/dvc init --quiet
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/laionbuild build
 	@echo "Demo built: data/dataset, data/embeddings, data/index, data/metrics/funnel.json"
 
-test: setup
+test: setup browser
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -x -q
 
 bench: setup

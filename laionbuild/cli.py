@@ -1,4 +1,5 @@
-"""`laionbuild` command line: compose a recipe, build it with DVC, run one stage, show status."""
+"""`laionbuild` command line: compose a recipe, build it with DVC, run one stage, show status;
+look at a build (search page, projector export)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,17 @@ from .layout import PART_DIRS, PER_PART_STAGES, STAGES, part_of
 log = logging.getLogger("laionbuild")
 
 
-def _dvc(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
-    """Run DVC from this environment, with this environment's bin first on PATH so the stage
-    commands in dvc.yaml (`laionbuild stage ...`) resolve to this installation."""
+def _dvc_env() -> dict:
+    """This environment's bin first on PATH, so the stage commands in dvc.yaml
+    (`laionbuild stage ...`) resolve to this installation."""
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    return subprocess.run([sys.executable, "-m", "dvc", *args], env=env, text=True,
+    return env
+
+
+def _dvc(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
+    """Run DVC from this environment."""
+    return subprocess.run([sys.executable, "-m", "dvc", *args], env=_dvc_env(), text=True,
                           capture_output=capture, check=False)
 
 
@@ -163,6 +169,13 @@ def cmd_build(args) -> int:
         if args.stage not in STAGES and args.stage.split("@")[0] not in STAGES:
             raise RecipeError(f"--stage: unknown stage `{args.stage}`; stages: {', '.join(STAGES)}")
         repro.append(args.stage)
+    if args.progress or (args.progress is None and sys.stderr.isatty()):
+        from .progress import BuildProgress, run_with_progress
+        from .stages.report import step_order
+
+        cfg = load_params("params.yaml")
+        progress = BuildProgress(list(cfg.subset.parts), step_order(cfg))
+        return run_with_progress([sys.executable, "-m", "dvc", *repro], _dvc_env(), progress)
     return _dvc(*repro).returncode
 
 
@@ -211,6 +224,26 @@ def cmd_query(args) -> int:
     else:
         for r in results:
             print(f"{r['score']:.4f}\t{r['url']}\t{r['caption']}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    serve(load_params(args.params), args.host, args.port)
+    return 0
+
+
+def cmd_projector(args) -> int:
+    from .projector import export, parse_build
+
+    summary = export([parse_build(b) for b in args.builds], Path(args.out), cell=args.sprite_size,
+                     limit=args.max_per_build)
+    builds = ", ".join(f"{label}: {n}" for label, n in summary["builds"].items())
+    print(f"wrote {args.out}: {summary['points']} points x {summary['dimensions']} ({builds}); "
+          f"sprite {summary['sprite'] or 'none (no images)'}"
+          + (f", {summary['missing_images']} without an image" if summary["missing_images"] else ""))
+    print(f"view: tensorboard --logdir {args.out}  (Projector tab)")
     return 0
 
 
@@ -271,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rerun stages even if up to date")
     p.add_argument("-m", "--multirun", action="store_true",
                    help="sweep: Hydra multirun overrides (a=1,2 b=x,y), one DVC experiment per point")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress lines (stages, parts, shards, samples/s) and a live funnel "
+                        "(default: on when stderr is a terminal)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("init", help="scaffold a dataset repo (git + DVC, conf/, dvc.yaml, params.yaml)")
@@ -296,6 +332,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON with key, url, caption, score")
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("serve", help="search page and clip-retrieval-compatible JSON API (/knn-service) "
+                                     "over the build's index")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=1234, help="0: any free port (printed)")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("projector", help="TensorBoard projector files of one or several builds' embeddings")
+    p.add_argument("builds", nargs="+", metavar="BUILD",
+                   help="[LABEL=]PATH[@REV]: a built project dir, at a git revision or DVC experiment with @REV")
+    p.add_argument("--out", required=True, help="output directory (replaced)")
+    p.add_argument("--sprite-size", type=int, default=64, help="thumbnail side in the sprite, px (default 64)")
+    p.add_argument("--max-per-build", type=int, help="at most this many points per build (evenly spaced)")
+    p.set_defaults(func=cmd_projector)
 
     p = sub.add_parser("status", help="per stage and part: built / stale / missing")
     p.set_defaults(func=cmd_status)

@@ -1,19 +1,51 @@
-"""report: `data/metrics/funnel.json` (DVC metrics) — counts at every step, per part and in
-total, read from the stats.json every stage writes: rows in, after each filter, after dedup,
-downloaded ok, failed by reason, selected, indexed."""
+"""report: what the build did, for tools and for people.
+
+- `data/metrics/funnel.json` (DVC metrics): counts at every step, per part and in total, read
+  from the stats.json every stage writes: rows in, after each filter, after dedup, downloaded ok,
+  failed by reason, selected, indexed; `funnel_steps.json` the same steps as a DVC plot.
+- `data/metrics/hist/<tag>.json` (DVC plots): histograms of the numeric tags (CLIP similarity,
+  original width and height, aspect ratio, face counts and scores, score heads, near-duplicate
+  similarity) over every tagged sample, with the selected ones counted per bin;
+  `licences.json`: the selected samples per licence.
+- `data/report/index.html`: all of the above drawn (`laionbuild/html_report.py`), and for every
+  filter a grid of samples it kept and samples it dropped. Thumbnails come from the build's
+  shards (`data/images`), never downloaded again. Metadata filters and dedup act before the
+  download, so their dropped rows are listed (caption, url), not shown.
+"""
 
 from __future__ import annotations
 
+import logging
+import re
 from collections import Counter
 
-from ..atomic import read_json, write_json
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import html_report
+from ..atomic import atomic_dir, atomic_write_text, read_json, write_json
+from ..engines import DUCKDB
+from ..failures import classify
 from ..funnel import load_stats
-from ..layout import FUNNEL, FUNNEL_STEPS, INDEX, SELECTED, part_dir
+from ..layout import FUNNEL, FUNNEL_STEPS, HISTOGRAMS, INDEX, LICENCES, NEARDUP, REPORT, SELECTED, part_dir
+from ..rules import sql_string, where
+from ..thumbs import ShardImages, add_downloaded_parts, data_uri, thumbnail
 
+log = logging.getLogger(__name__)
 PART_STEPS = ("prepare", "dedup", "download", "faces", "embed", "tag")
+EXAMPLES = 12           # samples per grid (kept, dropped)
+THUMBNAIL = 96          # px, the longer side
+SCAN_ROWS = 200_000     # metadata-filter examples come from the first rows of each part
+BINS = 20
+HISTOGRAM_TITLES = {"clip_similarity": "CLIP similarity (image, caption)", "width": "original width (px)",
+                    "height": "original height (px)", "aspect_ratio": "aspect ratio (width / height)",
+                    "face_count": "faces per image", "face_max_score": "best face score",
+                    "near_dup_similarity": "similarity to the nearest earlier sample"}
+NOT_HISTOGRAMS = {"part"}
 
 
-def run(cfg) -> None:
+def funnel(cfg) -> dict:
     import faiss
 
     totals: Counter = Counter()
@@ -28,18 +60,298 @@ def run(cfg) -> None:
         parts[str(part)] = counts
         totals.update(counts)
     selected = load_stats(SELECTED)
-    funnel = dict(totals)
-    funnel["download_failed_by_reason"] = dict(sorted(failures.items()))
+    result = dict(totals)
+    result["download_failed_by_reason"] = dict(sorted(failures.items()))
     for name, value in selected["counts"].items():
         if name != "tagged":
-            funnel[name] = value
-    funnel["indexed"] = int(faiss.read_index(str(INDEX / "image.index")).ntotal)
-    funnel["parts"] = parts
-    funnel["untrained_embeddings"] = any(read_json(part_dir("embed", p) / "model.json")["untrained"]
+            result[name] = value
+    result["indexed"] = int(faiss.read_index(str(INDEX / "image.index")).ntotal)
+    result["parts"] = parts
+    result["untrained_embeddings"] = any(read_json(part_dir("embed", p) / "model.json")["untrained"]
                                          for p in cfg.subset.parts)
-    write_json(FUNNEL, funnel)
+    return result
+
+
+def step_order(cfg) -> list[str]:
+    """The funnel's steps in pipeline order: rows in, each metadata filter, dedup, downloaded,
+    embedded, each select rule, selected, indexed."""
+    from .prepare import rules as prepare_rules
+    from .select import rules as select_rules
+
+    return (["rows_in"] + [f"after_{name}" for name, _ in prepare_rules(cfg, set(cfg.source.columns))]
+            + ["after_dedup", "downloaded_ok", "embedded"] + [f"after_{name}" for name, _ in select_rules(cfg.select)]
+            + ["selected", "indexed"])
+
+
+def funnel_steps(cfg, result: dict) -> list[dict]:
+    return [{"step": k, "rows": result[k]} for k in step_order(cfg) if isinstance(result.get(k), int)]
+
+
+def run(cfg) -> None:
+    result = funnel(cfg)
+    write_json(FUNNEL, result)
     # the same funnel as a DVC plot (`dvc plots show` / `dvc plots diff` across experiments)
-    flow = ("rows_in", "downloaded_ok", "embedded", "selected", "indexed")
-    steps = [{"step": k, "rows": v} for k, v in funnel.items()
-             if isinstance(v, int) and not isinstance(v, bool) and (k in flow or k.startswith("after_"))]
+    steps = funnel_steps(cfg, result)
     write_json(FUNNEL_STEPS, steps)
+
+    con = duckdb.connect()
+    numeric = _tags_view(con, cfg)
+    histograms = [{"name": c, "title": HISTOGRAM_TITLES.get(c, c), "bins": bins} for c in numeric
+                  if (bins := _histogram(con, c))]  # a tag with no value (e.g. near-dup off) has no histogram
+    with atomic_dir(HISTOGRAMS) as out:
+        for hist in histograms:
+            write_json(out / f"{hist['name']}.json", hist["bins"])
+    from .card import licences
+
+    licence_rows = [{"licence": k, "samples": v} for k, v in licences(cfg).items()]
+    write_json(LICENCES, licence_rows)
+
+    with ShardImages() as images:
+        add_downloaded_parts(images, cfg.subset.parts)
+        filters = (_prepare_sections(cfg, result, images) + _dedup_sections(cfg, images)
+                   + _download_sections(cfg, result, images) + _select_sections(cfg, con, result, images))
+    page = html_report.render({
+        "name": cfg.recipe.name, "description": cfg.recipe.description, "parts": list(cfg.subset.parts),
+        "selected": result.get("selected", 0), "indexed": result["indexed"],
+        "untrained": result["untrained_embeddings"], "funnel_steps": steps,
+        "failures": result["download_failed_by_reason"], "histograms": histograms, "licences": licence_rows,
+        "filters": filters})
+    with atomic_dir(REPORT) as out:
+        atomic_write_text(out / "index.html", page)
+    log.info("report: %s (%d histograms, %d filter grids)", REPORT / "index.html", len(histograms), len(filters))
+
+
+# -- tags ---------------------------------------------------------------------------------------
+
+def _tags_view(con, cfg) -> list[str]:
+    """`tags`: every part's tag table in build order (`_row`), with `aspect_ratio`, the
+    near-duplicate similarity when computed, and `_selected`. Returns its numeric columns."""
+    files = [str(part_dir("tag", p) / "tags.parquet") for p in cfg.subset.parts]
+    source = f"read_parquet([{', '.join(sql_string(f) for f in files)}], union_by_name=true)"
+    con.execute(f"CREATE TEMP VIEW tag_rows AS SELECT *, row_number() OVER () AS _row FROM {source}")
+    neardup = NEARDUP / "neardup.parquet"
+    join = extra = ""
+    if neardup.exists() and "near_dup_similarity" in pq.read_schema(neardup).names:
+        join = f" LEFT JOIN (SELECT key, near_dup_similarity FROM read_parquet({sql_string(neardup)})) n USING (key)"
+        extra = ", n.near_dup_similarity"
+    columns = {name for name, in con.execute("SELECT column_name FROM (DESCRIBE tag_rows)").fetchall()}
+    ratio = ", CASE WHEN height > 0 THEN width / height END AS aspect_ratio" if {"width", "height"} <= columns else ""
+    con.execute(f"""CREATE TEMP VIEW tags AS SELECT t.*{extra}{ratio}, s.key IS NOT NULL AS _selected
+                    FROM tag_rows t{join} LEFT JOIN read_parquet({sql_string(SELECTED / 'selected.parquet')}) s
+                    USING (key) ORDER BY _row""")
+    described = con.execute("SELECT column_name, column_type FROM (DESCRIBE tags)").fetchall()
+    return [name for name, kind in described if not name.startswith("_") and name not in NOT_HISTOGRAMS
+            and kind.split("(")[0] in ("DOUBLE", "FLOAT", "BIGINT", "INTEGER", "SMALLINT", "TINYINT", "HUGEINT",
+                                       "UBIGINT", "UINTEGER", "DECIMAL")]
+
+
+def _histogram(con, column: str) -> list[dict]:
+    """[{bin, bin_end, samples, selected}]: 20 equal bins over the values' range, or one bin
+    per integer for an integer tag of small range."""
+    col = DUCKDB.quote(column)
+    valid = f"{col} IS NOT NULL AND isfinite(CAST({col} AS DOUBLE))"
+    low, high, integral = con.execute(f"SELECT min({col}), max({col}), bool_and({col} = round({col})) "
+                                      f"FROM tags WHERE {valid}").fetchone()
+    if low is None:
+        return []
+    low, high = float(low), float(high)
+    if integral and high - low < 50:
+        width, count = 1.0, int(high - low) + 1
+    else:
+        count = BINS if high > low else 1
+        width = (high - low) / count if high > low else 1.0
+    rows = con.execute(f"""SELECT least(greatest(CAST(floor(({col} - {low!r}) / {width!r}) AS BIGINT), 0), {count - 1}) AS b,
+                           count(*), count(*) FILTER (WHERE _selected) FROM tags WHERE {valid} GROUP BY b""").fetchall()
+    counts = {b: (n, s) for b, n, s in rows}
+    return [{"bin": round(low + i * width, 6), "bin_end": round(low + (i + 1) * width, 6),
+             "samples": counts.get(i, (0, 0))[0], "selected": counts.get(i, (0, 0))[1]} for i in range(count)]
+
+
+# -- examples -----------------------------------------------------------------------------------
+
+def _spread(con, relation: str, condition: str, columns: str, limit: int = EXAMPLES) -> list[dict]:
+    """Up to `limit` rows of `relation` meeting `condition`, evenly spaced over them in `_row`
+    order (so a grid shows the whole build, not its first rows)."""
+    rows = con.execute(f"""SELECT * EXCLUDE (_rn, _n) FROM (SELECT {columns}, _row, row_number() OVER (ORDER BY _row) AS _rn,
+                           count(*) OVER () AS _n FROM {relation} WHERE {condition})
+                           WHERE (_rn - 1) % greatest(_n // {limit}, 1) = 0 ORDER BY _row LIMIT {limit}""")
+    return rows.fetch_arrow_table().to_pylist()
+
+
+def _with_image(example: dict, images: ShardImages, key: str | None = None) -> dict:
+    key = key or example["key"]
+    example["image"] = data_uri(thumbnail(images.read(key), THUMBNAIL)) if key in images else None
+    return example
+
+
+def _used(predicate: str, columns) -> list[str]:
+    return [c for c in columns if re.search(rf"\b{re.escape(c)}\b", predicate)]
+
+
+def _note(row: dict, names: list[str]) -> str:
+    def show(value):
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    return ", ".join(f"{n}={show(row[n])}" for n in names if n in row)
+
+
+def _prepare_sections(cfg, result: dict, images: ShardImages) -> list[dict]:
+    """One section per metadata filter (prepare's rules, in funnel order), with examples from
+    the first SCAN_ROWS rows of each part, evaluated by the same SQL prepare runs."""
+    from ..ids import ids_table
+    from .prepare import canonical_columns, effective_source, rows_sql, source_schema
+    from .prepare import rules as prepare_rules
+
+    active = prepare_rules(cfg, set(cfg.source.columns), DUCKDB)
+    examples: dict[str, dict[str, list]] = {name: {"kept": [], "dropped": []} for name, _ in active}
+    for part in cfg.subset.parts:
+        raw_dir = part_dir("fetch", part)
+        path = raw_dir / read_json(raw_dir / "fetch.json")["file"]
+        columns, aliases, fmt = effective_source(cfg)
+        schema, _, arrow = source_schema(path, fmt)
+        pairs = canonical_columns(schema, columns, path, aliases)
+        con = duckdb.connect()
+        if arrow is None:
+            con.execute(f"CREATE TEMP VIEW source_rows AS SELECT *, file_row_number AS _row FROM "
+                        f"read_parquet({sql_string(path)}, file_row_number=true) LIMIT {SCAN_ROWS}")
+        else:
+            con.register("source_rows", arrow.slice(0, SCAN_ROWS))
+        if cfg.source.ids_url:
+            id_source = next(src for src, dst in pairs if dst == cfg.source.ids_column)
+            con.register("ids", ids_table(cfg.source.ids_url, part, cfg.source.ids_column, schema.field(id_source).type))
+        if cfg.prepare.languages:
+            from ..language import detect
+
+            score = cfg.prepare.min_language_score
+            con.create_function("laionbuild_language", lambda c: pa.array(detect(c.to_pylist(), score), pa.string()),
+                                ["VARCHAR"], "VARCHAR", type="arrow", null_handling="special", side_effects=False)
+        con.execute(f"CREATE TEMP TABLE part_rows AS {rows_sql(cfg, part, pairs, DUCKDB)}")
+        con.register("downloaded", pa.table({"key": [k for k in images.keys() if k.startswith(f"{part:05d}")]}))
+        has_images = con.execute("SELECT count(*) FROM downloaded").fetchone()[0] > 0
+        names = [dst for _, dst in pairs] + (["language"] if cfg.prepare.languages else [])
+        for i, (name, predicate) in enumerate(active):
+            before, this = where(active[:i]), where(active[i:i + 1])
+            kept_condition = f"{before} AND {this}" + (" AND key IN (SELECT key FROM downloaded)" if has_images else "")
+            shown = ", ".join(DUCKDB.quote(c) for c in dict.fromkeys(["key", "url", "caption",
+                                                                      *_used(predicate, names)]))
+            got = examples[name]
+            got["kept"] += _spread(con, "part_rows", kept_condition, shown)
+            dropped = _spread(con, "part_rows", f"{before} AND NOT {this}", shown)
+            for row in dropped:
+                row["note"] = ("not in the id list" if name == "ids" else
+                               _note(row, [c for c in _used(predicate, names) if c not in ("url", "caption")]))
+            got["dropped"] += dropped
+    sections = []
+    previous = "rows_in"
+    for name, predicate in active:
+        got = examples[name]
+        kept = [_with_image(e, images) for e in _evenly(got["kept"])]
+        sections.append({"name": f"prepare.{name}", "title": f"metadata filter: {name}",
+                         "description": f"prepare rule `{predicate}`; dropped rows were never downloaded "
+                                        f"(examples from the first {SCAN_ROWS:,} rows of each part)",
+                         "kept_count": result.get(f"after_{name}"),
+                         "dropped_count": result.get(previous, 0) - result.get(f"after_{name}", 0),
+                         "kept": kept, "dropped": _evenly(got["dropped"])})
+        previous = f"after_{name}"
+    return sections
+
+
+def _evenly(rows: list, limit: int = EXAMPLES) -> list:
+    step = max(len(rows) // limit, 1)
+    return rows[::step][:limit]
+
+
+def _dedup_sections(cfg, images: ShardImages) -> list[dict]:
+    """Rows dedup dropped (never downloaded: shown with the image of the copy that was kept)
+    and rows it kept."""
+    keys = list(cfg.dedup.keys)
+    if not keys:
+        return []
+    prepared = [str(part_dir("prepare", p) / "metadata.parquet") for p in cfg.subset.parts]
+    deduped = [str(part_dir("dedup", p) / "metadata.parquet") for p in cfg.subset.parts]
+    con = duckdb.connect()
+    quoted = ", ".join(DUCKDB.quote(k) for k in keys)
+    con.execute(f"CREATE TEMP VIEW prepared AS SELECT key, url, caption, {quoted}, row_number() OVER () AS _row "
+                f"FROM read_parquet([{', '.join(map(sql_string, prepared))}], union_by_name=true)")
+    con.execute(f"CREATE TEMP VIEW deduped AS SELECT key, url, caption, {quoted}, row_number() OVER () AS _row "
+                f"FROM read_parquet([{', '.join(map(sql_string, deduped))}], union_by_name=true)")
+    on = " AND ".join(f"p.{DUCKDB.quote(k)} IS NOT DISTINCT FROM d.{DUCKDB.quote(k)}" for k in keys)
+    con.execute(f"""CREATE TEMP VIEW dropped AS SELECT p.key, p.url, p.caption, p._row, d.key AS twin FROM prepared p
+                    LEFT JOIN deduped d ON {on} WHERE p.key NOT IN (SELECT key FROM deduped)""")
+    con.register("downloaded", pa.table({"key": images.keys()}))
+    dropped = _spread(con, "dropped", "true", "key, url, caption, twin")
+    for row in dropped:
+        row["note"] = f"duplicate of {row['twin']}" + (" (picture: that copy's)" if row["twin"] in images else "")
+        _with_image(row, images, row["twin"])
+    kept = [_with_image(e, images) for e in _spread(con, "deduped", "key IN (SELECT key FROM downloaded)",
+                                                     "key, url, caption")]
+    n_prepared, n_deduped = (sum(pq.read_metadata(f).num_rows for f in files) for files in (prepared, deduped))
+    return [{"name": "dedup", "title": f"dedup on {', '.join(keys)}",
+             "description": "the first occurrence in part order wins; duplicates were never downloaded "
+                            "(a dropped row shows the image of the copy that was kept)",
+             "kept_count": n_deduped, "dropped_count": n_prepared - n_deduped, "kept": kept, "dropped": dropped}]
+
+
+def _download_sections(cfg, result: dict, images: ShardImages) -> list[dict]:
+    """Rows whose download failed (with the reason) and rows downloaded."""
+    from .download import KEY_COLUMN, shard_files
+
+    files = [str(s.with_suffix(".parquet")) for p in cfg.subset.parts for s in shard_files(part_dir("download", p))]
+    if not files:
+        return []
+    con = duckdb.connect()
+    deduped = [str(part_dir("dedup", p) / "metadata.parquet") for p in cfg.subset.parts]
+    con.execute(f"""CREATE TEMP VIEW attempts AS SELECT m.key, m.url, m.caption, a.status, a.error_message,
+                    row_number() OVER (ORDER BY m.key) AS _row
+                    FROM read_parquet([{', '.join(map(sql_string, files))}], union_by_name=true) a
+                    JOIN read_parquet([{', '.join(map(sql_string, deduped))}], union_by_name=true) m
+                    ON a.{DUCKDB.quote(KEY_COLUMN)} = m.key""")
+    dropped = _spread(con, "attempts", "status <> 'success'", "key, url, caption, error_message")
+    for row in dropped:
+        row["note"] = classify(row.pop("error_message"))
+        row["image"] = None
+    kept = [_with_image(e, images) for e in _spread(con, "attempts", "status = 'success'", "key, url, caption")]
+    return [{"name": "download", "title": "download (img2dataset)",
+             "description": "failures by reason; refusals by the URL policy are counted in the funnel only",
+             "kept_count": result.get("downloaded_ok"), "dropped_count": result.get("download_failed"),
+             "kept": kept, "dropped": dropped}]
+
+
+def _captions(cfg, keys: list[str]) -> dict[str, tuple]:
+    """key -> (url, caption) of a few samples, from the deduplicated metadata."""
+    if not keys:
+        return {}
+    files = [str(part_dir("dedup", p) / "metadata.parquet") for p in cfg.subset.parts]
+    con = duckdb.connect()
+    con.register("wanted", pa.table({"key": keys}))
+    rows = con.execute(f"SELECT key, url, caption FROM read_parquet([{', '.join(map(sql_string, files))}], "
+                       "union_by_name=true) WHERE key IN (SELECT key FROM wanted)").fetchall()
+    return {key: (url, caption) for key, url, caption in rows}
+
+
+def _select_sections(cfg, con, result: dict, images: ShardImages) -> list[dict]:
+    """One section per select rule, over the tag tables: both kept and dropped were downloaded."""
+    from .select import rules as select_rules
+
+    active = select_rules(cfg.select)
+    columns = [name for name, in con.execute("SELECT column_name FROM (DESCRIBE tags)").fetchall()]
+    sections = []
+    previous = "tagged"
+    for i, (name, predicate) in enumerate(active):
+        used = _used(predicate, columns)
+        shown = ", ".join(DUCKDB.quote(c) for c in dict.fromkeys(["key", *used]))
+        before, this = where(active[:i]), where(active[i:i + 1])
+        kept = _spread(con, "tags", f"{before} AND {this}", shown)
+        dropped = _spread(con, "tags", f"{before} AND NOT {this}", shown)
+        captions = _captions(cfg, [row["key"] for row in kept + dropped])
+        for row in kept + dropped:
+            row["note"] = _note(row, used)
+            row["url"], row["caption"] = captions.get(row["key"], (None, None))
+            _with_image(row, images)
+        sections.append({"name": f"select.{name}", "title": f"select: {name}",
+                         "description": f"select rule `{predicate}` over the tags",
+                         "kept_count": result.get(f"after_{name}"),
+                         "dropped_count": result.get(previous, 0) - result.get(f"after_{name}", 0),
+                         "kept": kept, "dropped": dropped})
+        previous = f"after_{name}"
+    return sections
