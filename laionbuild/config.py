@@ -284,6 +284,9 @@ class EngineConfig:
     driver_memory: str = "4g"
     shuffle_partitions: int = 8
     conf: Dict[str, str] = field(default_factory=dict)  # extra spark.* settings
+    # spark only: a folder every executor can write and the driver read (a shared mount, hdfs://,
+    # s3://...) for intermediate files (autofaiss's per-task indices); None: data/.tmp (local[N])
+    shared_tmp: Optional[str] = None
     # local only: DuckDB threads while writing ordered parquet (prepare, dedup). Order is kept by
     # buffering row groups per thread: on 2 cores 1 thread is as fast and halves peak memory;
     # raise it on many cores for speed

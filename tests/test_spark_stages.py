@@ -1,5 +1,6 @@
 """engine=spark for the heavy stages: img2dataset's pyspark distributor downloads, clip-retrieval's
-pyspark distributor embeds (a task per shard, executors loading the model), on local[2] — the
+pyspark distributor embeds (a task per shard, executors loading the model), autofaiss's
+distributed="pyspark" adds the vectors to the index, on local[2] — the
 same selected samples, dataset shards and (within float tolerance) embeddings as engine=local.
 A Python worker killed mid-task is retried by Spark; the output is complete and duplicate-free."""
 
@@ -14,13 +15,15 @@ import threading
 import time
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from laionbuild.stages.download import KEY_COLUMN
 
 from .conftest import new_project
-from .imageserver import source_overrides
+from .imageserver import ImageServer, source_overrides
+from .standins import write_laion400m
 from .test_download_web import write_urls
 from .webfaults import FaultyWeb
 
@@ -72,6 +75,58 @@ def test_spark_download_and_embed_give_the_local_result(both):
     assert pq.read_table(spark / "data/selected/selected.parquet").equals(
         pq.read_table(local / "data/selected/selected.parquet"))
     assert digest(spark / "data/dataset") == digest(local / "data/dataset")
+
+
+def test_spark_index_holds_every_selected_embedding(both):
+    """autofaiss's distributed="pyspark" path: same vectors as the local index, and each
+    embedding's top hit scores what exact search scores."""
+    import faiss
+
+    local, spark = both
+    emb = np.concatenate([np.load(p) for p in sorted((spark / "data/embeddings/img_emb").glob("*.npy"))])
+    emb = emb.astype(np.float32)
+    indexes = {name: faiss.read_index(str(p / "data/index/image.index")) for name, p in (("local", local), ("spark", spark))}
+    assert indexes["spark"].ntotal == indexes["local"].ntotal == len(emb) > 0
+    scores, _ = indexes["spark"].search(emb, 1)
+    np.testing.assert_allclose(scores[:, 0], (emb @ emb.T).max(axis=1), atol=1e-3)
+    infos = json.loads((spark / "data/index/image_infos.json").read_text())
+    assert infos["index_key"].startswith("IVF"), infos  # the pyspark path builds memory-mappable indexes
+    assert not list((spark / "data/.tmp").glob("autofaiss_indices/*"))  # task indices cleaned up
+
+
+def _serve_standin(directory, server_url: str) -> None:
+    """A 3-part LAION-400M stand-in (real file and column names, NSFW tags, similarity, dups
+    within and across parts) whose URLs point at the loopback image server."""
+    write_laion400m(directory, parts=3, rows=30, seed=3)
+    for path in sorted(directory.glob("*.parquet")):
+        table = pq.read_table(path)
+        urls = pc.replace_substring(table.column("URL"), "http://img.example.com/", f"{server_url}/img/")
+        pq.write_table(table.set_column(table.schema.get_field_index("URL"), "URL", urls), path)
+
+
+def test_spark_builds_a_three_part_standin_like_local(tmp_path):
+    with ImageServer() as server:
+        _serve_standin(tmp_path / "source", server.url)
+        common = ["recipe=laion400m", f"source.base_url={tmp_path / 'source'}", "subset.parts=[0,1,2]",
+                  "embed.pretrained=random", "select.min_clip_similarity=-0.02", "download.allow_private_urls=true",
+                  "download.local_server.host=null", "download.local_server.root=null"]
+        local, spark = new_project(tmp_path / "local"), new_project(tmp_path / "spark")
+        local.build(*common, "engine=local")
+        spark.build(*common, "engine=spark", "engine.master='local[2]'")
+    assert sum(len(shard_samples(local.path, f"data/images/part_{p}")) for p in range(3)) > 30
+    for part in range(3):
+        rel = f"data/images/part_{part}"
+        assert shard_samples(spark.path, rel) == shard_samples(local.path, rel)
+        for kind in ("img_emb", "text_emb"):
+            np.testing.assert_allclose(np.load(spark / f"data/embed/part_{part}/{kind}/{kind}_0.npy"),
+                                       np.load(local / f"data/embed/part_{part}/{kind}/{kind}_0.npy"), atol=1e-5)
+    assert pq.read_table(spark / "data/prepared/part_1/metadata.parquet").equals(
+        pq.read_table(local / "data/prepared/part_1/metadata.parquet"))
+    assert pq.read_table(spark / "data/selected/selected.parquet").equals(
+        pq.read_table(local / "data/selected/selected.parquet"))
+    assert digest(spark / "data/dataset") == digest(local / "data/dataset")
+    assert json.loads((spark / "data/metrics/funnel.json").read_text())["indexed"] == \
+        json.loads((local / "data/metrics/funnel.json").read_text())["indexed"]
 
 
 def _kill_one_worker(stop: threading.Event, killed: list) -> None:

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from ..atomic import atomic_dir, read_json, write_json
-from ..layout import INDEX, INDEX_METRICS, embeddings_dir
+from ..layout import INDEX, INDEX_METRICS, TMP, embeddings_dir
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,15 @@ def run(cfg) -> None:
     from autofaiss import build_index
 
     c = cfg.index
+    distributed = {}
+    if cfg.engine.name == "spark":
+        # autofaiss's own Spark path: trained on the driver, vectors added by one task per slice
+        # of the embeddings, the task indices merged through a folder every executor reaches
+        from ..engines import spark_session
+
+        spark_session(cfg.engine)
+        shared = cfg.engine.shared_tmp or str((TMP / "autofaiss_indices").resolve())
+        distributed = {"distributed": "pyspark", "temporary_indices_folder": shared}  # (+ a uuid; removed after)
     with atomic_dir(INDEX) as out:
         source = embeddings_dir(c.model)
         build_index(
@@ -39,6 +48,7 @@ def run(cfg) -> None:
             nb_cores=c.nb_cores or os.cpu_count(),
             save_on_disk=True,
             verbose=logging.WARNING,
+            **distributed,
         )
         index = faiss.read_index(str(out / "image.index"))
         spec = cfg.embed.extra_models[c.model] if c.model else cfg.embed
