@@ -64,4 +64,5 @@ def test_score_heads_and_near_duplicates_are_tags_and_rules(tmp_path):
     expected = {k for k, r in zip(keys, near) if r["near_dup_similarity"] < threshold and tags[k]["aesthetic_score"] >= score_min}
     assert kept == expected and 0 < len(kept) < len(keys)
     funnel = json.loads((project / "data/metrics/funnel.json").read_text())
-    assert funnel["selected"] == len(kept) and "after_max_near_dup_similarity" in funnel
+    assert funnel["selected"] == len(kept) == funnel["after_max_near_dup_similarity"]
+    assert funnel["after_min_aesthetic_score"] == sum(tags[k]["aesthetic_score"] >= score_min for k in keys)

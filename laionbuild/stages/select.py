@@ -58,6 +58,8 @@ def run(cfg) -> None:
     source = (f"read_parquet([{', '.join(sql_string(f) for f in files)}], union_by_name=true)")
     columns = ", ".join(quote(c) for c in needed)
     con = duckdb.connect()
+    # one thread writes the ordered file with the least CPU (what a sweep point costs)
+    con.execute(f"SET threads = {int(cfg.engine.write_threads)}")
     order = ""
     if cfg.select.max_near_dup_similarity is not None:  # a join: keep build order explicitly
         con.execute(f"""CREATE TEMP VIEW tags AS SELECT t.*, n.near_dup_similarity FROM
@@ -67,11 +69,18 @@ def run(cfg) -> None:
     else:
         con.execute(f"CREATE TEMP VIEW tags AS SELECT {columns} FROM {source}")
     counts = Counts()
-    count(lambda sql: con.execute(sql).fetchone(), "tags", active, counts, rows_name="tagged")
+    # rows in: the files' footers; after the last rule: the rows written. Only the rules before
+    # the last need a counting scan (of their columns only).
+    counts.set("tagged", sum(pq.read_metadata(f).num_rows for f in files))
+    if len(active) > 1:
+        count(lambda sql: con.execute(sql).fetchone(), "tags", active[:-1], counts)
     with atomic_dir(SELECTED) as out:
         con.execute(f"COPY (SELECT part, key FROM tags WHERE {where(active)}{order}) "
                     f"TO {sql_string(out / 'selected.parquet')} (FORMAT parquet)")
-        counts.set("selected", pq.read_metadata(out / "selected.parquet").num_rows)
+        selected = pq.read_metadata(out / "selected.parquet").num_rows
+        if active:
+            counts.set(f"after_{active[-1][0]}", selected)
+        counts.set("selected", selected)
         counts.save(out, rules=[name for name, _ in active])
 
 
