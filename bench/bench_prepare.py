@@ -6,7 +6,9 @@ then `laionbuild stage dedup`), the Spark engine (local[2]) doing the same, and 
 script doing the same work. Prints wall time and peak RSS above the idle interpreter (whole
 process tree, the JVM included, sampled), as ratios, plus the part's Arrow size. Goals (issue
 #3): local engine >= 10x faster than Spark, <= 1.2x the plain DuckDB script's time; peak RSS
-above idle <= 2x the part's Arrow size.
+above idle <= 2x the part's Arrow size. The plain script does less than the stages must (no
+`key`, no funnel counts, no prepared part, one process where the stages are two): a second plain
+script, "same outputs", does those too, and the local engine is also compared with it.
 
 --scale M1,M2,...: global dedup alone (`laionbuild stage dedup`, dedup.memory_limit=512MB) over
 generated prepared parts of 1M rows, M million rows in all; peak RSS should stay flat (DuckDB
@@ -84,6 +86,27 @@ DUCKDB_SCRIPT = textwrap.dedent("""
 """)
 
 
+# The same work with the outputs the two stages must also give: a `key` column, the funnel
+# counts after each filter, and the prepared (filtered) part the dedup reads back (a per-part DVC
+# output of its own) -- in one process, where the stages are two (two DVC stages).
+DUCKDB_SAME_OUTPUTS_SCRIPT = textwrap.dedent("""
+    import sys, duckdb
+    src, prepared, dst = sys.argv[1], sys.argv[2], sys.argv[3]
+    con = duckdb.connect()
+    con.execute(f"CREATE VIEW src AS SELECT *, file_row_number AS _row FROM read_parquet('{src}', file_row_number=true)")
+    has_url = "URL IS NOT NULL AND trim(URL) <> ''"
+    nsfw = "NSFW IS DISTINCT FROM 'NSFW'"
+    sim = "similarity >= 0.28"
+    counts = con.execute(f'''SELECT count(*), count(*) FILTER ({has_url}), count(*) FILTER ({has_url} AND {nsfw}),
+                                    count(*) FILTER ({has_url} AND {nsfw} AND {sim}) FROM src''').fetchone()
+    con.execute(f'''COPY (SELECT '00000' || lpad(CAST(_row AS VARCHAR), 9, '0') AS key, * EXCLUDE (_row) FROM src
+                          WHERE {has_url} AND {nsfw} AND {sim}) TO '{prepared}' (FORMAT parquet)''')
+    con.execute(f'''COPY (SELECT * FROM read_parquet('{prepared}')
+                          QUALIFY row_number() OVER (PARTITION BY URL, TEXT ORDER BY key) = 1 ORDER BY key)
+                    TO '{dst}' (FORMAT parquet)''')
+""")
+
+
 def compose(project: Path, env: dict, *overrides: str) -> None:
     project.mkdir(parents=True, exist_ok=True)
     subprocess.run([str(BIN / "laionbuild"), "compose", "--conf-dir", str(ROOT / "conf"), *overrides],
@@ -147,15 +170,22 @@ def main() -> None:
         script.write_text(DUCKDB_SCRIPT)
         t_duck, m_duck = measure([sys.executable, str(script), str(source / NAME), str(tmp / "out.parquet")], tmp, env)
         variants.append(("plain DuckDB script", t_duck, m_duck, pq.read_metadata(tmp / "out.parquet").num_rows))
+        script = tmp / "plain_duckdb_same_outputs.py"
+        script.write_text(DUCKDB_SAME_OUTPUTS_SCRIPT)
+        t_same, m_same = measure([sys.executable, str(script), str(source / NAME), str(tmp / "prepared.parquet"),
+                                  str(tmp / "out2.parquet")], tmp, env)
+        variants.append(("plain DuckDB, same outputs", t_same, m_same, pq.read_metadata(tmp / "out2.parquet").num_rows))
 
     mb = 1 << 20
     print(f"{args.rows} rows, Arrow size {arrow_bytes / mb:.0f} MB; idle interpreter {idle / mb:.0f} MB")
-    print(f"{'variant':<26}{'rows kept':>10}{'seconds':>9}{'peak MB':>9}{'above idle/Arrow':>18}"
+    print(f"{'variant':<28}{'rows kept':>10}{'seconds':>9}{'peak MB':>9}{'above idle/Arrow':>18}"
           f"{'time/DuckDB':>13}{'time/local':>12}")
     t_local = variants[0][1]
     for name, t, m, kept in variants:
-        print(f"{name:<26}{kept:>10}{t:>9.2f}{m / mb:>9.0f}{(m - idle) / arrow_bytes:>18.2f}"
+        print(f"{name:<28}{kept:>10}{t:>9.2f}{m / mb:>9.0f}{(m - idle) / arrow_bytes:>18.2f}"
               f"{t / t_duck:>13.2f}{t / t_local:>12.2f}")
+    print(f"local engine / plain DuckDB same outputs: {t_local / t_same:.2f} (the plain script writes no `key`, "
+          "counts nothing and writes no prepared part, in one process where the stages are two)")
 
 
 if __name__ == "__main__":

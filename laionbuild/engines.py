@@ -23,7 +23,11 @@ class SqlDialect:
         self.name = name
 
     def key(self, part: int, row: str) -> str:
-        # 5-digit part + 9-digit row; lpad is spelled the same in both and is faster than printf
+        # 5-digit part + 9-digit row (row < 10**9, checked by prepare)
+        if self.name == "duckdb" and 0 <= int(part) < 10**5:
+            # one integer cast, the leading 1 cut off: a third cheaper than lpad's concatenation
+            return f"substr(CAST({row} + {10**14 + int(part) * 10**9} AS VARCHAR), 2)"
+        # lpad is spelled the same in both and is faster than printf
         return f"'{int(part):05d}' || lpad(CAST({row} AS {self.string_type}), 9, '0')"
 
     @property

@@ -142,6 +142,26 @@ def test_mscoco_url_dedup_keeps_every_caption(project, tmp_path):
     assert stats(project, "deduped", 0)["after_dedup"] == 30 and stats(project, "prepared", 0)["rows_in"] == 150
 
 
+def test_dedup_in_many_buckets_keeps_the_same_rows(project, laion, tmp_path):
+    """The local engine's dedup hash-partitions rows into buckets (dedup.bucket_rows, or its
+    memory limit) and keeps the first (part, position) of each key: the rows, order and merged
+    captions do not depend on how many buckets there are."""
+    directory, data = laion
+    project.build("recipe=laion400m", f"source.base_url={directory}", "subset.parts=[0,1,2]", *FAST,
+                  "dedup.bucket_rows=37", "--stage", "dedup")
+    got = prepared(project, [0, 1, 2])
+    want = expected_laion400m(data, [0, 1, 2])
+    assert got["key"].tolist() == want["key"].tolist() and got["url"].tolist() == want["URL"].tolist()
+    rows = write_mscoco(tmp_path / "coco", images=30)
+    project.build("recipe=mscoco_face", f"source.base_url={tmp_path / 'coco'}", *FAST, "dedup.bucket_rows=7",
+                  "--stage", "dedup")
+    got = prepared(project, [0])
+    frame = pd.DataFrame(rows)
+    assert len(got) == 30 and got["url"].is_unique
+    for _, row in got.iterrows():
+        assert list(row["captions"]) == frame.loc[frame["URL"] == row["url"], "TEXT"].tolist()
+
+
 def _face_ids(data, parts=3, every=3):
     return [torch.tensor([r["SAMPLE_ID"] for r in data[p][::every]]) for p in range(parts)]
 

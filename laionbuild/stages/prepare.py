@@ -13,17 +13,12 @@ import logging
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from ..atomic import atomic_dir, read_json
 from ..engines import DUCKDB, SPARK, SqlDialect, spark_session, spark_to_arrow
 from ..funnel import Counts
-from ..ids import ids_table
-from ..language import detect
 from ..layout import part_dir
 from ..rules import Rule, count, sql_string, where
 
@@ -65,6 +60,10 @@ def effective_source(cfg) -> tuple[dict, dict, str]:
 
 def read_arrow(path: Path, fmt: str) -> pa.Table:
     """A non-parquet source file as Arrow, with `_row` = its row number."""
+    import numpy as np
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+
     fmt = file_format(path, fmt)
     try:
         if fmt in ("csv", "tsv"):
@@ -133,10 +132,20 @@ def rows_sql(cfg, part: int, pairs: list[tuple[str, str]], dialect: SqlDialect) 
     return sql
 
 
+def _has_url(dialect: SqlDialect) -> str:
+    """`url IS NOT NULL AND trim(url) <> ''`. On DuckDB, a URL whose first character is ASCII
+    and not a space (among ASCII characters, DuckDB's trim removes the space only) holds without
+    trimming: the same result, without a trimmed copy of every URL (a CASE, as DuckDB evaluates
+    its branches lazily; an OR evaluates both sides)."""
+    if dialect.name == "duckdb":
+        return "url IS NOT NULL AND CASE WHEN unicode(url) BETWEEN 33 AND 127 THEN true ELSE trim(url) <> '' END"
+    return "url IS NOT NULL AND trim(url) <> ''"
+
+
 def rules(cfg, columns: set[str], dialect: SqlDialect = DUCKDB) -> list[Rule]:
     """The metadata filters in funnel order. A rule whose column the source lacks is skipped."""
     p = cfg.prepare
-    out: list[Rule] = [("has_url", "url IS NOT NULL AND trim(url) <> ''")]
+    out: list[Rule] = [("has_url", _has_url(dialect))]
     if cfg.source.ids_url:
         out.append(("ids", "_in_ids"))
     if "nsfw" in columns and (p.nsfw.drop or p.nsfw.drop_missing):
@@ -177,6 +186,8 @@ def run(cfg, part: int) -> None:
     pairs = canonical_columns(schema, columns, path, aliases)
     ids = None
     if cfg.source.ids_url:
+        from ..ids import ids_table  # imported only when used: the stage's start-up is part of its time
+
         id_source = next(src for src, dst in pairs if dst == cfg.source.ids_column)
         ids = ids_table(cfg.source.ids_url, part, cfg.source.ids_column, schema.field(id_source).type)
     engine = _run_spark if cfg.engine.name == "spark" else _run_duckdb
@@ -201,6 +212,8 @@ def _run_duckdb(cfg, part, path, arrow, ids, pairs, counts, target: Path) -> Non
     if ids is not None:
         con.register("ids", ids)
     if cfg.prepare.languages:
+        from ..language import detect
+
         score = cfg.prepare.min_language_score
         con.create_function("laionbuild_language", lambda c: pa.array(detect(c.to_pylist(), score), pa.string()),
                             ["VARCHAR"], "VARCHAR", type="arrow", null_handling="special", side_effects=False)
