@@ -35,7 +35,7 @@ demo: setup
 	@echo "Demo built: data/dataset, data/embeddings, data/index, data/metrics/funnel.json"
 
 test: setup browser
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -x -q
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -x -q --durations=25
 
 bench: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/bench_spine.py
