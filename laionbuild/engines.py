@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 
 
 class SqlDialect:
@@ -59,9 +60,9 @@ PROXY_VARIABLES = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no
 
 
 def spark_session(engine_cfg):
-    """The SparkSession for `engine_cfg` (created once per process). Executors get this
-    process's proxy variables (the download stage's polite proxy) and open_clip model configs
-    (laionbuild.spark_daemon)."""
+    """The SparkSession for `engine_cfg` (created once per process; `active`: the one already
+    running). Executors' Python workers register laionbuild's open_clip model configs first
+    (laionbuild.spark_daemon); `executor_environment` hands them variables per job."""
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
@@ -79,14 +80,32 @@ def spark_session(engine_cfg):
                .config("spark.sql.shuffle.partitions", str(engine_cfg.shuffle_partitions)))
     # Python workers fork from our daemon, which registers laionbuild's open_clip model configs first
     builder = builder.config("spark.python.daemon.module", "laionbuild.spark_daemon")
-    for name in PROXY_VARIABLES:
-        if os.environ.get(name):
-            builder = builder.config(f"spark.executorEnv.{name}", os.environ[name])
     for key, value in engine_cfg.conf.items():
         builder = builder.config(key, str(value))
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
     return session
+
+
+@contextmanager
+def executor_environment(session, names=PROXY_VARIABLES):
+    """While open, the Python workers of the jobs this process starts see this process's values
+    of `names` (unset here: set to "" there): e.g. the download stage's polite proxy, with no
+    `no_proxy` bypass. It works on a session started earlier (`engine.master=active`, a shared
+    session): pyspark sends `SparkContext.environment` with every job, and workers with a
+    different environment come from a daemon of their own."""
+    env = session.sparkContext.environment
+    saved = {n: env.get(n) for n in names}
+    try:
+        for n in names:
+            env[n] = os.environ.get(n, "")
+        yield
+    finally:
+        for n, value in saved.items():
+            if value is None:
+                env.pop(n, None)
+            else:
+                env[n] = value
 
 
 def _plain_type(t):

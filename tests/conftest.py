@@ -66,6 +66,31 @@ class Project:
         output = self.laionbuild("status").output
         return dict(re.findall(r"^(\S+)\s+(built|stale|missing)$", output, flags=re.M))
 
+    def build_in_process(self, *overrides: str, until: str | None = None) -> None:
+        """Compose the recipe (with the real CLI), then run every stage in pipeline order in this
+        process, as `dvc repro` would run their commands: for `engine=spark` builds on the test
+        session's one SparkSession (`engine.master=active`, the `shared_spark` fixture) instead of a JVM
+        per stage process. No DVC (nothing to compare in dvc.lock). `until`: the last stage run."""
+        from laionbuild.config import load_params
+        from laionbuild.layout import PER_PART_STAGES, STAGES
+        from laionbuild.stages import run_stage
+
+        self.laionbuild("compose", *FAST, *overrides)
+        old, saved = os.getcwd(), dict(os.environ)
+        os.chdir(self.path)
+        os.environ.update(build_env())
+        try:
+            cfg = load_params("params.yaml")
+            for stage in STAGES:
+                for part in (cfg.subset.parts if stage in PER_PART_STAGES else [None]):
+                    run_stage(stage, cfg, part)
+                if stage == until:
+                    break
+        finally:
+            os.chdir(old)
+            os.environ.clear()
+            os.environ.update(saved)
+
     def dvc(self, *args: str, check: bool = True) -> Result:
         return self.run(sys.executable, "-m", "dvc", *args, check=check)
 
@@ -87,6 +112,25 @@ def new_project(path: Path) -> Project:
     project.run("git", "add", "-A")
     project.run("git", "commit", "-qm", "init")
     return project
+
+
+@pytest.fixture(scope="session")
+def shared_spark():
+    """The test session's one SparkSession (local[2], configured as `engine=spark` configures its
+    own), for builds run in-process with `engine.master=active` (`Project.build_in_process`)."""
+    from types import SimpleNamespace
+
+    from laionbuild.engines import spark_session
+
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    session = spark_session(SimpleNamespace(master="local[2]", driver_memory="2g", shuffle_partitions=8, conf={}))
+    yield session
+    session.stop()
+
+
+def spark_jobs(session) -> int:
+    """How many jobs the session has run (to tell that a build really ran on it)."""
+    return len(session.sparkContext.statusTracker().getJobIdsForGroup())
 
 
 @pytest.fixture

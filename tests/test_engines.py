@@ -8,7 +8,7 @@ import json
 import pyarrow.parquet as pq
 import torch
 
-from .conftest import new_project
+from .conftest import new_project, spark_jobs
 from .standins import write_laion400m, write_mscoco
 
 FAST = ["embed.model=laionbuild-tiny"]
@@ -23,6 +23,13 @@ def outputs(project, parts):
     return tables, counts
 
 
+def on_spark(project, session, overrides):
+    """Build up to dedup with engine=spark on the test session's SparkSession, in-process."""
+    jobs = spark_jobs(session)
+    project.build_in_process(*overrides, "engine=spark", "engine.master=active", until="dedup")
+    assert spark_jobs(session) > jobs  # it ran on Spark
+
+
 def assert_same(local, spark, parts):
     local_tables, local_counts = outputs(local, parts)
     spark_tables, spark_counts = outputs(spark, parts)
@@ -34,18 +41,17 @@ def assert_same(local, spark, parts):
         assert table.to_pylist() == other.to_pylist(), key
 
 
-def test_laion400m_with_id_list_and_filters(tmp_path):
+def test_laion400m_with_id_list_and_filters(tmp_path, shared_spark):
     source = tmp_path / "laion"
     data = write_laion400m(source)
     torch.save([torch.tensor([r["SAMPLE_ID"] for r in data[p][::2]]) for p in range(3)], tmp_path / "ids.pth")
     overrides = ["recipe=laion_face", f"source.base_url={source}", f"source.ids_url={tmp_path / 'ids.pth'}",
                  "subset.parts=[2,0,1]", "prepare.nsfw.drop=[NSFW,UNSURE]", "prepare.min_caption_words=2",
-                 "prepare.max_aspect_ratio=4", *FAST, "--stage", "dedup"]
+                 "prepare.max_aspect_ratio=4", *FAST]
     local = new_project(tmp_path / "local")
-    local.build(*overrides, "engine=local")
+    local.build(*overrides, "engine=local", "--stage", "dedup")
     spark = new_project(tmp_path / "spark")
-    result = spark.build(*overrides, "engine=spark")
-    assert "spark engine" in result.output
+    on_spark(spark, shared_spark, overrides)
     assert_same(local, spark, [2, 0, 1])
     # part order 2, 0, 1: duplicates of part 2's rows were dropped from parts 0 and 1
     assert sum(json.loads((local / f"data/deduped/part_{p}/stats.json").read_text())["counts"]["after_dedup"]
@@ -53,16 +59,16 @@ def test_laion400m_with_id_list_and_filters(tmp_path):
                                          for p in (0, 1, 2))
 
 
-def test_mscoco_merged_captions_and_switching_engine_reruns_nothing(tmp_path):
+def test_mscoco_merged_captions_and_switching_engine_reruns_nothing(tmp_path, shared_spark):
     write_mscoco(tmp_path / "coco", images=20)
-    overrides = ["recipe=mscoco_face", f"source.base_url={tmp_path / 'coco'}", *FAST, "--stage", "dedup"]
+    overrides = ["recipe=mscoco_face", f"source.base_url={tmp_path / 'coco'}", *FAST]
     local = new_project(tmp_path / "local")
-    local.build(*overrides)
+    local.build(*overrides, "--stage", "dedup")
     spark = new_project(tmp_path / "spark")
-    spark.build(*overrides, "engine=spark")
+    on_spark(spark, shared_spark, overrides)
     assert_same(local, spark, [0])
     assert all(len(c) == 5 for c in pq.read_table(spark / "data/deduped/part_0/metadata.parquet")["captions"].to_pylist())
-    assert local.build(*overrides, "engine=spark").ran == []  # the engine is not a stage parameter
+    assert local.build(*overrides, "engine=spark", "--stage", "dedup").ran == []  # engine: not a stage parameter
 
 
 CAPTIONS = [
@@ -76,7 +82,7 @@ CAPTIONS = [
 ]
 
 
-def test_language_filter_on_a_csv_source(tmp_path):
+def test_language_filter_on_a_csv_source(tmp_path, shared_spark):
     source = tmp_path / "crawl"
     source.mkdir()
     lines = ["url,caption,lang_truth"] + [f'http://x.example/{i}.jpg,"{c}",{lang}' for i, (lang, c) in
@@ -84,11 +90,11 @@ def test_language_filter_on_a_csv_source(tmp_path):
     (source / "part-00000.csv").write_text("\n".join(lines) + "\n")
     overrides = ["recipe=mscoco_face", f"source.base_url={source}", "source.format=csv",
                  "source.part_pattern='part-{part:05d}.csv'", "source.columns={url: url, caption: caption}",
-                 "prepare.languages=[en]", "prepare.min_language_score=0.5", *FAST, "--stage", "dedup"]
+                 "prepare.languages=[en]", "prepare.min_language_score=0.5", *FAST]
     local = new_project(tmp_path / "local")
-    local.build(*overrides)
+    local.build(*overrides, "--stage", "dedup")
     spark = new_project(tmp_path / "spark")
-    spark.build(*overrides, "engine=spark")
+    on_spark(spark, shared_spark, overrides)
     assert_same(local, spark, [0])
     kept = pq.read_table(local / "data/prepared/part_0/metadata.parquet").to_pylist()
     assert [r["caption"] for r in kept] == [c for lang, c in CAPTIONS if lang == "en"]

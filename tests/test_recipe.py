@@ -116,3 +116,36 @@ def test_build_up_to_one_stage(project):
 def test_committed_params_yaml_is_the_default_recipe():
     """`dvc repro` on the committed params.yaml builds the demo: keep it equal to a fresh compose."""
     assert (ROOT / "params.yaml").read_text() == to_yaml(compose([], conf_dir=CONF))
+
+
+def test_a_validated_params_yaml_is_remembered_by_its_content(project, monkeypatch):
+    """Stage processes load a params.yaml validated before from a memo (no OmegaConf); any edit
+    of the file is validated again."""
+    import dataclasses
+    import pickle
+
+    project.laionbuild("compose")
+    monkeypatch.chdir(project.path)
+    cfg = load_params("params.yaml")
+    memos = list((project / "data/.work/params").glob("*.pickle"))
+    assert len(memos) == 1 and load_params("params.yaml") == cfg
+    # the memo is what a second load returns
+    marked = dataclasses.replace(cfg, recipe=dataclasses.replace(cfg.recipe, name="from-the-memo"))
+    memos[0].write_bytes(pickle.dumps(marked))
+    assert load_params("params.yaml").recipe.name == "from-the-memo"
+    # an edit is a new content: read and validated again
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["select"]["min_clip_similarity"] = 0.5
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    edited = load_params("params.yaml")
+    assert edited.select.min_clip_similarity == 0.5 and edited.recipe.name == cfg.recipe.name
+    params["select"]["min_clip_similarity"] = 7
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(RecipeError, match="select.min_clip_similarity"):
+        load_params("params.yaml")
+    # a damaged memo is ignored
+    params["select"]["min_clip_similarity"] = 0.5
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    for memo in (project / "data/.work/params").glob("*.pickle"):
+        memo.write_bytes(b"not a pickle")
+    assert load_params("params.yaml").select.min_clip_similarity == 0.5

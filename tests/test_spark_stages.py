@@ -21,7 +21,8 @@ import pytest
 
 from laionbuild.stages.download import KEY_COLUMN
 
-from .conftest import new_project
+from .conftest import new_project, spark_jobs
+from .shared_demo import RECIPE, shared_demo
 from .imageserver import ImageServer, source_overrides
 from .standins import write_laion400m
 from .test_download_web import write_urls
@@ -54,12 +55,15 @@ def digest(path) -> str:
 
 
 @pytest.fixture(scope="module")
-def both(tmp_path_factory):
-    base = tmp_path_factory.mktemp("spark_stages")
-    local, spark = new_project(base / "local"), new_project(base / "spark")
-    local.build("subset.parts=[0,1]", "engine=local")
-    spark.build("subset.parts=[0,1]", "engine=spark", "engine.master='local[2]'")
-    return local, spark
+def both(tmp_path_factory, shared_spark):
+    """The shared demo build (engine=local) and the same recipe built on Spark."""
+    local, _ = shared_demo(tmp_path_factory)
+    on_spark = new_project(tmp_path_factory.mktemp("spark_stages") / "spark")
+    jobs = spark_jobs(shared_spark)
+    on_spark.build_in_process(*RECIPE, "engine=spark", "engine.master=active")
+    # prepare x2, dedup, download x2 (a task per shard), embed x2, index at least
+    assert spark_jobs(shared_spark) - jobs >= 8
+    return local, on_spark
 
 
 def test_spark_download_and_embed_give_the_local_result(both):
@@ -104,15 +108,18 @@ def _serve_standin(directory, server_url: str) -> None:
         pq.write_table(table.set_column(table.schema.get_field_index("URL"), "URL", urls), path)
 
 
-def test_spark_builds_a_three_part_standin_like_local(tmp_path):
+def test_spark_builds_a_three_part_standin_like_local(tmp_path, shared_spark):
     with ImageServer() as server:
         _serve_standin(tmp_path / "source", server.url)
         common = ["recipe=laion400m", f"source.base_url={tmp_path / 'source'}", "subset.parts=[0,1,2]",
                   "embed.pretrained=random", "select.min_clip_similarity=-0.02", "download.allow_private_urls=true",
                   "download.local_server.host=null", "download.local_server.root=null"]
-        local, spark = new_project(tmp_path / "local"), new_project(tmp_path / "spark")
+        local, on_spark = new_project(tmp_path / "local"), new_project(tmp_path / "spark")
         local.build(*common, "engine=local")
-        spark.build(*common, "engine=spark", "engine.master='local[2]'")
+        jobs = spark_jobs(shared_spark)
+        on_spark.build_in_process(*common, "engine=spark", "engine.master=active")
+        assert spark_jobs(shared_spark) - jobs >= 11
+    spark = on_spark
     assert sum(len(shard_samples(local.path, f"data/images/part_{p}")) for p in range(3)) > 30
     for part in range(3):
         rel = f"data/images/part_{part}"
@@ -129,6 +136,18 @@ def test_spark_builds_a_three_part_standin_like_local(tmp_path):
         json.loads((local / "data/metrics/funnel.json").read_text())["indexed"]
 
 
+def _below_download_stage(pid: int) -> bool:
+    """Whether `laionbuild stage download` is `pid` or one of its ancestors."""
+    while pid > 1:
+        try:
+            if b"download" in open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0"):
+                return True
+            pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
 def _kill_one_worker(stop: threading.Event, killed: list) -> None:
     """SIGKILL the first Spark Python worker (a child of laionbuild.spark_daemon) seen busy."""
     me = os.getpid()
@@ -142,8 +161,10 @@ def _kill_one_worker(stop: threading.Event, killed: list) -> None:
                 parent = open(f"/proc/{ppid}/cmdline", "rb").read().split(b"\0")
             except (OSError, ValueError, IndexError):
                 continue
-            # workers are forked from the daemon: same command line, parent is the daemon
-            if b"laionbuild.spark_daemon" in cmdline and b"laionbuild.spark_daemon" in parent:
+            # workers are forked from the daemon: same command line, parent is the daemon; and
+            # the build's (below its download stage process), not the test session's shared one
+            if (b"laionbuild.spark_daemon" in cmdline and b"laionbuild.spark_daemon" in parent
+                    and _below_download_stage(ppid)):
                 time.sleep(0.8)  # let it start downloading its shard
                 try:
                     os.kill(int(pid), signal.SIGKILL)

@@ -104,24 +104,28 @@ def web(cfg):
 
 
 def _img2dataset(cfg, input_path: Path, shards: Path) -> None:
+    distributor, environment = "multiprocessing", nullcontext()
+    if cfg.engine.name == "spark":
+        # img2dataset's own Spark path: one task per shard on the session's executors, whose
+        # Python workers get the polite proxy's address (this process's proxy variables)
+        from ..engines import executor_environment, spark_session
+
+        distributor, environment = "pyspark", executor_environment(spark_session(cfg.engine))
+
+    with environment:
+        _download(cfg, input_path, shards, distributor)
+
+
+def _download(cfg, input_path: Path, shards: Path, distributor: str) -> None:
     import img2dataset
 
-    distributor = "multiprocessing"
-    if cfg.engine.name == "spark":
-        # img2dataset's own Spark path: one task per shard on the session's executors (which get
-        # the polite proxy's address through spark.executorEnv: the session starts inside web())
-        from ..engines import spark_session
-
-        spark_session(cfg.engine)
-        distributor = "pyspark"
-
-    img2dataset.download(
-        url_list=str(input_path),
+    img2dataset.download(  # absolute paths: executors' workers do not run in this process's directory
+        url_list=str(input_path.resolve()),
         input_format="parquet",
         url_col="url",
         caption_col="caption",
         save_additional_columns=[KEY_COLUMN],
-        output_folder=str(shards),
+        output_folder=str(shards.resolve()),
         output_format="webdataset",
         incremental_mode="incremental",
         distributor=distributor,

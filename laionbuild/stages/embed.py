@@ -164,7 +164,9 @@ def _embed(cfg, part: int, shards: list[Path], downloaded: int, model) -> tuple:
         from ..engines import spark_session
 
         spark_session(cfg.engine)
-        clip_inference(input_dataset=_brace_pattern(shards), output_folder=str(raw), input_format="webdataset",
+        # absolute paths: executors' workers do not run in this process's directory
+        clip_inference(input_dataset=_brace_pattern([s.resolve() for s in shards]), output_folder=str(raw.resolve()),
+                       input_format="webdataset",
                        enable_text=True, enable_image=True, enable_metadata=True, batch_size=cfg.embed.batch_size,
                        num_prepro_workers=1, clip_model=model.clip_model, use_jit=False,
                        output_partition_count=len(shards), distribution_strategy="pyspark")

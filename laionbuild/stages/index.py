@@ -37,7 +37,7 @@ def run(cfg) -> None:
     with atomic_dir(INDEX) as out:
         source = embeddings_dir(c.model)
         build_index(
-            embeddings=str(source / "img_emb"),
+            embeddings=str((source / "img_emb").resolve()),  # absolute: read by executors on Spark
             index_path=str(out / "image.index"),
             index_infos_path=str(out / "image_infos.json"),
             index_key=c.index_key,
