@@ -10,7 +10,8 @@ from pathlib import Path
 
 from .conftest import FAST, Project, Result, new_project
 
-RECIPE = ["subset.parts=[0,1]", "tag.faces.detector=opencv_haar", "prepare.max_aspect_ratio=3.5"]
+EXTRA = ["tag.faces.detector=opencv_haar", "prepare.max_aspect_ratio=3.5"]
+RECIPE = ["subset.parts=[0,1]", *EXTRA]
 OVERRIDES = [*FAST, *RECIPE]
 _built: dict[str, tuple[Project, Result]] = {}
 

@@ -1,8 +1,8 @@
 """The demo recipe end to end on real DVC, img2dataset over loopback HTTP, clip-retrieval and
 autofaiss; then what DVC reruns for each kind of change.
 
-The tests in this module share one built project and run in file order: each step starts from
-the state the previous one left."""
+The tests in this module share one built project (a copy of the session's shared demo build) and
+run in file order: each step starts from the state the previous one left."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from .conftest import new_project
+from .conftest import FAST
+from .shared_demo import EXTRA, RECIPE, copy_of, shared_demo
 
 PER_PART = ("fetch", "prepare", "download", "faces", "embed", "tag")
 GLOBAL = ["select", "assemble", "export", "index", "report", "card"]  # after the tags; `dedup` runs before download
@@ -26,11 +27,10 @@ GLOBAL = ["select", "assemble", "export", "index", "report", "card"]  # after th
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    project = new_project(tmp_path_factory.mktemp("demo") / "project")
-    result = project.build("subset.parts=[0,1]")
+    shared, result = shared_demo(tmp_path_factory)
     assert sorted(result.ran) == sorted([f"{s}@{p}" for s in PER_PART for p in (0, 1)] + ["consolidate", "dedup", "neardup"]
                                         + GLOBAL)
-    return project
+    return copy_of(shared, tmp_path_factory.mktemp("demo") / "project")
 
 
 def tree_digest(path: Path) -> str:
@@ -147,7 +147,8 @@ def test_funnel_accounts_for_every_row(built):
     funnel = json.loads((built / "data/metrics/funnel.json").read_text())
     raw_rows = sum(pq.read_metadata(p).num_rows for p in (built / "data/raw").glob("part_*/*.parquet"))
     assert funnel["rows_in"] == raw_rows
-    assert funnel["rows_in"] >= funnel["after_has_url"] >= funnel["after_nsfw"] > funnel["after_dedup"]
+    assert (funnel["rows_in"] >= funnel["after_has_url"] >= funnel["after_nsfw"] >= funnel["after_max_aspect_ratio"]
+            > funnel["after_dedup"])
     assert funnel["after_dedup"] == funnel["download_attempted"]
     assert funnel["downloaded_ok"] + funnel["download_failed"] == funnel["download_attempted"]
     assert sum(funnel["download_failed_by_reason"].values()) == funnel["download_failed"]
@@ -160,7 +161,10 @@ def test_funnel_accounts_for_every_row(built):
     raw = pd.concat([pd.read_parquet(built / f"data/raw/part_{p}/part-{p:05d}.parquet") for p in (0, 1)])
     not_nsfw = raw[raw["NSFW"].isna() | (raw["NSFW"] != "NSFW")]
     assert funnel["after_nsfw"] == len(not_nsfw)
-    assert funnel["after_dedup"] == len(not_nsfw.drop_duplicates(["URL", "TEXT"])) < len(not_nsfw)
+    short, long = not_nsfw[["WIDTH", "HEIGHT"]].min(axis=1), not_nsfw[["WIDTH", "HEIGHT"]].max(axis=1)
+    kept = not_nsfw[(short > 0) & (long <= 3.5 * short)]  # the shared demo's prepare.max_aspect_ratio=3.5
+    assert funnel["after_max_aspect_ratio"] == len(kept)
+    assert funnel["after_dedup"] == len(kept.drop_duplicates(["URL", "TEXT"])) < len(kept)
     # DVC knows it as a metric
     metrics = built.dvc("metrics", "show", "--json").output
     assert '"selected"' in metrics
@@ -174,8 +178,7 @@ def test_second_repro_runs_no_stage(built):
 
 
 def test_status_shows_stale_stages_after_a_change(built):
-    built.laionbuild("compose", "embed.model=laionbuild-tiny", "embed.batch_size=16", "download.processes_count=1",
-                     "subset.parts=[0,1]", "select.min_clip_similarity=0.5")
+    built.laionbuild("compose", *FAST, *RECIPE, "select.min_clip_similarity=0.5")
     rows = built.status()
     assert len(rows) == len(PER_PART) * 2 + len(["consolidate", "dedup", "neardup"]) + len(GLOBAL)
     assert rows["select"] == "stale"
@@ -186,7 +189,7 @@ def test_threshold_change_reruns_only_select_and_after(built):
     before = read_dataset(built.path)
     sims = sorted(s["tags"]["clip_similarity"] for s in before)
     threshold = sims[len(sims) // 2]  # keeps about half
-    result = built.build("subset.parts=[0,1]", f"select.min_clip_similarity={threshold!r}")
+    result = built.build(*RECIPE, f"select.min_clip_similarity={threshold!r}")
     assert result.ran == GLOBAL
     after = read_dataset(built.path)
     assert 0 < len(after) < len(before)
@@ -195,12 +198,12 @@ def test_threshold_change_reruns_only_select_and_after(built):
 
 
 def test_adding_a_part_runs_only_that_part_and_global_stages(built):
-    base = ["subset.parts=[0,1]"]
+    base = RECIPE
     built.build(*base)  # back to the default threshold (restored from the run-cache)
     digests = {d: tree_digest(built / "data" / d) for d in ("dataset", "embeddings", "index", "selected")}
     funnel = (built / "data/metrics/funnel.json").read_text()
 
-    added = built.build("subset.parts=[0,1,2]")
+    added = built.build("subset.parts=[0,1,2]", *EXTRA)
     assert sorted(added.ran) == sorted([f"{s}@2" for s in PER_PART] + ["dedup", "neardup"] + GLOBAL)
     assert set(json.loads((built / "data/metrics/funnel.json").read_text())["parts"]) == {"0", "1", "2"}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import tarfile
@@ -60,9 +61,21 @@ def both(tmp_path_factory, shared_spark):
     local, _ = shared_demo(tmp_path_factory)
     on_spark = new_project(tmp_path_factory.mktemp("spark_stages") / "spark")
     jobs = spark_jobs(shared_spark)
-    on_spark.build_in_process(*RECIPE, "engine=spark", "engine.master=active")
+    proxy_stats = []  # each download's polite proxy: executors' requests must have gone through it
+    handler = logging.Handler()
+    handler.emit = lambda r: proxy_stats.append(r.args) if str(r.msg).startswith("polite proxy") else None
+    logger = logging.getLogger("laionbuild.stages.download")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        on_spark.build_in_process(*RECIPE, "engine=spark", "engine.master=active")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     # prepare x2, dedup, download x2 (a task per shard), embed x2, index at least
     assert spark_jobs(shared_spark) - jobs >= 8
+    assert len(proxy_stats) == 2 and all(s["requests"] > 0 for s in proxy_stats), proxy_stats
     return local, on_spark
 
 
