@@ -69,8 +69,15 @@ def spark_session(engine_cfg):
 
     if engine_cfg.master == "active":
         session = SparkSession.getActiveSession()
+        if session is None and os.environ.get("PYSPARK_GATEWAY_PORT"):
+            # a driver program started by spark-submit (laionbuild.spark_submit): its JVM is up
+            # and configured; the session is created from that configuration
+            session = (SparkSession.builder.config("spark.python.daemon.module", "laionbuild.spark_daemon")
+                       .getOrCreate())
+            session.sparkContext.setLogLevel("ERROR")
         if session is None:
-            raise RuntimeError("engine.master=active but no SparkSession is active in this process")
+            raise RuntimeError("engine.master=active but no SparkSession is active in this process "
+                               "(start the stage with spark-submit: laionbuild/spark_submit.py)")
         return session
     builder = (SparkSession.builder.master(engine_cfg.master).appName("laionbuild")
                .config("spark.ui.enabled", "false")

@@ -8,15 +8,15 @@ import json
 import pyarrow.parquet as pq
 import torch
 
-from .conftest import new_project, spark_jobs
+from .conftest import BIN, new_project, spark_jobs
 from .standins import write_laion400m, write_mscoco
 
 FAST = ["embed.model=laionbuild-tiny"]
 
 
-def outputs(project, parts):
+def outputs(project, parts, stages=("prepared", "deduped")):
     tables, counts = {}, {}
-    for stage_dir in ("prepared", "deduped"):
+    for stage_dir in stages:
         for p in parts:
             tables[stage_dir, p] = pq.read_table(project / f"data/{stage_dir}/part_{p}/metadata.parquet")
             counts[stage_dir, p] = json.loads((project / f"data/{stage_dir}/part_{p}/stats.json").read_text())
@@ -30,9 +30,9 @@ def on_spark(project, session, overrides):
     assert spark_jobs(session) > jobs  # it ran on Spark
 
 
-def assert_same(local, spark, parts):
-    local_tables, local_counts = outputs(local, parts)
-    spark_tables, spark_counts = outputs(spark, parts)
+def assert_same(local, spark, parts, stages=("prepared", "deduped")):
+    local_tables, local_counts = outputs(local, parts, stages)
+    spark_tables, spark_counts = outputs(spark, parts, stages)
     assert local_counts == spark_counts
     for key, table in local_tables.items():
         other = spark_tables[key]
@@ -101,3 +101,20 @@ def test_language_filter_on_a_csv_source(tmp_path, shared_spark):
     assert {r["language"] for r in kept} == {"en"} and {r["lang_truth"] for r in kept} == {"en"}
     counts = json.loads((local / "data/prepared/part_0/stats.json").read_text())["counts"]
     assert counts["rows_in"] == len(CAPTIONS) and counts["after_language"] == 3
+
+
+def test_a_stage_runs_under_spark_submit_on_its_session(tmp_path):
+    """`spark-submit laionbuild/spark_submit.py stage …` with engine.master=active: the stage uses
+    the session spark-submit configured, and gives what the local engine gives."""
+    import laionbuild.spark_submit
+
+    write_mscoco(tmp_path / "coco", images=12)
+    overrides = ["recipe=mscoco_face", f"source.base_url={tmp_path / 'coco'}", *FAST]
+    local = new_project(tmp_path / "local")
+    local.build(*overrides, "--stage", "prepare")
+    submitted = new_project(tmp_path / "submitted")
+    submitted.build(*overrides, "engine=spark", "engine.master=active", "--stage", "fetch")
+    result = submitted.run(str(BIN / "spark-submit"), "--master", "local[1]", "--conf", "spark.ui.enabled=false",
+                           laionbuild.spark_submit.__file__, "stage", "prepare", "--part", "0")
+    assert "prepared part 0 (spark engine)" in result.output
+    assert_same(local, submitted, [0], stages=("prepared",))

@@ -1,0 +1,19 @@
+"""`laionbuild` under spark-submit, which takes a Python file rather than a console script:
+
+    spark-submit --master yarn --conf spark.executor.memory=16g \\
+        "$(python -c 'import laionbuild.spark_submit as m; print(m.__file__)')" stage download --part 3
+
+runs one laionbuild command as the spark-submit driver program; with `engine.master=active` its
+stages use the session spark-submit configures (master, deploy settings, `--conf`)."""
+
+import os
+import sys
+
+if __name__ == "__main__":
+    # spark-submit puts this file's folder first on sys.path: laionbuild's modules must not
+    # shadow top-level ones
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    from laionbuild.cli import main
+
+    sys.exit(main())
