@@ -184,12 +184,7 @@ def run(cfg, part: int) -> None:
         raise ValueError(f"{path}: {num_rows} rows; keys hold 9 digits of row number: split the part "
                          "(source.consolidate_parts)")
     pairs = canonical_columns(schema, columns, path, aliases)
-    ids = None
-    if cfg.source.ids_url:
-        from ..ids import ids_table  # imported only when used: the stage's start-up is part of its time
-
-        id_source = next(src for src, dst in pairs if dst == cfg.source.ids_column)
-        ids = ids_table(cfg.source.ids_url, part, cfg.source.ids_column, schema.field(id_source).type)
+    ids = part_ids(cfg, part, pairs, schema)
     engine = _run_spark if cfg.engine.name == "spark" else _run_duckdb
     counts = Counts()
     with atomic_dir(part_dir("prepare", part)) as out:
@@ -198,17 +193,28 @@ def run(cfg, part: int) -> None:
     log.info("prepared part %d (%s engine): %s", part, cfg.engine.name, dict(counts.values))
 
 
-def _output_columns(cfg, pairs, dialect: SqlDialect) -> str:
-    return ", ".join(["key"] + [dialect.quote(dst) for _, dst in pairs] + (["language"] if cfg.prepare.languages else []))
+def part_ids(cfg, part: int, pairs: list[tuple[str, str]], schema: pa.Schema) -> pa.Table | None:
+    """The id list's entries for `part` (source.ids_url), typed like the source's id column."""
+    if not cfg.source.ids_url:
+        return None
+    from ..ids import ids_table  # imported only when used: the stage's start-up is part of its time
+
+    id_source = next(src for src, dst in pairs if dst == cfg.source.ids_column)
+    return ids_table(cfg.source.ids_url, part, cfg.source.ids_column, schema.field(id_source).type)
 
 
-def _run_duckdb(cfg, part, path, arrow, ids, pairs, counts, target: Path) -> None:
+def duckdb_source(cfg, path: Path, arrow: pa.Table | None, ids: pa.Table | None,
+                  limit: int | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection holding what `rows_sql` reads: the part's rows as `source_rows` (a
+    parquet file scanned in place, with its row number as `_row`; the first `limit` rows only
+    if given), the id list as `ids`, and the language detector as `laionbuild_language`."""
     con = duckdb.connect()
     if arrow is None:
+        cut = "" if limit is None else f" LIMIT {int(limit)}"
         con.execute("CREATE TEMP VIEW source_rows AS SELECT *, file_row_number AS _row FROM "
-                    f"read_parquet({sql_string(path)}, file_row_number=true)")
+                    f"read_parquet({sql_string(path)}, file_row_number=true){cut}")
     else:
-        con.register("source_rows", arrow)
+        con.register("source_rows", arrow if limit is None else arrow.slice(0, limit))
     if ids is not None:
         con.register("ids", ids)
     if cfg.prepare.languages:
@@ -217,6 +223,15 @@ def _run_duckdb(cfg, part, path, arrow, ids, pairs, counts, target: Path) -> Non
         score = cfg.prepare.min_language_score
         con.create_function("laionbuild_language", lambda c: pa.array(detect(c.to_pylist(), score), pa.string()),
                             ["VARCHAR"], "VARCHAR", type="arrow", null_handling="special", side_effects=False)
+    return con
+
+
+def _output_columns(cfg, pairs, dialect: SqlDialect) -> str:
+    return ", ".join(["key"] + [dialect.quote(dst) for _, dst in pairs] + (["language"] if cfg.prepare.languages else []))
+
+
+def _run_duckdb(cfg, part, path, arrow, ids, pairs, counts, target: Path) -> None:
+    con = duckdb_source(cfg, path, arrow, ids)
     # a table, not a view, when a UDF is involved: the language is detected once, not per scan
     kind = "TABLE" if cfg.prepare.languages else "VIEW"
     con.execute(f"CREATE TEMP {kind} rows AS {rows_sql(cfg, part, pairs, DUCKDB)}")

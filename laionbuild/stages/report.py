@@ -198,8 +198,7 @@ def _note(row: dict, names: list[str]) -> str:
 def _prepare_sections(cfg, result: dict, images: ShardImages) -> list[dict]:
     """One section per metadata filter (prepare's rules, in funnel order), with examples from
     the first SCAN_ROWS rows of each part, evaluated by the same SQL prepare runs."""
-    from ..ids import ids_table
-    from .prepare import canonical_columns, effective_source, rows_sql, source_schema
+    from .prepare import canonical_columns, duckdb_source, effective_source, part_ids, rows_sql, source_schema
     from .prepare import rules as prepare_rules
 
     active = prepare_rules(cfg, set(cfg.source.columns), DUCKDB)
@@ -210,21 +209,7 @@ def _prepare_sections(cfg, result: dict, images: ShardImages) -> list[dict]:
         columns, aliases, fmt = effective_source(cfg)
         schema, _, arrow = source_schema(path, fmt)
         pairs = canonical_columns(schema, columns, path, aliases)
-        con = duckdb.connect()
-        if arrow is None:
-            con.execute(f"CREATE TEMP VIEW source_rows AS SELECT *, file_row_number AS _row FROM "
-                        f"read_parquet({sql_string(path)}, file_row_number=true) LIMIT {SCAN_ROWS}")
-        else:
-            con.register("source_rows", arrow.slice(0, SCAN_ROWS))
-        if cfg.source.ids_url:
-            id_source = next(src for src, dst in pairs if dst == cfg.source.ids_column)
-            con.register("ids", ids_table(cfg.source.ids_url, part, cfg.source.ids_column, schema.field(id_source).type))
-        if cfg.prepare.languages:
-            from ..language import detect
-
-            score = cfg.prepare.min_language_score
-            con.create_function("laionbuild_language", lambda c: pa.array(detect(c.to_pylist(), score), pa.string()),
-                                ["VARCHAR"], "VARCHAR", type="arrow", null_handling="special", side_effects=False)
+        con = duckdb_source(cfg, path, arrow, part_ids(cfg, part, pairs, schema), limit=SCAN_ROWS)
         con.execute(f"CREATE TEMP TABLE part_rows AS {rows_sql(cfg, part, pairs, DUCKDB)}")
         con.register("downloaded", pa.table({"key": [k for k in images.keys() if k.startswith(f"{part:05d}")]}))
         has_images = con.execute("SELECT count(*) FROM downloaded").fetchone()[0] > 0
