@@ -184,7 +184,14 @@ def cmd_stage(args) -> int:
 
     cfg = load_params(args.params)
     run_stage(args.name, cfg, args.part)
-    return 0
+    # The stage's outputs are committed (atomic renames). Leave without the interpreter's
+    # teardown: pyarrow's parquet threads can abort it at random after all the work is done
+    # (apache/arrow#34314, "terminate called without an active exception", SIGABRT), which DVC
+    # would count as a failed stage. (A JVM this process started exits when its stdin closes.)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def cmd_retry_failed(args) -> int:
