@@ -244,12 +244,12 @@ def child_clip(part: int, workers: int | None, batch: int | None, no_warmup: boo
 
     from laionbuild.config import load_params
     from laionbuild.models import resolve
-    from laionbuild.stages.download import shard_files
     from laionbuild.stages.embed import _brace_pattern
+    from laionbuild.storage import part_shards
     imports = time.perf_counter() - start
     cfg = load_params("params.yaml")
     model = resolve(cfg.embed)
-    shards = shard_files(Path(f"data/images/part_{part}"))
+    shards = part_shards(Path(f"data/images/part_{part}"))
     marks: dict = {"imports": imports}
     _hook_clip_inference(marks, no_warmup, no_logger)
     out = Path(f"data/.bench/clip_part_{part}_{os.getpid()}")

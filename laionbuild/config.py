@@ -161,6 +161,10 @@ class DownloadConfig:
     allow_private_urls: bool = False
     private_host_allowlist: List[str] = field(default_factory=list)  # hosts exempt (e.g. an internal mirror)
     local_server: LocalServerConfig = field(default_factory=LocalServerConfig)
+    # Where img2dataset writes the shards: None = in the workspace (data/images, DVC-cached); an
+    # fsspec URL (s3://bucket/prefix, gs://…, hdfs://…, file:///mnt/shared/…) = there, one
+    # prefix per distinct stage input, data/images/part_N keeping a manifest (laionbuild/storage.py)
+    shards_url: Optional[str] = None
 
 
 @dataclass
@@ -410,6 +414,16 @@ def validate(cfg: Config | DictConfig, where: str = "recipe") -> None:
     _check(d.retry_delay >= 0, "download.retry_delay", "must be >= 0", where)
     _check((d.local_server.host is None) == (d.local_server.root is None), "download.local_server",
            "set both host and root, or neither", where)
+    if d.shards_url is not None:
+        _check("://" in d.shards_url or d.shards_url.startswith("/"), "download.shards_url",
+               f"an fsspec URL (s3://bucket/prefix, file:///mnt/shared/x) or an absolute path, got "
+               f"{d.shards_url!r} (executors resolve relative paths in their own directory)", where)
+        try:
+            import fsspec
+
+            fsspec.get_filesystem_class(d.shards_url.split("://", 1)[0] if "://" in d.shards_url else "file")
+        except (ImportError, ValueError) as exc:
+            raise RecipeError(f"{where}: invalid value for `download.shards_url`: {exc}") from None
 
     e = c.embed
     _check(not e.from_source or bool(c.source.image_embeddings), "embed.from_source",

@@ -346,9 +346,10 @@ def _pipe(a: socket.socket, b: socket.socket, idle: float) -> None:
 
 
 @contextmanager
-def proxy_environment(url: str | None):
+def proxy_environment(url: str | None, bypass: tuple[str, ...] = ()):
     """Point urllib (in this process and the processes it starts) at `url`, restoring the
-    environment afterwards. `no_proxy` is cleared so that no host bypasses the proxy."""
+    environment afterwards. `no_proxy` is set to `bypass` (hosts or domain suffixes: the object
+    store the shards are written to), so no image host bypasses the proxy."""
     names = ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY"]
     saved = {n: os.environ.get(n) for n in names}
     try:
@@ -356,7 +357,10 @@ def proxy_environment(url: str | None):
             for n in names[:4]:
                 os.environ[n] = url
             for n in names[4:]:
-                os.environ.pop(n, None)
+                if bypass:
+                    os.environ[n] = ",".join(bypass)
+                else:
+                    os.environ.pop(n, None)
         yield
     finally:
         for n, v in saved.items():

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from .layout import part_dir
+from .storage import open_binary
 
 IMAGE_EXTENSIONS = ("jpg", "png", "webp", "jpeg")
 
@@ -28,7 +29,7 @@ class ShardImages:
     default; a DVC filesystem's `open` to read a build at another revision)."""
 
     def __init__(self, open_file: Callable[[str], BinaryIO] | None = None):
-        self._open = open_file or (lambda path: open(path, "rb"))
+        self._open = open_file or open_binary
         self._stack = ExitStack()
         self._tars: dict[str, tarfile.TarFile] = {}
         self._where: dict[str, tuple[str, str]] = {}  # key -> (shard, member stem)
@@ -86,12 +87,13 @@ class ShardImages:
 def add_downloaded_parts(images: ShardImages, parts) -> None:
     """Register the successfully downloaded samples of img2dataset's shards of `parts`, by our
     key, from the shards' parquet files (no tar is opened until an image is read)."""
-    from .stages.download import KEY_COLUMN, shard_files
+    from .stages.download import KEY_COLUMN
+    from .storage import part_shards
 
     for part in parts:
-        for shard in shard_files(part_dir("download", part)):
-            rows = pq.read_table(shard.with_suffix(".parquet"), columns=["key", "status", KEY_COLUMN]).to_pydict()
-            images.add_shard(str(shard), {ours: stem for stem, status, ours in
+        for shard in part_shards(part_dir("download", part)):
+            rows = pq.read_table(shard.parquet, columns=["key", "status", KEY_COLUMN]).to_pydict()
+            images.add_shard(shard.location, {ours: stem for stem, status, ours in
                                           zip(rows["key"], rows["status"], rows[KEY_COLUMN]) if status == "success"})
 
 

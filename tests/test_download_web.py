@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from laionbuild.failures import REFUSED_HOP, classify, transient
+from laionbuild.storage import part_shards
 
 from .imageserver import source_overrides
 from .webfaults import FaultyWeb
@@ -104,26 +105,42 @@ def test_429_is_backed_off_and_retried(project, tmp_path):
     assert stats(project)["counts"]["downloaded_ok"] == 6
 
 
-def test_retry_failed_merges_recovered_samples(project, tmp_path):
+def _image_keys(project, part: int = 0) -> list[str]:
+    keys = []
+    for shard in part_shards(project / f"data/images/part_{part}"):
+        with shard.open() as f, tarfile.open(fileobj=f) as tar:
+            keys += [m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith(".jpg")]
+    return keys
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["workspace", "shards_url"])
+def test_retry_failed_merges_recovered_samples(project, tmp_path, shared):
+    """Also with the shards under download.shards_url (here a file:// folder outside the project,
+    as a shared mount): the recovered part goes to a new prefix, the old one stays as it was."""
+    shards_url = [f"download.shards_url=file://{tmp_path / 'shared'}"] if shared else []
     with FaultyWeb() as web:
         urls = [web.url(0, f"/img/{i}.jpg") for i in range(10)] + [web.url(0, f"/flaky/{i}.jpg") for i in range(10, 14)]
         urls += [web.url(0, f"/missing/{i}.jpg") for i in range(14, 16)]
         write_urls(tmp_path / "source", urls)
         overrides = [*source_overrides(tmp_path / "source"), "download.allow_private_urls=true",
-                     "download.number_sample_per_shard=6", "select.min_clip_similarity=null"]
+                     "download.number_sample_per_shard=6", "select.min_clip_similarity=null", *shards_url]
         project.build(*overrides)
         before = stats(project)
+        first = json.loads((project / "data/images/part_0/shards.json").read_text()) if shared else None
         assert before["counts"]["downloaded_ok"] == 10 and before["failures"] == {"http 503": 4, "http 404": 2}
         out = project.laionbuild("retry-failed").output
         assert "4 transient failures re-attempted, 4 recovered" in out
         assert sum(n for (_, path), n in web.requests.items() if path.startswith("/missing/")) == 2  # 404s not retried
     after = stats(project)
     assert after["counts"]["downloaded_ok"] == 14 and after["failures"] == {"http 404": 2}
-    keys = []
-    for path in sorted((project / "data/images/part_0").glob("*.tar")):
-        with tarfile.open(path) as tar:
-            keys += [m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith(".jpg")]
+    keys = _image_keys(project)
     assert len(keys) == len(set(keys)) == 14
+    if shared:
+        assert not list((project / "data/images/part_0").glob("*.tar"))
+        second = json.loads((project / "data/images/part_0/shards.json").read_text())
+        assert second["url"] != first["url"] and second["url"].startswith(f"file://{tmp_path / 'shared'}/part_0-")
+        old = tmp_path / "shared" / first["url"].rsplit("/", 1)[-1]
+        assert {p.name: p.stat().st_size for p in old.glob("*.tar")} == {s["name"]: s["size"] for s in first["shards"]}
     assert project.status()["download@0"] == "built"  # recorded in dvc.lock
     rebuilt = project.build(*overrides)
     assert "download@0" not in rebuilt.ran and "embed@0" in rebuilt.ran

@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 
 from ..atomic import atomic_dir, read_json
 from ..layout import DATASET, EMBEDDINGS, SELECTED, embed_dir, part_dir
-from .download import KEY_COLUMN, shard_files
+from ..storage import part_shards
+from .download import KEY_COLUMN
 from .select import selected_keys
 
 TAG_COLUMNS_SKIP = {"key", "part"}
@@ -43,8 +44,8 @@ def downloaded_images(part: int):
     samples in completion order, not input order."""
     with ExitStack() as stack:
         found: dict[str, tuple] = {}
-        for shard in shard_files(part_dir("download", part)):
-            tar = stack.enter_context(tarfile.open(shard))
+        for shard in part_shards(part_dir("download", part)):
+            tar = stack.enter_context(tarfile.open(fileobj=stack.enter_context(shard.open())))
             members: dict[str, dict[str, tarfile.TarInfo]] = {}
             for member in tar.getmembers():
                 stem, _, ext = member.name.partition(".")

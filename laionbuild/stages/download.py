@@ -4,6 +4,8 @@
 Resume: img2dataset works in `data/.work/download/part_N-<fingerprint>/` in incremental mode, so
 a killed run continues from the shards it finished; the fingerprint (params + input checksum)
 keeps a changed recipe from resuming stale work. Only a finished part is moved into place.
+With `download.shards_url`, the shards are written (and resumed) under that URL instead and the
+part's directory gets a manifest of them: see `laionbuild/storage.py`.
 
 Politeness and the URL policy on every hop: img2dataset's requests go through the proxy of
 `laionbuild/politeness.py` (per-host concurrency cap, 429 back-off). Retry: transient failures
@@ -17,6 +19,7 @@ one failure reason (img2dataset's per-row status, classified).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,6 +41,7 @@ from ..funnel import Counts, load_stats
 from ..layout import TMP, WORK, part_dir
 from ..local_server import serve_folder
 from ..politeness import PoliteProxy, proxy_environment
+from ..storage import MANIFEST, filesystem, is_url, join, storage_hosts
 from ..url_policy import refusals, spread_by_host
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,16 @@ KEY_COLUMN = "laionbuild_key"  # our key, carried through img2dataset as an addi
 def _fingerprint(cfg, metadata: Path) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps([_i2d_settings(cfg), cfg.download.allow_private_urls], sort_keys=True).encode())
+    digest.update(metadata.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _prefix_fingerprint(cfg, metadata: Path) -> str:
+    """Names a part's prefix under download.shards_url: every download setting (retry rounds
+    included: they rewrite shards) and the input, so a complete prefix is never written again."""
+    settings = dataclasses.asdict(cfg.download) if dataclasses.is_dataclass(cfg.download) else dict(cfg.download)
+    settings.pop("shards_url", None)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     digest.update(metadata.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -89,6 +103,36 @@ def shard_files(directory: Path) -> list[Path]:
     return sorted(Path(directory).glob("*.tar"))
 
 
+def _glob(shards: str, pattern: str) -> list[str]:
+    """Files matching `pattern` in a shard folder (a local path or an fsspec URL), sorted."""
+    fs, root = filesystem(shards)
+    return sorted(fs.glob(f"{root.rstrip('/')}/{pattern}"))
+
+
+def _read(shards: str, name: str) -> bytes:
+    fs, root = filesystem(shards)
+    with fs.open(f"{root.rstrip('/')}/{name}", "rb") as f:
+        return f.read()
+
+
+def _stem(path: str) -> str:
+    return path.rsplit("/", 1)[-1].split(".", 1)[0].removesuffix("_stats")
+
+
+def _write(shards: str, name: str, data: bytes) -> None:
+    """Replace `name` in a shard folder. Locally: a new file renamed over the old one, so a
+    hard-linked original (DVC cache, the work dir) is never modified in place; on an object store
+    a put is atomic already."""
+    if not is_url(shards):
+        path = Path(str(shards).removeprefix("file://")) / name
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
+    fs, root = filesystem(shards)
+    fs.pipe_file(f"{root.rstrip('/')}/{name}", data)
+
+
 @contextmanager
 def web(cfg):
     """While open: the demo's local server (if any) and the polite proxy, with urllib pointed at
@@ -98,12 +142,12 @@ def web(cfg):
     with serve_folder(server.root) if server.host else nullcontext(None) as base_url:
         proxy = PoliteProxy(d.max_per_host, d.allow_private_urls, d.timeout,
                             private_host_allowlist=d.private_host_allowlist, backoff_base=d.backoff_seconds)
-        with proxy as proxy_url, proxy_environment(proxy_url):
+        with proxy as proxy_url, proxy_environment(proxy_url, storage_hosts(d.shards_url)):
             yield lambda urls: _rewrite(urls, server.host, base_url)
         log.info("polite proxy: %s", proxy.stats)
 
 
-def _img2dataset(cfg, input_path: Path, shards: Path) -> None:
+def _img2dataset(cfg, input_path: Path, shards: str) -> None:
     distributor, environment = "multiprocessing", nullcontext()
     if cfg.engine.name == "spark":
         # img2dataset's own Spark path: one task per shard on the session's executors, whose
@@ -116,7 +160,7 @@ def _img2dataset(cfg, input_path: Path, shards: Path) -> None:
         _download(cfg, input_path, shards, distributor)
 
 
-def _download(cfg, input_path: Path, shards: Path, distributor: str) -> None:
+def _download(cfg, input_path: Path, shards: str, distributor: str) -> None:
     import img2dataset
 
     img2dataset.download(  # absolute paths: executors' workers do not run in this process's directory
@@ -125,7 +169,7 @@ def _download(cfg, input_path: Path, shards: Path, distributor: str) -> None:
         url_col="url",
         caption_col="caption",
         save_additional_columns=[KEY_COLUMN],
-        output_folder=str(shards.resolve()),
+        output_folder=shards,
         output_format="webdataset",
         incremental_mode="incremental",
         distributor=distributor,
@@ -134,12 +178,13 @@ def _download(cfg, input_path: Path, shards: Path, distributor: str) -> None:
     )
 
 
-def _shard_rows(shards: Path) -> pa.Table:
+def _shard_rows(shards: str) -> pa.Table:
     """Every row img2dataset wrote (successes and failures) with its shard."""
     tables = []
-    for path in sorted(shards.glob("*.parquet")):
-        t = pq.read_table(path, columns=["key", "status", "error_message", KEY_COLUMN])
-        tables.append(t.append_column("shard", pa.array([path.stem] * t.num_rows, pa.string())))
+    for path in _glob(shards, "*.parquet"):
+        name = path.rsplit("/", 1)[-1]
+        t = pq.read_table(io.BytesIO(_read(shards, name)), columns=["key", "status", "error_message", KEY_COLUMN])
+        tables.append(t.append_column("shard", pa.array([_stem(name)] * t.num_rows, pa.string())))
     if not tables:
         return pa.table({"key": pa.array([], pa.string()), "status": pa.array([], pa.string()),
                          "error_message": pa.array([], pa.string()), KEY_COLUMN: pa.array([], pa.string()),
@@ -147,7 +192,7 @@ def _shard_rows(shards: Path) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def part_counts(attempted: int, refused: dict, shards: Path) -> Counts:
+def part_counts(attempted: int, refused: dict, shards: str) -> Counts:
     """The part's funnel: every row in exactly one bucket."""
     counts = Counts()
     rows = _shard_rows(shards)
@@ -178,8 +223,10 @@ def run(cfg, part: int) -> None:
         return
     table = pq.read_table(metadata_path, columns=["key", "url", "caption"])
     work = WORK / "download" / f"part_{part}-{_fingerprint(cfg, metadata_path)}"
-    shards = work / "shards"
     work.mkdir(parents=True, exist_ok=True)
+    url = cfg.download.shards_url
+    # absolute: executors' workers do not run in this process's directory
+    shards = join(url, f"part_{part}-{_prefix_fingerprint(cfg, metadata_path)}") if url else str((work / "shards").resolve())
 
     with web(cfg) as rewrite:
         urls = rewrite(table.column("url").to_pylist())
@@ -194,7 +241,7 @@ def run(cfg, part: int) -> None:
         pq.write_table(fetch_table, input_path)
         if fetch_table.num_rows:
             _img2dataset(cfg, input_path, shards)
-        stats_files = sorted(shards.glob("*_stats.json")) if fetch_table.num_rows else []
+        stats_files = _glob(shards, "*_stats.json") if fetch_table.num_rows else []
         expected = -(-fetch_table.num_rows // cfg.download.number_sample_per_shard)
         if len(stats_files) != expected:
             raise RuntimeError(f"download of part {part} incomplete: {len(stats_files)}/{expected} shards have "
@@ -206,19 +253,38 @@ def run(cfg, part: int) -> None:
             recovered = retry_shards(cfg, shards, table, rewrite, work / f"retry_{round_}")
             log.info("part %d retry round %d: %d recovered", part, round_ + 1, recovered)
 
-    counts = part_counts(table.num_rows, refused, shards if fetch_table.num_rows else work / "none")
+    fetched = shards if fetch_table.num_rows else str(work / "none")
+    counts = part_counts(table.num_rows, refused, fetched)
     with atomic_dir(part_dir("download", part)) as out:
-        for path in sorted(shards.iterdir()) if fetch_table.num_rows else []:
-            if path.suffix in (".tar", ".parquet") or path.name.endswith("_stats.json"):
-                os.link(path, out / path.name)  # the work dir stays whole until the part is in place
+        if url:
+            _commit_manifest(shards, fetched, out)
+        else:
+            for path in sorted(Path(fetched).iterdir()) if fetch_table.num_rows else []:
+                if path.suffix in (".tar", ".parquet") or path.name.endswith("_stats.json"):
+                    os.link(path, out / path.name)  # the work dir stays whole until the part is in place
         counts.save(out, refused=refused)
     shutil.rmtree(work, ignore_errors=True)
     log.info("downloaded part %d: %d/%d ok", part, counts.values["downloaded_ok"], table.num_rows)
 
 
+def _commit_manifest(shards: str, fetched: str, out: Path) -> None:
+    """Shards under download.shards_url: their small files are copied into the part's directory
+    (funnel, report, readers), the tars stay where they are, listed with their sizes."""
+    listed = []
+    if fetched == shards:
+        fs, root = filesystem(shards)
+        for entry in sorted(fs.ls(root, detail=True), key=lambda e: e["name"]):
+            name = entry["name"].rsplit("/", 1)[-1]
+            if name.endswith(".tar"):
+                listed.append({"name": name, "size": entry["size"]})
+            elif name.endswith(".parquet") or name.endswith("_stats.json"):
+                (out / name).write_bytes(_read(shards, name))
+    write_json(out / MANIFEST, {"url": shards, "shards": listed})
+
+
 # -- retrying transient failures -----------------------------------------------------------------
 
-def _transient_failures(shards: Path) -> list[tuple[str, str, str]]:
+def _transient_failures(shards: str) -> list[tuple[str, str, str]]:
     """(shard, img2dataset key, our key) of every row that failed for a transient reason."""
     rows = _shard_rows(shards)
     out = []
@@ -229,15 +295,7 @@ def _transient_failures(shards: Path) -> list[tuple[str, str, str]]:
     return out
 
 
-def _replace_bytes(path: Path, data: bytes) -> None:
-    """Write a new file and rename it over `path`: a hard-linked original (DVC cache, the work
-    dir) is never modified in place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def retry_shards(cfg, shards: Path, metadata: pa.Table, rewrite, scratch: Path) -> int:
+def retry_shards(cfg, shards: str, metadata: pa.Table, rewrite, scratch: Path) -> int:
     """Re-download the transient failures in `shards` and merge the successes into the shards
     that held them (same sample key, tar members appended, parquet row and stats updated).
     Returns how many were recovered."""
@@ -254,7 +312,7 @@ def retry_shards(cfg, shards: Path, metadata: pa.Table, rewrite, scratch: Path) 
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     pq.write_table(retry_input, scratch / "input.parquet")
-    _img2dataset(cfg, scratch / "input.parquet", scratch / "shards")
+    _img2dataset(cfg, scratch / "input.parquet", str((scratch / "shards").resolve()))
 
     new_rows = {}  # our key -> (new shard, new i2d key, parquet row)
     for path in sorted((scratch / "shards").glob("*.parquet")):
@@ -271,7 +329,7 @@ def retry_shards(cfg, shards: Path, metadata: pa.Table, rewrite, scratch: Path) 
     return len(new_rows)
 
 
-def _merge_into_shard(shards: Path, shard: str, recovered: list, new_dir: Path) -> None:
+def _merge_into_shard(shards: str, shard: str, recovered: list, new_dir: Path) -> None:
     """`recovered`: (original i2d key, new shard, new i2d key, new parquet row)."""
     members: dict[str, list[tuple[tarfile.TarInfo, bytes]]] = {}
     for new_shard in {r[1] for r in recovered}:
@@ -280,7 +338,8 @@ def _merge_into_shard(shards: Path, shard: str, recovered: list, new_dir: Path) 
                 if info.isfile():
                     members.setdefault(info.name.split(".", 1)[0], []).append((info, tar.extractfile(info).read()))
     buffer = io.BytesIO()
-    with tarfile.open(shards / f"{shard}.tar") as old, tarfile.open(fileobj=buffer, mode="w") as out:
+    with tarfile.open(fileobj=io.BytesIO(_read(shards, f"{shard}.tar"))) as old, \
+            tarfile.open(fileobj=buffer, mode="w") as out:
         for info in old.getmembers():
             out.addfile(info, old.extractfile(info) if info.isfile() else None)
         for original, _, new_key, _ in recovered:
@@ -293,19 +352,17 @@ def _merge_into_shard(shards: Path, shard: str, recovered: list, new_dir: Path) 
                 renamed = tarfile.TarInfo(f"{original}.{ext}")
                 renamed.size, renamed.mtime, renamed.mode = len(data), info.mtime, info.mode
                 out.addfile(renamed, io.BytesIO(data))
-    _replace_bytes(shards / f"{shard}.tar", buffer.getvalue())
+    _write(shards, f"{shard}.tar", buffer.getvalue())
 
-    parquet_path = shards / f"{shard}.parquet"
-    old_table = pq.read_table(parquet_path)
+    old_table = pq.read_table(io.BytesIO(_read(shards, f"{shard}.parquet")))
     replacement = {original: dict(row, key=original) for original, _, _, row in recovered}
     rows = [replacement.get(row["key"], row) for row in old_table.to_pylist()]
     merged = pa.Table.from_pylist(rows, schema=old_table.schema)
     sink = io.BytesIO()
     pq.write_table(merged, sink)
-    _replace_bytes(parquet_path, sink.getvalue())
+    _write(shards, f"{shard}.parquet", sink.getvalue())
 
-    stats_path = shards / f"{shard}_stats.json"
-    stats = read_json(stats_path)
+    stats = json.loads(_read(shards, f"{shard}_stats.json"))
     statuses = merged.column("status").to_pylist()
     messages = merged.column("error_message").to_pylist()
     stats["successes"] = statuses.count("success")
@@ -316,34 +373,49 @@ def _merge_into_shard(shards: Path, shard: str, recovered: list, new_dir: Path) 
         name = "success" if status == "success" else message
         status_dict[name] = status_dict.get(name, 0) + 1
     stats["status_dict"] = status_dict
-    tmp = stats_path.with_name(f".{stats_path.name}.{os.getpid()}.tmp")
-    write_json(tmp, stats)
-    os.replace(tmp, stats_path)
+    _write(shards, f"{shard}_stats.json", (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode())
 
 
 def retry_part(cfg, part: int) -> tuple[int, int]:
     """`laionbuild retry-failed` for one built part: (transient failures, recovered). The part
-    is rebuilt beside the old one (hard links, new files for what changes) and swapped in."""
+    is rebuilt beside the old one (hard links, new files for what changes) and swapped in. Shards
+    under download.shards_url are copied to a new prefix first: the old one stays as it was, for
+    the builds whose manifest names it."""
     target = part_dir("download", part)
     if not (target / "stats.json").exists():
         raise FileNotFoundError(f"{target}: part {part} is not downloaded yet; build it first")
     old_stats = load_stats(target)
     metadata = pq.read_table(part_dir("dedup", part) / "metadata.parquet", columns=["key", "url", "caption"])
-    failed = len(_transient_failures(target))
+    failed = len(_transient_failures(str(target)))
     if not failed:
         return 0, 0
-    staging = TMP / f"retry_part_{part}.{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for path in target.iterdir():
-        os.link(path, staging / path.name)
+    remote = (target / MANIFEST).exists()
+    staging_dir = TMP / f"retry_part_{part}.{os.getpid()}"
+    shutil.rmtree(staging_dir, ignore_errors=True)
+    staging_dir.mkdir(parents=True)
+    if remote:
+        old = read_json(target / MANIFEST)["url"]
+        staging = f"{old.rstrip('/')}-retry-{hashlib.sha256((target / MANIFEST).read_bytes()).hexdigest()[:8]}"
+        fs, root = filesystem(old)
+        new_root = filesystem(staging)[1].rstrip("/")
+        fs.makedirs(new_root, exist_ok=True)
+        for path in fs.find(root):
+            if "/_tmp/" not in path:
+                fs.copy(path, f"{new_root}/{path.rsplit('/', 1)[-1]}")
+    else:
+        for path in target.iterdir():
+            os.link(path, staging_dir / path.name)
+        staging = str(staging_dir)
     with web(cfg) as rewrite:
         recovered = retry_shards(cfg, staging, metadata, rewrite, TMP / f"retry_scratch_{part}.{os.getpid()}")
     counts = part_counts(metadata.num_rows, old_stats.get("refused", {}), staging)
     with atomic_dir(target) as out:
-        for path in sorted(staging.iterdir()):
-            if path.name != "stats.json":
-                os.link(path, out / path.name)
+        if remote:
+            _commit_manifest(staging, staging, out)
+        else:
+            for path in sorted(staging_dir.iterdir()):
+                if path.name != "stats.json":
+                    os.link(path, out / path.name)
         counts.save(out, refused=old_stats.get("refused", {}))
-    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(staging_dir, ignore_errors=True)
     return failed, recovered

@@ -19,7 +19,8 @@ from ..atomic import atomic_dir, read_json, write_json
 from ..funnel import Counts
 from ..layout import TMP, part_dir
 from ..models import describe, resolve
-from .download import KEY_COLUMN, shard_files
+from ..storage import Shard, is_url, part_shards, webdataset_url
+from .download import KEY_COLUMN
 
 log = logging.getLogger(__name__)
 METADATA_COLUMNS = ["image_path", "caption", KEY_COLUMN, "url", "width", "height", "original_width",
@@ -34,15 +35,21 @@ def _select_device(device: str) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
 
 
-def _brace_pattern(shards: list[Path]) -> str:
+def _absolute(shard: Shard) -> str:
+    """A shard's location as executors' workers can open it (not relative to this directory)."""
+    return shard.location if is_url(shard.location) else str(Path(shard.location).resolve())
+
+
+def _brace_pattern(shards: list[Shard]) -> str:
     """clip_inference takes webdataset inputs as one brace pattern (it brace-expands a string)."""
-    stems = [p.stem for p in shards]
+    stems = [s.name for s in shards]
+    folder = _absolute(shards[0]).rsplit("/", 1)[0]
     expected = [f"{i:0{len(stems[0])}d}" for i in range(int(stems[0]), int(stems[0]) + len(stems))]
     if stems != expected:
-        raise RuntimeError(f"{shards[0].parent}: shard names are not contiguous: {stems}")
+        raise RuntimeError(f"{folder}: shard names are not contiguous: {stems}")
     if len(stems) == 1:
-        return str(shards[0])
-    return f"{shards[0].parent}/{{{stems[0]}..{stems[-1]}}}.tar"
+        return webdataset_url(_absolute(shards[0]))
+    return webdataset_url(f"{folder}/{{{stems[0]}..{stems[-1]}}}.tar")
 
 
 def write_part(out: Path, img: np.ndarray, text: np.ndarray, metadata: pd.DataFrame) -> None:
@@ -114,7 +121,7 @@ class _StatsLogger:
                  self.samples / seconds if seconds else 0.0)
 
 
-def _run_local(raw: Path, shards: list[Path], batch_size: int, workers: int, clip_model: str) -> None:
+def _run_local(raw: Path, shards: list[Shard], batch_size: int, workers: int, clip_model: str) -> None:
     """clip_inference's sequential path, built from clip-retrieval's own blocks (Runner,
     WebdatasetReader, ClipMapper, NumpyWriter) as its worker() does, but with the stats kept
     in-process and, on CPU, all_clip's warm-up (two forward passes of a full batch, there to
@@ -129,7 +136,7 @@ def _run_local(raw: Path, shards: list[Path], batch_size: int, workers: int, cli
     warmup = batch_size if torch.cuda.is_available() else 1
     # clip_inference hangs when a DataLoader worker gets no shard
     workers = max(1, min(workers, len(shards)))
-    inputs = [str(p) for p in shards]
+    inputs = [webdataset_url(s.location) for s in shards]
 
     def reader(sampler):
         _, preprocess, tokenizer = load_clip(clip_model=clip_model, use_jit=False, warmup_batch_size=warmup,
@@ -149,7 +156,7 @@ def _run_local(raw: Path, shards: list[Path], batch_size: int, workers: int, cli
            logger_builder=lambda i: _StatsLogger(raw.name), output_partition_count=1)(0)
 
 
-def _embed(cfg, part: int, shards: list[Path], downloaded: int, model) -> tuple:
+def _embed(cfg, part: int, shards: list[Shard], downloaded: int, model) -> tuple:
     """One model over the part's shards -> (img, text, metadata, dim), rows in key order."""
     if downloaded == 0:
         metadata = pd.DataFrame({c: pd.Series(dtype="object") for c in METADATA_COLUMNS})
@@ -165,7 +172,7 @@ def _embed(cfg, part: int, shards: list[Path], downloaded: int, model) -> tuple:
 
         spark_session(cfg.engine)
         # absolute paths: executors' workers do not run in this process's directory
-        clip_inference(input_dataset=_brace_pattern([s.resolve() for s in shards]), output_folder=str(raw.resolve()),
+        clip_inference(input_dataset=_brace_pattern(shards), output_folder=str(raw.resolve()),
                        input_format="webdataset",
                        enable_text=True, enable_image=True, enable_metadata=True, batch_size=cfg.embed.batch_size,
                        num_prepro_workers=1, clip_model=model.clip_model, use_jit=False,
@@ -196,7 +203,7 @@ def run(cfg, part: int) -> None:
     if cfg.embed.from_source:
         return from_source(cfg, part)
     _select_device(cfg.embed.device)
-    shards = shard_files(part_dir("download", part))
+    shards = part_shards(part_dir("download", part))
     downloaded = read_json(part_dir("download", part) / "stats.json")["counts"]["downloaded_ok"]
     model = resolve(cfg.embed)
     extra = {name: resolve(spec) for name, spec in cfg.embed.extra_models.items()}  # bad names fail first

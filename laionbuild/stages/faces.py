@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 from ..atomic import atomic_dir
 from ..funnel import Counts
 from ..layout import WORK, part_dir
-from .download import KEY_COLUMN, shard_files
+from ..storage import Shard, is_url, open_binary, part_shards
+from .download import KEY_COLUMN
 
 log = logging.getLogger(__name__)
 SCHEMA = pa.schema([("key", pa.string()), ("face_count", pa.int32()), ("face_max_score", pa.float32()),
@@ -55,14 +56,14 @@ def _init_worker(settings: dict) -> None:
     _detector = _detector_for(settings)
 
 
-def _tag_shard(tar_path: str, target: str) -> int:
+def _tag_shard(location: str, target: str) -> int:
     """Tags of one shard -> `target` (written atomically). Returns the row count."""
     from PIL import Image
 
     from ..faces import face_tags
 
     samples: dict[str, dict] = {}
-    with tarfile.open(tar_path) as tar:
+    with open_binary(location) as f, tarfile.open(fileobj=f) as tar:
         for member in tar.getmembers():
             if not member.isfile():
                 continue
@@ -84,18 +85,18 @@ def _tag_shard(tar_path: str, target: str) -> int:
     return table.num_rows
 
 
-def _fingerprint(cfg, shards: list[Path]) -> str:
+def _fingerprint(cfg, shards: list[Shard]) -> str:
     f = cfg.tag.faces
     digest = hashlib.sha256(json.dumps([f.detector, f.weights, f.min_score, f.upscale]).encode())
-    for path in shards:
-        stat = path.stat()
-        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for shard in shards:  # a URL's prefix is named by its content; a local file also by its mtime
+        mtime = 0 if is_url(shard.location) else Path(shard.location).stat().st_mtime_ns
+        digest.update(f"{shard.location}:{shard.size}:{mtime}".encode())
     return digest.hexdigest()[:16]
 
 
 def run(cfg, part: int) -> None:
     f = cfg.tag.faces
-    shards = shard_files(part_dir("download", part))
+    shards = part_shards(part_dir("download", part))
     counts = Counts()
     if f.detector == "none":
         keys = []
@@ -108,8 +109,8 @@ def run(cfg, part: int) -> None:
         name = _detector_for(settings).name  # a bad setting fails here, in the stage's own process
         work = WORK / "faces" / f"part_{part}-{_fingerprint(cfg, shards)}"
         work.mkdir(parents=True, exist_ok=True)
-        targets = [work / f"{path.stem}.parquet" for path in shards]
-        todo = [(str(s), str(t)) for s, t in zip(shards, targets) if not t.exists()]
+        targets = [work / f"{shard.name}.parquet" for shard in shards]
+        todo = [(s.location, str(t)) for s, t in zip(shards, targets) if not t.exists()]
         if todo:
             with ProcessPoolExecutor(max_workers=min(f.processes, len(todo)), mp_context=get_context("spawn"),
                                      initializer=_init_worker, initargs=(settings,)) as pool:

@@ -279,9 +279,10 @@ def _dedup_sections(cfg, images: ShardImages) -> list[dict]:
 
 def _download_sections(cfg, result: dict, images: ShardImages) -> list[dict]:
     """Rows whose download failed (with the reason) and rows downloaded."""
-    from .download import KEY_COLUMN, shard_files
+    from ..storage import part_shards
+    from .download import KEY_COLUMN
 
-    files = [str(s.with_suffix(".parquet")) for p in cfg.subset.parts for s in shard_files(part_dir("download", p))]
+    files = [str(s.parquet) for p in cfg.subset.parts for s in part_shards(part_dir("download", p))]
     if not files:
         return []
     con = duckdb.connect()

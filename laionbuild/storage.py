@@ -1,0 +1,145 @@
+"""Shards outside the workspace: `download.shards_url`.
+
+By default img2dataset's shards live in the workspace (`data/images/part_N/`), cached by DVC like
+every other output. With `download.shards_url` set to an fsspec URL (`s3://bucket/prefix`,
+`gs://…`, `hdfs://…`, or `file:///mnt/shared/…` for a shared mount), img2dataset writes them
+there instead, so Spark executors on other machines can write them and the images never pass
+through the driver's disk:
+
+- each part's shards go under `<shards_url>/part_N-<fingerprint>/`, the fingerprint being a hash
+  of the part's deduped metadata and every `download` setting: one prefix per distinct input
+  of the stage, never written again once complete, so experiments never overwrite each other's
+  shards and an interrupted download resumes in the same prefix (img2dataset's incremental mode);
+- `data/images/part_N/` (the DVC output) keeps what the funnel, the report and the readers need:
+  img2dataset's per-shard `.parquet` and `_stats.json`, `stats.json`, and `shards.json`, the
+  manifest naming the prefix and each `.tar` with its size. The manifest is written last, in the
+  atomic commit of the part, so a half-written prefix never looks complete;
+- readers (faces, embed, assemble, report grids) open the tars through fsspec; clip-retrieval's
+  webdataset reader gets them as `pipe:` commands of `python -m laionbuild.storage cat URL`.
+  A tar missing from its prefix or of another size than the manifest says is an error that names
+  both.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+MANIFEST = "shards.json"
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    return "://" in str(location) and not str(location).startswith("file://")
+
+
+def join(url: str, *names: str) -> str:
+    return "/".join([url.rstrip("/"), *names])
+
+
+def filesystem(location: str):
+    """(fsspec filesystem, path within it) for a URL or a local path. A missing fsspec
+    implementation (s3fs, gcsfs…) is an ImportError naming the package to install."""
+    import fsspec.core
+
+    return fsspec.core.url_to_fs(str(location))
+
+
+def open_binary(location: str) -> BinaryIO:
+    """A seekable binary file over a local path or an fsspec URL."""
+    if not is_url(location):
+        return open(str(location).removeprefix("file://"), "rb")
+    import fsspec
+
+    return fsspec.open(location, "rb").open()
+
+
+def webdataset_url(location: str) -> str:
+    """`location` as webdataset's gopen takes it: a local path as is, a URL as a `pipe:` that
+    streams it through fsspec (webdataset opens only local, http(s), gs and pipe: itself)."""
+    if not is_url(location):
+        return str(location).removeprefix("file://")
+    python = os.environ.get("PYSPARK_PYTHON") or sys.executable
+    return f"pipe:{python} -m laionbuild.storage cat {location}"
+
+
+# object stores' public endpoints (domain suffixes, as no_proxy takes them)
+_ENDPOINTS = {"s3": ("amazonaws.com",), "s3a": ("amazonaws.com",), "gs": ("googleapis.com",),
+              "gcs": ("googleapis.com",), "az": ("core.windows.net",), "abfs": ("core.windows.net",)}
+
+
+def storage_hosts(url: str | None) -> tuple[str, ...]:
+    """The hosts that writing to `url` talks to, which must bypass the download's polite proxy
+    (it caps requests per host and refuses private addresses: rules for image hosts, not for the
+    build's own storage). A custom endpoint (AWS_ENDPOINT_URL, FSSPEC_S3_ENDPOINT_URL) included."""
+    from urllib.parse import urlsplit
+
+    if not url or not is_url(url):
+        return ()
+    scheme = url.split("://", 1)[0]
+    hosts = list(_ENDPOINTS.get(scheme, ()))
+    if scheme in ("http", "https", "webhdfs", "hdfs") and urlsplit(url).hostname:
+        hosts.append(urlsplit(url).hostname)
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3_ENDPOINT_URL"):
+        if os.environ.get(name) and urlsplit(os.environ[name]).hostname:
+            hosts.append(urlsplit(os.environ[name]).hostname)
+    return tuple(dict.fromkeys(hosts))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One img2dataset shard of a downloaded part: the `.tar` at `location` (a local path or a
+    URL) and its `.parquet` in the part's directory (always local)."""
+
+    name: str  # the stem, e.g. "00000"
+    location: str
+    size: int
+    parquet: Path
+
+    def open(self) -> BinaryIO:
+        return open_binary(self.location)
+
+
+def part_shards(directory: Path) -> list[Shard]:
+    """The shards of a downloaded part (`data/images/part_N`), local or listed by its manifest.
+    For a manifest, every listed tar is checked once (one listing of the prefix) to exist with
+    its recorded size."""
+    from .atomic import read_json
+
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    if not manifest.exists():
+        return [Shard(p.stem, str(p), p.stat().st_size, p.with_suffix(".parquet"))
+                for p in sorted(directory.glob("*.tar"))]
+    listed = read_json(manifest)
+    url = listed["url"]
+    fs, root = filesystem(url)
+    try:
+        found = {Path(e["name"]).name: e["size"] for e in fs.ls(root, detail=True)} if listed["shards"] else {}
+    except FileNotFoundError:
+        found = {}
+    shards = []
+    for entry in listed["shards"]:
+        name, size = entry["name"], entry["size"]
+        if found.get(name) != size:
+            what = "missing" if name not in found else f"{found[name]} bytes, the manifest says {size}"
+            raise FileNotFoundError(f"{manifest}: shard {join(url, name)} is {what}; the shards under "
+                                    f"download.shards_url were removed or changed: rebuild the part "
+                                    f"(dvc repro --force download@{directory.name.removeprefix('part_')})")
+        shards.append(Shard(Path(name).stem, join(url, name), size, directory / f"{Path(name).stem}.parquet"))
+    return shards
+
+
+def cat(url: str) -> None:
+    with open_binary(url) as f:
+        shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
+    sys.stdout.buffer.flush()
+
+
+if __name__ == "__main__":  # python -m laionbuild.storage cat URL (webdataset's pipe:)
+    if len(sys.argv) != 3 or sys.argv[1] != "cat":
+        sys.exit("usage: python -m laionbuild.storage cat URL")
+    cat(sys.argv[2])
