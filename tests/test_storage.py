@@ -55,6 +55,8 @@ def s3():
         with environment(**values):
             fs = s3fs.S3FileSystem(skip_instance_cache=True)
             fs.mkdir(BUCKET)
+            # versioned: what a stage wrote and removed again can still be listed
+            fs.call_s3("put_bucket_versioning", Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
             yield fs, values
     finally:
         server.stop()
@@ -119,8 +121,10 @@ def test_shards_on_s3_build_the_same_dataset(s3, tmp_path_factory):
 
 def test_spark_executors_write_and_read_the_shards_on_s3(s3, tmp_path_factory, shared_spark):
     """img2dataset's pyspark distributor writes the shards from the executors; clip-retrieval's
-    pyspark distributor reads them there (webdataset `pipe:` through fsspec). The executors get
-    the store's endpoint and credentials the way a cluster's would (here: the job environment)."""
+    pyspark distributor reads them there (webdataset `pipe:` through fsspec) and writes its
+    partitions to engine.shared_tmp in the bucket, where autofaiss's pyspark path also reads the
+    embeddings and writes its task indices. The executors get the store's endpoint and
+    credentials the way a cluster's would (here: the job environment)."""
     from laionbuild.engines import executor_environment
 
     fs, values = s3
@@ -129,8 +133,8 @@ def test_spark_executors_write_and_read_the_shards_on_s3(s3, tmp_path_factory, s
     jobs = spark_jobs(shared_spark)
     with executor_environment(shared_spark, tuple(values)):
         project.build_in_process(*RECIPE, "engine=spark", "engine.master=active",
-                                 f"download.shards_url=s3://{BUCKET}/spark", until="embed")
-    assert spark_jobs(shared_spark) - jobs >= 4  # download x2, embed x2 at least
+                                 f"download.shards_url=s3://{BUCKET}/spark", f"engine.shared_tmp=s3://{BUCKET}/tmp")
+    assert spark_jobs(shared_spark) - jobs >= 5  # download x2, embed x2, index at least
     for part in (0, 1):
         manifest = json.loads((project / f"data/images/part_{part}/shards.json").read_text())
         assert manifest["url"].startswith(f"s3://{BUCKET}/spark/part_{part}-") and manifest["shards"]
@@ -140,6 +144,17 @@ def test_spark_executors_write_and_read_the_shards_on_s3(s3, tmp_path_factory, s
         for kind in ("img_emb", "text_emb"):
             np.testing.assert_allclose(np.load(project / f"data/embed/part_{part}/{kind}/{kind}_0.npy"),
                                        np.load(local / f"data/embed/part_{part}/{kind}/{kind}_0.npy"), atol=1e-5)
+    assert digest(project / "data/dataset") == digest(local / "data/dataset")
+    import faiss
+
+    assert faiss.read_index(str(project / "data/index/image.index")).ntotal == \
+        faiss.read_index(str(local / "data/index/image.index")).ntotal > 0
+    written = {v["Key"] for v in fs.call_s3("list_object_versions", Bucket=BUCKET, Prefix="tmp/")["Versions"]}
+    left = {p for p, e in fs.find(f"{BUCKET}/tmp", detail=True).items() if e["size"]}  # (empty folder markers aside)
+    assert not left, (left, written)  # clip_inference's partitions, staged embeddings, task indices: removed
+    assert any(k.startswith("tmp/clip_inference.part_1.") and k.endswith("img_emb_0.npy") for k in written), written
+    assert any(k.startswith("tmp/index_embeddings.") and k.endswith(".npy") for k in written), written
+    assert any("/stage-1/index_" in k for k in written), written  # autofaiss's task indices
 
 
 def test_shards_url_is_validated(project):

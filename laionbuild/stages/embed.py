@@ -5,6 +5,7 @@ rows sorted by key (build order), plus
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
@@ -19,7 +20,7 @@ from ..atomic import atomic_dir, read_json, write_json
 from ..funnel import Counts
 from ..layout import TMP, part_dir
 from ..models import describe, resolve
-from ..storage import Shard, is_url, part_shards, webdataset_url
+from ..storage import Shard, filesystem, is_url, join, part_shards, webdataset_url
 from .download import KEY_COLUMN
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,8 @@ def _embed(cfg, part: int, shards: list[Shard], downloaded: int, model) -> tuple
     if downloaded == 0:
         metadata = pd.DataFrame({c: pd.Series(dtype="object") for c in METADATA_COLUMNS})
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), metadata, None
-    raw = TMP / f"clip_inference.part_{part}.{os.getpid()}"
+    name = f"clip_inference.part_{part}.{os.getpid()}"
+    raw = TMP / name
     shutil.rmtree(raw, ignore_errors=True)
     if cfg.engine.name == "spark":
         # clip-retrieval's own Spark path: one task (and output partition) per shard on the
@@ -171,31 +173,41 @@ def _embed(cfg, part: int, shards: list[Shard], downloaded: int, model) -> tuple
         from ..engines import spark_session
 
         spark_session(cfg.engine)
-        # absolute paths: executors' workers do not run in this process's directory
-        clip_inference(input_dataset=_brace_pattern(shards), output_folder=str(raw.resolve()),
+        # executors write their partitions where the driver can read them: engine.shared_tmp (a
+        # URL or shared mount) on a cluster; absolute paths, as executors' workers do not run in
+        # this process's directory
+        output = join(cfg.engine.shared_tmp, name) if cfg.engine.shared_tmp else str(raw.resolve())
+        clip_inference(input_dataset=_brace_pattern(shards), output_folder=output,
                        input_format="webdataset",
                        enable_text=True, enable_image=True, enable_metadata=True, batch_size=cfg.embed.batch_size,
                        num_prepro_workers=1, clip_model=model.clip_model, use_jit=False,
                        output_partition_count=len(shards), distribution_strategy="pyspark")
     else:
+        output = str(raw)
         _run_local(raw, shards, cfg.embed.batch_size, cfg.embed.num_prepro_workers, model.clip_model)
+    fs, root = filesystem(output)
 
-    def parts(kind: str, ext: str) -> list[Path]:
-        found = sorted((raw / kind).glob(f"{kind}_*.{ext}"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    def parts(kind: str, ext: str) -> list:
+        found = sorted(fs.glob(f"{root.rstrip('/')}/{kind}/{kind}_*.{ext}"),
+                       key=lambda p: int(p.rsplit("_", 1)[1].split(".")[0]))
         if not found:  # (a partition of a shard without a readable image writes nothing)
-            raise RuntimeError(f"{raw / kind}: clip_inference wrote no output partition")
+            raise RuntimeError(f"{output}/{kind}: clip_inference wrote no output partition")
         return found
 
-    img = np.concatenate([np.load(p) for p in parts("img_emb", "npy")])
-    text = np.concatenate([np.load(p) for p in parts("text_emb", "npy")])
-    metadata = pd.concat([pd.read_parquet(p) for p in parts("metadata", "parquet")], ignore_index=True)
+    def load(path: str):
+        with fs.open(path, "rb") as f:
+            return np.load(io.BytesIO(f.read())) if path.endswith(".npy") else pd.read_parquet(io.BytesIO(f.read()))
+
+    img = np.concatenate([load(p) for p in parts("img_emb", "npy")])
+    text = np.concatenate([load(p) for p in parts("text_emb", "npy")])
+    metadata = pd.concat([load(p) for p in parts("metadata", "parquet")], ignore_index=True)
+    fs.rm(root, recursive=True)
     # Build order is our key order (part, then source row). clip_inference's workers
     # interleave shards, and img2dataset writes a shard in completion order.
     order = np.argsort(metadata[KEY_COLUMN].astype(str).to_numpy(), kind="stable")
     img, text = img[order], text[order]
     metadata = metadata.iloc[order].reset_index(drop=True)
     metadata = metadata[[c for c in METADATA_COLUMNS if c in metadata.columns]]
-    shutil.rmtree(raw, ignore_errors=True)
     return img, text, metadata, int(img.shape[1])
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..atomic import atomic_dir, read_json, write_json
 from ..layout import INDEX, INDEX_METRICS, TMP, embeddings_dir
+from ..storage import filesystem, join
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,9 @@ def run(cfg) -> None:
     from autofaiss import build_index
 
     c = cfg.index
-    distributed = {}
+    distributed, staged = {}, None
+    source = embeddings_dir(c.model)
+    embeddings = str((source / "img_emb").resolve())  # absolute: read by executors on Spark
     if cfg.engine.name == "spark":
         # autofaiss's own Spark path: trained on the driver, vectors added by one task per slice
         # of the embeddings, the task indices merged through a folder every executor reaches
@@ -34,10 +37,14 @@ def run(cfg) -> None:
         spark_session(cfg.engine)
         shared = cfg.engine.shared_tmp or str((TMP / "autofaiss_indices").resolve())
         distributed = {"distributed": "pyspark", "temporary_indices_folder": shared}  # (+ a uuid; removed after)
+        if cfg.engine.shared_tmp:  # executors on other machines read the embeddings from there too
+            staged = join(cfg.engine.shared_tmp, f"index_embeddings.{os.getpid()}")
+            fs, root = filesystem(staged)
+            fs.put(f"{embeddings}/", f"{root}/", recursive=True)
+            embeddings = staged
     with atomic_dir(INDEX) as out:
-        source = embeddings_dir(c.model)
         build_index(
-            embeddings=str((source / "img_emb").resolve()),  # absolute: read by executors on Spark
+            embeddings=embeddings,
             index_path=str(out / "image.index"),
             index_infos_path=str(out / "image_infos.json"),
             index_key=c.index_key,
@@ -55,6 +62,8 @@ def run(cfg) -> None:
         write_json(out / "model.json", {"embeddings": str(source), "name": c.model, "model": spec.model,
                                         "pretrained": spec.pretrained})
         log.info("index: %s with %d vectors", type(index).__name__, index.ntotal)
+    if staged:
+        fs.rm(root, recursive=True)
     report(cfg)
 
 
