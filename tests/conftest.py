@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +128,49 @@ def shared_spark():
     session = spark_session(SimpleNamespace(master="local[2]", driver_memory="2g", shuffle_partitions=8, conf={}))
     yield session
     session.stop()
+
+
+S3_BUCKET = "laionbuild-shards"
+
+
+@contextmanager
+def environment(**values):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 server on 127.0.0.1 (moto's) with one versioned bucket (what a stage wrote and
+    removed again can still be listed); its endpoint and credentials in the environment, which
+    builds' subprocesses inherit. The endpoint is named `localhost`, so the download's polite
+    proxy lets it through (no_proxy) while the demo's images on 127.0.0.1 still go through it.
+    Yields (an s3fs filesystem, the environment variables)."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    _, port = server.get_host_and_port()
+    values = dict(AWS_ENDPOINT_URL=f"http://localhost:{port}", AWS_ACCESS_KEY_ID="test",
+                  AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        with environment(**values):
+            fs = s3fs.S3FileSystem(skip_instance_cache=True)
+            fs.mkdir(S3_BUCKET)
+            fs.call_s3("put_bucket_versioning", Bucket=S3_BUCKET, VersioningConfiguration={"Status": "Enabled"})
+            yield fs, values
+    finally:
+        server.stop()
 
 
 def spark_jobs(session) -> int:

@@ -1,7 +1,9 @@
 """engine=spark for the heavy stages: img2dataset's pyspark distributor downloads, clip-retrieval's
 pyspark distributor embeds (a task per shard, executors loading the model), autofaiss's
 distributed="pyspark" adds the vectors to the index, on local[2] — the
-same selected samples, dataset shards and (within float tolerance) embeddings as engine=local.
+same selected samples, dataset shards and (within float tolerance) embeddings as engine=local:
+on the demo as on a cluster without a shared disk (shards and intermediate files in an S3
+bucket), and on a 3-part stand-in with everything in the workspace.
 A Python worker killed mid-task is retried by Spark; the output is complete and duplicate-free."""
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from laionbuild.stages.download import KEY_COLUMN
+from laionbuild.storage import part_shards
 
-from .conftest import new_project, spark_jobs
+from .conftest import S3_BUCKET, new_project, spark_jobs
 from .shared_demo import RECIPE, shared_demo
 from .imageserver import ImageServer, source_overrides
 from .standins import write_laion400m
@@ -31,10 +34,11 @@ from .webfaults import FaultyWeb
 
 
 def shard_samples(root, rel: str) -> dict[str, bytes]:
-    """key -> image bytes over a directory of webdataset shards."""
+    """key -> image bytes over a directory of webdataset shards (or the shards its manifest lists:
+    download.shards_url)."""
     found = {}
-    for path in sorted((root / rel).glob("*.tar")):
-        with tarfile.open(path) as tar:
+    for shard in part_shards(root / rel):
+        with shard.open() as f, tarfile.open(fileobj=f) as tar:
             members = {m.name: m for m in tar.getmembers()}
             for name, member in members.items():
                 if name.endswith(".json"):
@@ -56,8 +60,14 @@ def digest(path) -> str:
 
 
 @pytest.fixture(scope="module")
-def both(tmp_path_factory, shared_spark):
-    """The shared demo build (engine=local) and the same recipe built on Spark."""
+def both(tmp_path_factory, shared_spark, s3):
+    """The shared demo build (engine=local) and the same recipe built on Spark, as on a cluster
+    whose executors share no disk with the driver: the shards in an S3 bucket
+    (download.shards_url), clip_inference's partitions and autofaiss's input and task indices
+    there too (engine.shared_tmp). The executors get the store's endpoint and credentials the way
+    a cluster's would, from their environment (here: the jobs')."""
+    from laionbuild.engines import executor_environment
+
     local, _ = shared_demo(tmp_path_factory)
     on_spark = new_project(tmp_path_factory.mktemp("spark_stages") / "spark")
     jobs = spark_jobs(shared_spark)
@@ -69,7 +79,10 @@ def both(tmp_path_factory, shared_spark):
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        on_spark.build_in_process(*RECIPE, "engine=spark", "engine.master=active")
+        with executor_environment(shared_spark, tuple(s3[1])):
+            on_spark.build_in_process(*RECIPE, "engine=spark", "engine.master=active",
+                                      f"download.shards_url=s3://{S3_BUCKET}/spark",
+                                      f"engine.shared_tmp=s3://{S3_BUCKET}/tmp")
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
@@ -92,6 +105,24 @@ def test_spark_download_and_embed_give_the_local_result(both):
     assert pq.read_table(spark / "data/selected/selected.parquet").equals(
         pq.read_table(local / "data/selected/selected.parquet"))
     assert digest(spark / "data/dataset") == digest(local / "data/dataset")
+
+
+def test_spark_executors_write_and_read_through_the_bucket(both, s3):
+    """Nothing went through the driver's disk: the shards are in the bucket (the parts keep their
+    manifests), and what the stages put under engine.shared_tmp was written there and removed."""
+    _, spark = both
+    fs, _ = s3
+    for part in (0, 1):
+        manifest = json.loads((spark / f"data/images/part_{part}/shards.json").read_text())
+        assert manifest["url"].startswith(f"s3://{S3_BUCKET}/spark/part_{part}-") and manifest["shards"]
+        assert not list((spark / f"data/images/part_{part}").glob("*.tar"))
+    written = {v["Key"] for v in fs.call_s3("list_object_versions", Bucket=S3_BUCKET, Prefix="tmp/")["Versions"]}
+    left = {p for p, e in fs.find(f"{S3_BUCKET}/tmp", detail=True).items() if e["size"]}  # (empty folder markers aside)
+    assert not left, (left, written)
+    for part in (0, 1):  # clip_inference's output partitions
+        assert any(k.startswith(f"tmp/clip_inference.part_{part}.") and k.endswith(".npy") for k in written), written
+    assert any(k.startswith("tmp/index_embeddings.") and k.endswith(".npy") for k in written), written
+    assert any("/stage-1/index_" in k for k in written), written  # autofaiss's task indices
 
 
 def test_spark_index_holds_every_selected_embedding(both):

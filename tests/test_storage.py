@@ -1,65 +1,21 @@
 """download.shards_url: img2dataset writes the shards to an object store (here a real S3 server on
-127.0.0.1, moto's), on the local engine and through Spark executors; every reader (faces, embed,
-assemble, the report's grids) reads them back from there, and the build gives the same dataset
-as the one whose shards sit in the workspace. DVC tracks the part's manifest, not the tars."""
+127.0.0.1, moto's); every reader (faces, embed, assemble, the report's grids) reads them back from
+there, and the build gives the same dataset as the one whose shards sit in the workspace. DVC
+tracks the part's manifest, not the tars. (Spark executors writing and reading them:
+tests/test_spark_stages.py.)"""
 
 from __future__ import annotations
 
 import json
-import logging
-import os
-from contextlib import contextmanager
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
 from laionbuild.stages.download import KEY_COLUMN
 
-from .conftest import new_project, spark_jobs
+from .conftest import S3_BUCKET as BUCKET
 from .shared_demo import RECIPE, copy_of, shared_demo
 from .test_spark_stages import digest, shard_samples
-
-BUCKET = "laionbuild-shards"
-
-
-@contextmanager
-def environment(**values):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """An S3 server on 127.0.0.1 with one bucket; its endpoint and credentials in the
-    environment (what the stage processes and the build's subprocesses see). Yields an s3fs."""
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    values = dict(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
-                  AWS_DEFAULT_REGION="us-east-1")
-    try:
-        with environment(**values):
-            fs = s3fs.S3FileSystem(skip_instance_cache=True)
-            fs.mkdir(BUCKET)
-            # versioned: what a stage wrote and removed again can still be listed
-            fs.call_s3("put_bucket_versioning", Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
-            yield fs, values
-    finally:
-        server.stop()
 
 
 def _prefixes(fs, part: int) -> list[str]:
@@ -117,44 +73,6 @@ def test_shards_on_s3_build_the_same_dataset(s3, tmp_path_factory):
     assert failed.returncode != 0
     assert "data/images/part_0/shards.json" in failed.output and f"s3://{victim} is missing" in failed.output
     assert (project / "data/embed/part_0/img_emb/img_emb_0.npy").exists()  # the built part is untouched
-
-
-def test_spark_executors_write_and_read_the_shards_on_s3(s3, tmp_path_factory, shared_spark):
-    """img2dataset's pyspark distributor writes the shards from the executors; clip-retrieval's
-    pyspark distributor reads them there (webdataset `pipe:` through fsspec) and writes its
-    partitions to engine.shared_tmp in the bucket, where autofaiss's pyspark path also reads the
-    embeddings and writes its task indices. The executors get the store's endpoint and
-    credentials the way a cluster's would (here: the job environment)."""
-    from laionbuild.engines import executor_environment
-
-    fs, values = s3
-    local, _ = shared_demo(tmp_path_factory)
-    project = new_project(tmp_path_factory.mktemp("s3_spark") / "project")
-    jobs = spark_jobs(shared_spark)
-    with executor_environment(shared_spark, tuple(values)):
-        project.build_in_process(*RECIPE, "engine=spark", "engine.master=active",
-                                 f"download.shards_url=s3://{BUCKET}/spark", f"engine.shared_tmp=s3://{BUCKET}/tmp")
-    assert spark_jobs(shared_spark) - jobs >= 5  # download x2, embed x2, index at least
-    for part in (0, 1):
-        manifest = json.loads((project / f"data/images/part_{part}/shards.json").read_text())
-        assert manifest["url"].startswith(f"s3://{BUCKET}/spark/part_{part}-") and manifest["shards"]
-        assert not list((project / f"data/images/part_{part}").glob("*.tar"))
-        a, b = (pq.read_table(p / f"data/embed/part_{part}/metadata/metadata_0.parquet") for p in (local, project))
-        assert a.column(KEY_COLUMN).to_pylist() == b.column(KEY_COLUMN).to_pylist()
-        for kind in ("img_emb", "text_emb"):
-            np.testing.assert_allclose(np.load(project / f"data/embed/part_{part}/{kind}/{kind}_0.npy"),
-                                       np.load(local / f"data/embed/part_{part}/{kind}/{kind}_0.npy"), atol=1e-5)
-    assert digest(project / "data/dataset") == digest(local / "data/dataset")
-    import faiss
-
-    assert faiss.read_index(str(project / "data/index/image.index")).ntotal == \
-        faiss.read_index(str(local / "data/index/image.index")).ntotal > 0
-    written = {v["Key"] for v in fs.call_s3("list_object_versions", Bucket=BUCKET, Prefix="tmp/")["Versions"]}
-    left = {p for p, e in fs.find(f"{BUCKET}/tmp", detail=True).items() if e["size"]}  # (empty folder markers aside)
-    assert not left, (left, written)  # clip_inference's partitions, staged embeddings, task indices: removed
-    assert any(k.startswith("tmp/clip_inference.part_1.") and k.endswith("img_emb_0.npy") for k in written), written
-    assert any(k.startswith("tmp/index_embeddings.") and k.endswith(".npy") for k in written), written
-    assert any("/stage-1/index_" in k for k in written), written  # autofaiss's task indices
 
 
 def test_shards_url_is_validated(project):
