@@ -174,7 +174,10 @@ def cmd_build(args) -> int:
         from .stages.report import step_order
 
         cfg = load_params("params.yaml")
-        progress = BuildProgress(list(cfg.subset.parts), step_order(cfg))
+        from .stages.download import shards_prefix
+
+        prefix = (lambda part: shards_prefix(cfg, part)) if cfg.download.shards_url else None
+        progress = BuildProgress(list(cfg.subset.parts), step_order(cfg), shards_prefix=prefix)
         return run_with_progress([sys.executable, "-m", "dvc", *repro], _dvc_env(), progress)
     return _dvc(*repro).returncode
 

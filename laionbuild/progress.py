@@ -6,7 +6,7 @@ terminal): DVC's output passes through unchanged, and below it, whenever they ch
 
 Which stage runs comes from DVC's own lines ("Running stage 'download@1'", "... skipping");
 shards and samples from img2dataset's per-shard `*_stats.json` (in `data/.work/download/` while
-a part downloads, in `data/images/part_N/` once done); the funnel from the `stats.json` every
+a part downloads, or under `download.shards_url`; in `data/images/part_N/` once done); the funnel from the `stats.json` every
 stage writes (the workspace's: a part about to be rebuilt shows its previous counts)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
 from .layout import GLOBAL_STAGES, PART_DIRS, PER_PART_STAGES, SELECTED, STATS_FILE, WORK, part_dir
 
@@ -31,8 +31,14 @@ class BuildProgress:
     """Follows one `dvc repro` of a build of `parts`; `order` is the funnel's steps in pipeline
     order (report.step_order)."""
 
-    def __init__(self, parts: list[int], order: list[str], stream: TextIO = sys.stderr, width: int = 20):
+    def __init__(self, parts: list[int], order: list[str], stream: TextIO = sys.stderr, width: int = 20,
+                 shards_prefix: Callable[[int], str] | None = None):
         self.parts, self.order, self.stream, self.width = list(parts), order, stream, width
+        # with download.shards_url: part -> the prefix its shards are being written to
+        self.shards_prefix = shards_prefix
+        self._remote: dict[str, int] = {}  # stats file there -> its count (written once)
+        self._remote_before: dict[int, set[str]] = {}  # part -> stats files there when its download started
+        self._prefixes: dict[int, str] = {}
         self.total = len(PER_PART_STAGES) * len(self.parts) + len(GLOBAL_STAGES)
         self.started = time.time()
         self.done: set[str] = set()
@@ -91,6 +97,8 @@ class BuildProgress:
     def _shards(self, part: int) -> tuple[int, int, int]:
         """(finished shards, their samples, samples of shards finished since the stage started)
         of a part being downloaded."""
+        if self.shards_prefix:
+            return self._remote_shards(part)
         files = list((WORK / "download").glob(f"part_{part}-*/shards/*_stats.json"))
         files += list(part_dir("download", part).glob("*_stats.json"))
         samples = recent = 0
@@ -103,6 +111,27 @@ class BuildProgress:
             samples += count
             recent += count if fresh else 0
         return len(files), samples, recent
+
+    def _remote_shards(self, part: int) -> tuple[int, int, int]:
+        """The same, listed in the part's prefix under download.shards_url (one listing per
+        refresh); "recent" are the stats files not there at the first listing of this download."""
+        from .storage import filesystem
+
+        try:
+            if part not in self._prefixes:  # (hashes the part's metadata: once)
+                self._prefixes[part] = self.shards_prefix(part)
+            fs, root = filesystem(self._prefixes[part])
+            fs.invalidate_cache(root)  # (fsspec caches listings; the shards are written by other processes)
+            files = fs.glob(f"{root.rstrip('/')}/*_stats.json")
+            for path in files:
+                if path not in self._remote:
+                    with fs.open(path, "rb") as f:
+                        self._remote[path] = int(json.loads(f.read()).get("count", 0))
+        except (OSError, ValueError):
+            return 0, 0, 0  # the store unreachable or a file being written: no numbers this time
+        before = self._remote_before.setdefault(part, set(files))
+        return (len(files), sum(self._remote[p] for p in files),
+                sum(self._remote[p] for p in files if p not in before))
 
     def funnel_line(self) -> str:
         totals: dict[str, int] = {}

@@ -117,6 +117,7 @@ def part_shards(directory: Path) -> list[Shard]:
     listed = read_json(manifest)
     url = listed["url"]
     fs, root = filesystem(url)
+    fs.invalidate_cache(root)
     try:
         found = {Path(e["name"]).name: e["size"] for e in fs.ls(root, detail=True)} if listed["shards"] else {}
     except FileNotFoundError:

@@ -7,13 +7,14 @@ tests/test_spark_stages.py.)"""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from laionbuild.stages.download import KEY_COLUMN
 
-from .conftest import S3_BUCKET as BUCKET
+from .conftest import FAST, S3_BUCKET as BUCKET
 from .shared_demo import RECIPE, copy_of, shared_demo
 from .test_spark_stages import digest, shard_samples
 
@@ -27,7 +28,12 @@ def test_shards_on_s3_build_the_same_dataset(s3, tmp_path_factory):
     local, _ = shared_demo(tmp_path_factory)
     project = copy_of(local, tmp_path_factory.mktemp("s3") / "project")
     project.run("rm", "-rf", "data", ".dvc/cache")  # the same project, built again from nothing
-    project.build(*RECIPE, f"download.shards_url=s3://{BUCKET}/local")
+    built = project.laionbuild("build", "--progress", *FAST, *RECIPE, f"download.shards_url=s3://{BUCKET}/local")
+    # --progress counts the shards as they land in the bucket
+    downloads = [re.search(r"download@(\d) · part \d/2 · (\d+) shards · (\d+) samples", line)
+                 for line in built.output.splitlines() if line.startswith("[progress] ") and "· download@" in line]
+    assert downloads and all(downloads)
+    assert {m.group(1) for m in downloads} == {"0", "1"} and max(int(m.group(3)) for m in downloads) > 0
 
     for part in (0, 1):
         images = project / f"data/images/part_{part}"

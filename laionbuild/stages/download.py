@@ -65,6 +65,11 @@ def _prefix_fingerprint(cfg, metadata: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def shards_prefix(cfg, part: int) -> str:
+    """Where a part's shards go under download.shards_url (its deduped metadata must exist)."""
+    return join(cfg.download.shards_url, f"part_{part}-{_prefix_fingerprint(cfg, part_dir('dedup', part) / 'metadata.parquet')}")
+
+
 def _i2d_settings(cfg) -> dict:
     d = cfg.download
     return dict(
@@ -106,6 +111,7 @@ def shard_files(directory: Path) -> list[Path]:
 def _glob(shards: str, pattern: str) -> list[str]:
     """Files matching `pattern` in a shard folder (a local path or an fsspec URL), sorted."""
     fs, root = filesystem(shards)
+    fs.invalidate_cache(root)  # written by img2dataset's processes (or executors), not through this instance
     return sorted(fs.glob(f"{root.rstrip('/')}/{pattern}"))
 
 
@@ -226,7 +232,7 @@ def run(cfg, part: int) -> None:
     work.mkdir(parents=True, exist_ok=True)
     url = cfg.download.shards_url
     # absolute: executors' workers do not run in this process's directory
-    shards = join(url, f"part_{part}-{_prefix_fingerprint(cfg, metadata_path)}") if url else str((work / "shards").resolve())
+    shards = shards_prefix(cfg, part) if url else str((work / "shards").resolve())
 
     with web(cfg) as rewrite:
         urls = rewrite(table.column("url").to_pylist())
@@ -273,6 +279,7 @@ def _commit_manifest(shards: str, fetched: str, out: Path) -> None:
     listed = []
     if fetched == shards:
         fs, root = filesystem(shards)
+        fs.invalidate_cache(root)
         for entry in sorted(fs.ls(root, detail=True), key=lambda e: e["name"]):
             name = entry["name"].rsplit("/", 1)[-1]
             if name.endswith(".tar"):
