@@ -8,10 +8,12 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
+from typing import Callable
 
 import pyarrow.parquet as pq
 
-from .conftest import BIN, FAST, new_project, build_env
+from .conftest import BIN, FAST, Project, new_project, build_env
 from .imageserver import ImageServer, source_overrides, write_source
 from .test_build import read_dataset
 
@@ -19,6 +21,8 @@ ROWS, PER_SHARD = 60, 6
 
 
 def test_kill_during_download_then_resume(tmp_path):
+    """Shards in the workspace, then under download.shards_url (a file:// folder outside the
+    project, as a shared mount): the killed download resumes in the same prefix."""
     with ImageServer(delay=0.05) as server:
         source = tmp_path / "source"
         write_source(source, server.url, ROWS, missing_every=10)
@@ -28,41 +32,51 @@ def test_kill_during_download_then_resume(tmp_path):
         reference = new_project(tmp_path / "reference")
         reference.build(*overrides)
         expected = pq.read_table(reference / "data/selected/selected.parquet")["key"].to_pylist()
-        server.requests.clear()
 
-        project = new_project(tmp_path / "killed")
-        process = subprocess.Popen([str(BIN / "laionbuild"), "build", *FAST, *overrides], cwd=project.path,
-                                   env=build_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   start_new_session=True)
-        work = project / "data/.work/download"
-        deadline = time.time() + 300
-        done = []
-        while time.time() < deadline and process.poll() is None:
-            done = list(work.glob("part_0-*/shards/*_stats.json"))
-            if len(done) >= 2:
-                break
-            time.sleep(0.02)
-        assert process.poll() is None, "the build finished before it could be killed"
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        finished_shards = {int(p.name.split("_")[0]) for p in work.glob("part_0-*/shards/*_stats.json")}
-        assert len(finished_shards) >= 2
-        assert not (project / "data/images/part_0").exists()  # no half output that looks complete
+        _kill_and_resume(tmp_path / "killed", server, overrides, expected,
+                         lambda project: list((project / "data/.work/download").glob("part_0-*/shards/*_stats.json")))
+        shared = tmp_path / "shared"
+        _kill_and_resume(tmp_path / "killed_shared", server, [*overrides, f"download.shards_url=file://{shared}"],
+                         expected, lambda project: list(shared.glob("part_0-*/*_stats.json")))
+        assert len(list(shared.glob("part_0-*"))) == 1  # resumed where it stopped, not in a new prefix
 
-        project.build(*overrides)
-        got = pq.read_table(project / "data/selected/selected.parquet")["key"].to_pylist()
-        assert got == expected
-        keys = [s["key"] for s in read_dataset(project.path)]
-        assert keys == expected and len(set(keys)) == len(keys)
 
-        # URLs of shards finished before the kill were not downloaded again
-        for shard in finished_shards:
-            for row in range(shard * PER_SHARD, (shard + 1) * PER_SHARD):
-                path = f"/missing/{row}.jpg" if row % 10 == 0 else f"/img/{row}.jpg"
-                assert server.requests[path] == 1, (shard, path, server.requests[path])
-        funnel = json.loads((project / "data/metrics/funnel.json").read_text())
-        assert funnel["downloaded_ok"] == ROWS - ROWS // 10
-        assert not list((project / "data/.work/download").glob("*"))  # scratch cleaned up
+def _kill_and_resume(path, server, overrides, expected, stats_files: Callable[[Project], list[Path]]) -> None:
+    """Kill the build once two shards of part 0 are done (`stats_files`: img2dataset's finished
+    shards), build again: the expected selection, finished shards not downloaded again."""
+    server.requests.clear()
+    project = new_project(path)
+    process = subprocess.Popen([str(BIN / "laionbuild"), "build", *FAST, *overrides], cwd=project.path,
+                               env=build_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    done = []
+    while time.time() < deadline and process.poll() is None:
+        done = stats_files(project)
+        if len(done) >= 2:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the build finished before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished_shards = {int(p.name.split("_")[0]) for p in stats_files(project)}
+    assert len(finished_shards) >= 2
+    assert not (project / "data/images/part_0").exists()  # no half output that looks complete
+
+    project.build(*overrides)
+    got = pq.read_table(project / "data/selected/selected.parquet")["key"].to_pylist()
+    assert got == expected
+    keys = [s["key"] for s in read_dataset(project.path)]
+    assert keys == expected and len(set(keys)) == len(keys)
+
+    # URLs of shards finished before the kill were not downloaded again
+    for shard in finished_shards:
+        for row in range(shard * PER_SHARD, (shard + 1) * PER_SHARD):
+            path = f"/missing/{row}.jpg" if row % 10 == 0 else f"/img/{row}.jpg"
+            assert server.requests[path] == 1, (shard, path, server.requests[path])
+    funnel = json.loads((project / "data/metrics/funnel.json").read_text())
+    assert funnel["downloaded_ok"] == ROWS - ROWS // 10
+    assert not list((project / "data/.work/download").glob("*"))  # scratch cleaned up
 
 
 def _shard_keys(project) -> dict[str, list[str]]:
