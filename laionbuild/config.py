@@ -415,7 +415,8 @@ def validate(cfg: Config | DictConfig, where: str = "recipe") -> None:
     _check((d.local_server.host is None) == (d.local_server.root is None), "download.local_server",
            "set both host and root, or neither", where)
     if d.shards_url is not None:
-        _check("://" in d.shards_url or d.shards_url.startswith("/"), "download.shards_url",
+        _check(("://" in d.shards_url and not d.shards_url.startswith("file://")) or
+               d.shards_url.removeprefix("file://").startswith("/"), "download.shards_url",
                f"an fsspec URL (s3://bucket/prefix, file:///mnt/shared/x) or an absolute path, got "
                f"{d.shards_url!r} (executors resolve relative paths in their own directory)", where)
         try:

@@ -39,6 +39,7 @@ class BuildProgress:
         self._remote: dict[str, int] = {}  # stats file there -> its count (written once)
         self._remote_before: dict[int, set[str]] = {}  # part -> stats files there when its download started
         self._prefixes: dict[int, str] = {}
+        self._remote_last: dict[int, tuple[float, tuple[int, int, int]]] = {}
         self.total = len(PER_PART_STAGES) * len(self.parts) + len(GLOBAL_STAGES)
         self.started = time.time()
         self.done: set[str] = set()
@@ -117,6 +118,9 @@ class BuildProgress:
         refresh); "recent" are the stats files not there at the first listing of this download."""
         from .storage import filesystem
 
+        cached = self._remote_last.get(part)
+        if cached and time.time() - cached[0] < 2:  # one listing per 2 s at most
+            return cached[1]
         try:
             if part not in self._prefixes:  # (hashes the part's metadata: once)
                 self._prefixes[part] = self.shards_prefix(part)
@@ -130,8 +134,9 @@ class BuildProgress:
         except (OSError, ValueError):
             return 0, 0, 0  # the store unreachable or a file being written: no numbers this time
         before = self._remote_before.setdefault(part, set(files))
-        return (len(files), sum(self._remote[p] for p in files),
-                sum(self._remote[p] for p in files if p not in before))
+        result = (len(files), sum(self._remote[p] for p in files), sum(self._remote[p] for p in files if p not in before))
+        self._remote_last[part] = (time.time(), result)
+        return result
 
     def funnel_line(self) -> str:
         totals: dict[str, int] = {}

@@ -23,7 +23,7 @@ through the driver's disk:
 from __future__ import annotations
 
 import os
-import shutil
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +33,13 @@ MANIFEST = "shards.json"
 
 
 def is_url(location: str | os.PathLike) -> bool:
+    """A remote location (file:// URLs are local paths)."""
     return "://" in str(location) and not str(location).startswith("file://")
+
+
+def local_path(location: str | os.PathLike) -> str:
+    """A local location as a plain path (file:///x -> /x)."""
+    return str(location).removeprefix("file://")
 
 
 def join(url: str, *names: str) -> str:
@@ -51,41 +57,63 @@ def filesystem(location: str):
 def open_binary(location: str) -> BinaryIO:
     """A seekable binary file over a local path or an fsspec URL."""
     if not is_url(location):
-        return open(str(location).removeprefix("file://"), "rb")
-    import fsspec
-
-    return fsspec.open(location, "rb").open()
+        return open(local_path(location), "rb")
+    # 8 MiB read-ahead blocks: sequential reads (a tar read through) stay cheap, and a reader that
+    # keeps many shards open (the report's grids) does not hold s3fs's 50 MiB default for each
+    fs, path = filesystem(location)
+    return fs.open(path, "rb", block_size=8 << 20)
 
 
 def webdataset_url(location: str) -> str:
     """`location` as webdataset's gopen takes it: a local path as is, a URL as a `pipe:` that
     streams it through fsspec (webdataset opens only local, http(s), gs and pipe: itself)."""
     if not is_url(location):
-        return str(location).removeprefix("file://")
+        return local_path(location)
+    # (the interpreter: the executors' own, PYSPARK_PYTHON, when set; braces stay unquoted for
+    # clip_inference's brace expansion, which happens before the shell sees the command)
     python = os.environ.get("PYSPARK_PYTHON") or sys.executable
-    return f"pipe:{python} -m laionbuild.storage cat {location}"
+    return f"pipe:{shlex.quote(python)} -m laionbuild.storage cat {_quote_url(location)}"
 
 
-# object stores' public endpoints (domain suffixes, as no_proxy takes them)
-_ENDPOINTS = {"s3": ("amazonaws.com",), "s3a": ("amazonaws.com",), "gs": ("googleapis.com",),
-              "gcs": ("googleapis.com",), "az": ("core.windows.net",), "abfs": ("core.windows.net",)}
+def _quote_url(url: str) -> str:
+    """Shell-quote a URL but keep `{a..b}` brace patterns outside the quotes."""
+    import re
+
+    return "".join(piece if re.fullmatch(r"\{[^{}]*\}", piece) else shlex.quote(piece)
+                   for piece in re.split(r"(\{[^{}]*\})", url) if piece)
 
 
 def storage_hosts(url: str | None) -> tuple[str, ...]:
-    """The hosts that writing to `url` talks to, which must bypass the download's polite proxy
-    (it caps requests per host and refuses private addresses: rules for image hosts, not for the
-    build's own storage). A custom endpoint (AWS_ENDPOINT_URL, FSSPEC_S3_ENDPOINT_URL) included."""
+    """The hosts that writing to `url` talks to, exempted (exactly, not as domains) from the
+    download's polite proxy, whose per-host cap and private-address refusal are rules for image
+    hosts, not for the build's own storage: a custom endpoint (AWS_ENDPOINT_URL,
+    FSSPEC_S3_ENDPOINT_URL, fsspec's config), else the bucket's S3 hosts
+    (`BUCKET.s3[.REGION].amazonaws.com`, `s3[.REGION].amazonaws.com`) or `storage.googleapis.com`;
+    an http(s)/webhdfs URL's own host."""
     from urllib.parse import urlsplit
 
     if not url or not is_url(url):
         return ()
-    scheme = url.split("://", 1)[0]
-    hosts = list(_ENDPOINTS.get(scheme, ()))
-    if scheme in ("http", "https", "webhdfs", "hdfs") and urlsplit(url).hostname:
-        hosts.append(urlsplit(url).hostname)
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3_ENDPOINT_URL"):
-        if os.environ.get(name) and urlsplit(os.environ[name]).hostname:
-            hosts.append(urlsplit(os.environ[name]).hostname)
+    scheme, host = url.split("://", 1)[0], urlsplit(url).hostname
+    hosts = []
+    endpoints = [os.environ.get(n) for n in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL")]
+    try:
+        import fsspec.config
+
+        endpoints.append(fsspec.config.conf.get("s3", {}).get("client_kwargs", {}).get("endpoint_url"))
+    except ImportError:
+        pass
+    endpoints = [urlsplit(e).hostname for e in endpoints if e and urlsplit(e).hostname]
+    if scheme in ("s3", "s3a"):
+        hosts += endpoints
+        if not endpoints and host:
+            regions = [r for r in (os.environ.get("AWS_REGION"), os.environ.get("AWS_DEFAULT_REGION")) if r]
+            for region in ["", *(f".{r}" for r in regions)]:
+                hosts += [f"{host}.s3{region}.amazonaws.com", f"s3{region}.amazonaws.com"]
+    elif scheme in ("gs", "gcs"):
+        hosts.append("storage.googleapis.com")
+    elif scheme in ("http", "https", "webhdfs", "hdfs") and host:
+        hosts.append(host)
     return tuple(dict.fromkeys(hosts))
 
 
@@ -128,16 +156,34 @@ def part_shards(directory: Path) -> list[Shard]:
         if found.get(name) != size:
             what = "missing" if name not in found else f"{found[name]} bytes, the manifest says {size}"
             raise FileNotFoundError(f"{manifest}: shard {join(url, name)} is {what}; the shards under "
-                                    f"download.shards_url were removed or changed: rebuild the part "
-                                    f"(dvc repro --force download@{directory.name.removeprefix('part_')})")
-        shards.append(Shard(Path(name).stem, join(url, name), size, directory / f"{Path(name).stem}.parquet"))
+                                    f"download.shards_url were removed or changed: delete {url} and rebuild "
+                                    f"the part (dvc repro --force download@{directory.name.removeprefix('part_')})")
+        location = join(url, name) if is_url(url) else join(local_path(url), name)
+        shards.append(Shard(Path(name).stem, location, size, directory / f"{Path(name).stem}.parquet"))
     return shards
 
 
-def cat(url: str) -> None:
-    with open_binary(url) as f:
-        shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
-    sys.stdout.buffer.flush()
+def cat(url: str, attempts: int = 3) -> None:
+    """Stream `url` to stdout; an error before the first byte is retried (with back-off), one after
+    it exits non-zero, which webdataset reports for the shard (and embed then refuses a shard that
+    yielded nothing)."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            f = open_binary(url)
+            first = f.read(1 << 20)
+            break
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(2 ** attempt)
+    with f:
+        out = sys.stdout.buffer
+        while first:
+            out.write(first)
+            first = f.read(1 << 20)
+    out.flush()
 
 
 if __name__ == "__main__":  # python -m laionbuild.storage cat URL (webdataset's pipe:)

@@ -36,7 +36,9 @@ def test_kill_during_download_then_resume(tmp_path):
         _kill_and_resume(tmp_path / "killed", server, overrides, expected,
                          lambda project: list((project / "data/.work/download").glob("part_0-*/shards/*_stats.json")))
         shared = tmp_path / "shared"
-        _kill_and_resume(tmp_path / "killed_shared", server, [*overrides, f"download.shards_url=file://{shared}"],
+        # (with face tags: faces reads the shards there too)
+        _kill_and_resume(tmp_path / "killed_shared", server, [*overrides, f"download.shards_url=file://{shared}",
+                                                              "tag.faces.detector=opencv_haar"],
                          expected, lambda project: list(shared.glob("part_0-*/*_stats.json")))
         assert len(list(shared.glob("part_0-*"))) == 1  # resumed where it stopped, not in a new prefix
 

@@ -70,6 +70,11 @@ def test_shards_on_s3_build_the_same_dataset(s3, tmp_path_factory):
     ran = project.build(*RECIPE, f"download.shards_url=s3://{BUCKET}/local", "select.min_clip_similarity=-0.04").ran
     assert ran and not any(s.startswith(("download", "faces", "embed")) for s in ran), ran
     assert {p: fs.info(p)["LastModified"] for p in fs.find(f"{BUCKET}/local")} == before
+    # a forced rerun of a download (same input, same settings) takes the committed prefix as it is
+    manifest = (project / "data/images/part_0/shards.json").read_text()
+    project.laionbuild("stage", "download", "--part", "0")
+    assert (project / "data/images/part_0/shards.json").read_text() == manifest
+    assert {p: fs.info(p)["LastModified"] for p in fs.find(f"{BUCKET}/local")} == before
 
     # a shard gone from the bucket: readers stop with an error naming the manifest and the shard
     [prefix] = _prefixes(fs, 0)

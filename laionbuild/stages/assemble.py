@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import tempfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -22,8 +23,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from ..atomic import atomic_dir, read_json
-from ..layout import DATASET, EMBEDDINGS, SELECTED, embed_dir, part_dir
-from ..storage import part_shards
+from ..layout import DATASET, EMBEDDINGS, SELECTED, TMP, embed_dir, part_dir
+from ..storage import filesystem, is_url, part_shards
 from .download import KEY_COLUMN
 from .select import selected_keys
 
@@ -38,14 +39,28 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _tmp_root() -> str:
+    TMP.mkdir(parents=True, exist_ok=True)
+    return str(TMP)
+
+
 @contextmanager
 def downloaded_images(part: int):
     """key -> (image bytes loader, extension) over a part's img2dataset shards, which store
     samples in completion order, not input order."""
     with ExitStack() as stack:
         found: dict[str, tuple] = {}
+        local = None
         for shard in part_shards(part_dir("download", part)):
-            tar = stack.enter_context(tarfile.open(fileobj=stack.enter_context(shard.open())))
+            path = shard.location
+            if is_url(path):  # under download.shards_url: one sequential read of each tar into a
+                # local copy (for the part's duration), not a ranged request per image
+                if local is None:
+                    local = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=_tmp_root())))
+                path = str(local / f"{shard.name}.tar")
+                fs, remote = filesystem(shard.location)
+                fs.get(remote, path)
+            tar = stack.enter_context(tarfile.open(path))
             members: dict[str, dict[str, tarfile.TarInfo]] = {}
             for member in tar.getmembers():
                 stem, _, ext = member.name.partition(".")

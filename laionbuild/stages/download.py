@@ -28,6 +28,7 @@ import os
 import shutil
 import tarfile
 import time
+import uuid
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -41,11 +42,12 @@ from ..funnel import Counts, load_stats
 from ..layout import TMP, WORK, part_dir
 from ..local_server import serve_folder
 from ..politeness import PoliteProxy, proxy_environment
-from ..storage import MANIFEST, filesystem, is_url, join, storage_hosts
+from ..storage import MANIFEST, filesystem, is_url, join, part_shards, storage_hosts
 from ..url_policy import refusals, spread_by_host
 
 log = logging.getLogger(__name__)
 KEY_COLUMN = "laionbuild_key"  # our key, carried through img2dataset as an additional column
+COMPLETE = "_laionbuild_complete.json"  # in a prefix under download.shards_url: committed, never written again
 
 
 def _fingerprint(cfg, metadata: Path) -> str:
@@ -245,14 +247,17 @@ def run(cfg, part: int) -> None:
         fetch_table = fetch_table.take(pa.array(spread_by_host(fetch_table.column("url").to_pylist()), pa.int64()))
         input_path = work / "input.parquet"
         pq.write_table(fetch_table, input_path)
-        if fetch_table.num_rows:
+        # a prefix committed before (same input, same settings: a forced rerun, another
+        # experiment's) is taken as it is: never written again
+        complete = bool(url) and _exists(shards, COMPLETE)
+        if fetch_table.num_rows and not complete:
             _img2dataset(cfg, input_path, shards)
         stats_files = _glob(shards, "*_stats.json") if fetch_table.num_rows else []
         expected = -(-fetch_table.num_rows // cfg.download.number_sample_per_shard)
         if len(stats_files) != expected:
             raise RuntimeError(f"download of part {part} incomplete: {len(stats_files)}/{expected} shards have "
                                f"stats in {shards}; rerun to resume")
-        for round_ in range(cfg.download.retry_rounds):
+        for round_ in range(0 if complete else cfg.download.retry_rounds):
             if not fetch_table.num_rows or not _transient_failures(shards):
                 break
             time.sleep(cfg.download.retry_delay)
@@ -275,8 +280,9 @@ def run(cfg, part: int) -> None:
 
 def _commit_manifest(shards: str, fetched: str, out: Path) -> None:
     """Shards under download.shards_url: their small files are copied into the part's directory
-    (funnel, report, readers), the tars stay where they are, listed with their sizes."""
-    listed = []
+    (funnel, report, readers), the tars stay where they are, listed with their sizes; the listing
+    is also written into the prefix (COMPLETE), which marks it as never to be written again."""
+    listed, stats = [], []
     if fetched == shards:
         fs, root = filesystem(shards)
         fs.invalidate_cache(root)
@@ -286,7 +292,21 @@ def _commit_manifest(shards: str, fetched: str, out: Path) -> None:
                 listed.append({"name": name, "size": entry["size"]})
             elif name.endswith(".parquet") or name.endswith("_stats.json"):
                 (out / name).write_bytes(_read(shards, name))
-    write_json(out / MANIFEST, {"url": shards, "shards": listed})
+                stats += [_stem(name)] if name.endswith("_stats.json") else []
+        missing = sorted(set(stats) - {_stem(e["name"]) for e in listed})
+        if missing:
+            raise FileNotFoundError(f"{shards}: shards {missing} have stats but no .tar (removed?); delete "
+                                    f"{shards} and rerun to download the part again")
+    manifest = {"url": shards, "shards": listed}
+    if fetched == shards and not _exists(shards, COMPLETE):
+        _write(shards, COMPLETE, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_json(out / MANIFEST, manifest)
+
+
+def _exists(shards: str, name: str) -> bool:
+    fs, root = filesystem(shards)
+    fs.invalidate_cache(root)
+    return fs.exists(f"{root.rstrip('/')}/{name}")
 
 
 # -- retrying transient failures -----------------------------------------------------------------
@@ -319,28 +339,42 @@ def retry_shards(cfg, shards: str, metadata: pa.Table, rewrite, scratch: Path) -
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     pq.write_table(retry_input, scratch / "input.parquet")
-    _img2dataset(cfg, scratch / "input.parquet", str((scratch / "shards").resolve()))
+    # img2dataset's output (and its input chunks, in `_tmp`) where executors can write and read:
+    # under download.shards_url when the shards are there
+    new_shards = (join(cfg.download.shards_url, "_scratch", uuid.uuid4().hex[:12]) if cfg.download.shards_url
+                  else str((scratch / "shards").resolve()))
+    try:
+        return _retry_into(cfg, shards, scratch, new_shards, wanted)
+    finally:
+        fs, root = filesystem(new_shards)
+        fs.invalidate_cache(root)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _retry_into(cfg, shards: str, scratch: Path, new_shards: str, wanted: dict) -> int:
+    _img2dataset(cfg, scratch / "input.parquet", new_shards)
 
     new_rows = {}  # our key -> (new shard, new i2d key, parquet row)
-    for path in sorted((scratch / "shards").glob("*.parquet")):
-        t = pq.read_table(path)
-        for row in t.to_pylist():
+    for path in _glob(new_shards, "*.parquet"):
+        name = path.rsplit("/", 1)[-1]
+        for row in pq.read_table(io.BytesIO(_read(new_shards, name))).to_pylist():
             if row["status"] == "success":
-                new_rows[row[KEY_COLUMN]] = (path.stem, row["key"], row)
+                new_rows[row[KEY_COLUMN]] = (_stem(name), row["key"], row)
     by_shard: dict[str, list[str]] = {}
     for ours in new_rows:
         by_shard.setdefault(wanted[ours][0], []).append(ours)
     for shard, ours_list in sorted(by_shard.items()):
-        _merge_into_shard(shards, shard, [(wanted[o][1], *new_rows[o]) for o in sorted(ours_list)], scratch / "shards")
-    shutil.rmtree(scratch, ignore_errors=True)
+        _merge_into_shard(shards, shard, [(wanted[o][1], *new_rows[o]) for o in sorted(ours_list)], new_shards)
     return len(new_rows)
 
 
-def _merge_into_shard(shards: str, shard: str, recovered: list, new_dir: Path) -> None:
+def _merge_into_shard(shards: str, shard: str, recovered: list, new_shards: str) -> None:
     """`recovered`: (original i2d key, new shard, new i2d key, new parquet row)."""
     members: dict[str, list[tuple[tarfile.TarInfo, bytes]]] = {}
     for new_shard in {r[1] for r in recovered}:
-        with tarfile.open(new_dir / f"{new_shard}.tar") as tar:
+        with tarfile.open(fileobj=io.BytesIO(_read(new_shards, f"{new_shard}.tar"))) as tar:
             for info in tar.getmembers():
                 if info.isfile():
                     members.setdefault(info.name.split(".", 1)[0], []).append((info, tar.extractfile(info).read()))
@@ -401,14 +435,17 @@ def retry_part(cfg, part: int) -> tuple[int, int]:
     shutil.rmtree(staging_dir, ignore_errors=True)
     staging_dir.mkdir(parents=True)
     if remote:
+        part_shards(target)  # the prefix still holds what the manifest lists
         old = read_json(target / MANIFEST)["url"]
-        staging = f"{old.rstrip('/')}-retry-{hashlib.sha256((target / MANIFEST).read_bytes()).hexdigest()[:8]}"
+        staging = f"{old.rstrip('/')}-retry-{uuid.uuid4().hex[:8]}"  # a new prefix, never an existing one
         fs, root = filesystem(old)
+        root = root.rstrip("/")
         new_root = filesystem(staging)[1].rstrip("/")
         fs.makedirs(new_root, exist_ok=True)
-        for path in fs.find(root):
-            if "/_tmp/" not in path:
-                fs.copy(path, f"{new_root}/{path.rsplit('/', 1)[-1]}")
+        for path in fs.ls(root, detail=False):  # (the prefix is flat: shards and their files)
+            name = path.rsplit("/", 1)[-1]
+            if name.endswith((".tar", ".parquet", "_stats.json")):
+                fs.copy(path, f"{new_root}/{name}")
     else:
         for path in target.iterdir():
             os.link(path, staging_dir / path.name)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import io
 import logging
 import os
-import shutil
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -162,46 +162,50 @@ def _embed(cfg, part: int, shards: list[Shard], downloaded: int, model) -> tuple
     if downloaded == 0:
         metadata = pd.DataFrame({c: pd.Series(dtype="object") for c in METADATA_COLUMNS})
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), metadata, None
-    name = f"clip_inference.part_{part}.{os.getpid()}"
+    name = f"clip_inference.part_{part}.{uuid.uuid4().hex[:12]}"  # (a pid can repeat in containers)
     raw = TMP / name
-    shutil.rmtree(raw, ignore_errors=True)
-    if cfg.engine.name == "spark":
-        # clip-retrieval's own Spark path: one task (and output partition) per shard on the
-        # session's executors, each loading the model; partitions are concatenated below
-        from clip_retrieval.clip_inference.main import main as clip_inference
-
-        from ..engines import spark_session
-
-        spark_session(cfg.engine)
-        # executors write their partitions where the driver can read them: engine.shared_tmp (a
-        # URL or shared mount) on a cluster; absolute paths, as executors' workers do not run in
-        # this process's directory
-        output = join(cfg.engine.shared_tmp, name) if cfg.engine.shared_tmp else str(raw.resolve())
-        clip_inference(input_dataset=_brace_pattern(shards), output_folder=output,
-                       input_format="webdataset",
-                       enable_text=True, enable_image=True, enable_metadata=True, batch_size=cfg.embed.batch_size,
-                       num_prepro_workers=1, clip_model=model.clip_model, use_jit=False,
-                       output_partition_count=len(shards), distribution_strategy="pyspark")
-    else:
-        output = str(raw)
-        _run_local(raw, shards, cfg.embed.batch_size, cfg.embed.num_prepro_workers, model.clip_model)
+    spark = cfg.engine.name == "spark"
+    # on Spark, executors write their partitions where the driver can read them: engine.shared_tmp
+    # (a URL or shared mount) on a cluster; absolute paths, as executors' workers do not run in
+    # this process's directory
+    output = join(cfg.engine.shared_tmp, name) if spark and cfg.engine.shared_tmp else str(raw.resolve())
     fs, root = filesystem(output)
+    try:
+        if spark:
+            # clip-retrieval's own Spark path: one task (and output partition) per shard on the
+            # session's executors, each loading the model; partitions are concatenated below
+            from clip_retrieval.clip_inference.main import main as clip_inference
 
-    def parts(kind: str, ext: str) -> list:
-        found = sorted(fs.glob(f"{root.rstrip('/')}/{kind}/{kind}_*.{ext}"),
-                       key=lambda p: int(p.rsplit("_", 1)[1].split(".")[0]))
-        if not found:  # (a partition of a shard without a readable image writes nothing)
-            raise RuntimeError(f"{output}/{kind}: clip_inference wrote no output partition")
-        return found
+            from ..engines import spark_session
 
-    def load(path: str):
-        with fs.open(path, "rb") as f:
-            return np.load(io.BytesIO(f.read())) if path.endswith(".npy") else pd.read_parquet(io.BytesIO(f.read()))
+            spark_session(cfg.engine)
+            clip_inference(input_dataset=_brace_pattern(shards), output_folder=output,
+                           input_format="webdataset",
+                           enable_text=True, enable_image=True, enable_metadata=True,
+                           batch_size=cfg.embed.batch_size, num_prepro_workers=1, clip_model=model.clip_model,
+                           use_jit=False, output_partition_count=len(shards), distribution_strategy="pyspark")
+        else:
+            _run_local(raw, shards, cfg.embed.batch_size, cfg.embed.num_prepro_workers, model.clip_model)
 
-    img = np.concatenate([load(p) for p in parts("img_emb", "npy")])
-    text = np.concatenate([load(p) for p in parts("text_emb", "npy")])
-    metadata = pd.concat([load(p) for p in parts("metadata", "parquet")], ignore_index=True)
-    fs.rm(root, recursive=True)
+        def parts(kind: str, ext: str) -> list:
+            found = sorted(fs.glob(f"{root.rstrip('/')}/{kind}/{kind}_*.{ext}"),
+                           key=lambda p: int(p.rsplit("_", 1)[1].split(".")[0]))
+            if not found:  # (a partition of a shard without a readable image writes nothing)
+                raise RuntimeError(f"{output}/{kind}: clip_inference wrote no output partition")
+            return found
+
+        def load(path: str):
+            with fs.open(path, "rb") as f:
+                data = io.BytesIO(f.read())
+            return np.load(data) if path.endswith(".npy") else pd.read_parquet(data)
+
+        img = np.concatenate([load(p) for p in parts("img_emb", "npy")])
+        text = np.concatenate([load(p) for p in parts("text_emb", "npy")])
+        metadata = pd.concat([load(p) for p in parts("metadata", "parquet")], ignore_index=True)
+    finally:
+        fs.invalidate_cache(root)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
     # Build order is our key order (part, then source row). clip_inference's workers
     # interleave shards, and img2dataset writes a shard in completion order.
     order = np.argsort(metadata[KEY_COLUMN].astype(str).to_numpy(), kind="stable")
@@ -209,6 +213,17 @@ def _embed(cfg, part: int, shards: list[Shard], downloaded: int, model) -> tuple
     metadata = metadata.iloc[order].reset_index(drop=True)
     metadata = metadata[[c for c in METADATA_COLUMNS if c in metadata.columns]]
     return img, text, metadata, int(img.shape[1])
+
+
+def _check_every_shard_read(shards: list[Shard], embedded: set[str]) -> None:
+    """A shard with downloaded images of which none was embedded was not read at all (webdataset
+    skips a shard it cannot open, e.g. a remote read that failed): an error, not a quiet loss."""
+    for shard in shards:
+        rows = pq.read_table(shard.parquet, columns=["status", KEY_COLUMN]).to_pydict()
+        ok = [str(k) for k, status in zip(rows[KEY_COLUMN], rows["status"]) if status == "success"]
+        if ok and not embedded.intersection(ok):
+            raise RuntimeError(f"{shard.location}: none of its {len(ok)} images was embedded; the shard "
+                               f"could not be read (see the warnings above); rerun the stage")
 
 
 def run(cfg, part: int) -> None:
@@ -234,6 +249,7 @@ def run(cfg, part: int) -> None:
             target.mkdir(parents=True)
             write_part(target, o_img, o_text, o_meta)
             write_json(target / "model.json", {**describe(other), "dim": o_dim, "name": name})
+        _check_every_shard_read(shards, set(metadata[KEY_COLUMN].astype(str)))
         counts.set("embedded", len(metadata))
         counts.save(out)
     if len(metadata) != downloaded:

@@ -96,9 +96,8 @@ def _fingerprint(cfg, shards: list[Shard]) -> str:
 
 def run(cfg, part: int) -> None:
     f = cfg.tag.faces
-    shards = part_shards(part_dir("download", part))
     counts = Counts()
-    if f.detector == "none":
+    if f.detector == "none":  # (img2dataset's parquet files only, always in the part's directory)
         keys = []
         for path in sorted(part_dir("download", part).glob("*.parquet")):
             t = pq.read_table(path, columns=["status", KEY_COLUMN]).to_pydict()
@@ -107,6 +106,7 @@ def run(cfg, part: int) -> None:
     else:
         settings = {"detector": f.detector, "weights": f.weights, "min_score": f.min_score, "upscale": f.upscale}
         name = _detector_for(settings).name  # a bad setting fails here, in the stage's own process
+        shards = part_shards(part_dir("download", part))
         work = WORK / "faces" / f"part_{part}-{_fingerprint(cfg, shards)}"
         work.mkdir(parents=True, exist_ok=True)
         targets = [work / f"{shard.name}.parquet" for shard in shards]

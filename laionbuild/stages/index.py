@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 
 import numpy as np
 
@@ -22,9 +23,6 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg) -> None:
-    import faiss
-    from autofaiss import build_index
-
     c = cfg.index
     distributed, staged = {}, None
     source = embeddings_dir(c.model)
@@ -38,10 +36,22 @@ def run(cfg) -> None:
         shared = cfg.engine.shared_tmp or str((TMP / "autofaiss_indices").resolve())
         distributed = {"distributed": "pyspark", "temporary_indices_folder": shared}  # (+ a uuid; removed after)
         if cfg.engine.shared_tmp:  # executors on other machines read the embeddings from there too
-            staged = join(cfg.engine.shared_tmp, f"index_embeddings.{os.getpid()}")
+            staged = join(cfg.engine.shared_tmp, f"index_embeddings.{uuid.uuid4().hex[:12]}")
             fs, root = filesystem(staged)
             fs.put(f"{embeddings}/", f"{root}/", recursive=True)
             embeddings = staged
+    try:
+        _build(cfg, c, source, embeddings, distributed)
+    finally:
+        if staged:
+            fs.rm(root, recursive=True)
+    report(cfg)
+
+
+def _build(cfg, c, source, embeddings: str, distributed: dict) -> None:
+    import faiss
+    from autofaiss import build_index
+
     with atomic_dir(INDEX) as out:
         build_index(
             embeddings=embeddings,
@@ -62,9 +72,6 @@ def run(cfg) -> None:
         write_json(out / "model.json", {"embeddings": str(source), "name": c.model, "model": spec.model,
                                         "pretrained": spec.pretrained})
         log.info("index: %s with %d vectors", type(index).__name__, index.ntotal)
-    if staged:
-        fs.rm(root, recursive=True)
-    report(cfg)
 
 
 def _files(kind: str, model: str | None = None) -> list:

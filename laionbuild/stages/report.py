@@ -279,10 +279,10 @@ def _dedup_sections(cfg, images: ShardImages) -> list[dict]:
 
 def _download_sections(cfg, result: dict, images: ShardImages) -> list[dict]:
     """Rows whose download failed (with the reason) and rows downloaded."""
-    from ..storage import part_shards
     from .download import KEY_COLUMN
 
-    files = [str(s.parquet) for p in cfg.subset.parts for s in part_shards(part_dir("download", p))]
+    # img2dataset's per-shard parquet files: always in the part's directory (also with download.shards_url)
+    files = [str(f) for p in cfg.subset.parts for f in sorted(part_dir("download", p).glob("*.parquet"))]
     if not files:
         return []
     con = duckdb.connect()
