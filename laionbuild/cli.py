@@ -12,11 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import without_torch
 from .atomic import atomic_write_text
 from .config import RecipeError, compose, load_params, to_yaml
 from .layout import PART_DIRS, PER_PART_STAGES, STAGES, part_of
 
 log = logging.getLogger("laionbuild")
+# stages whose process (and its spawned img2dataset workers) never import torch: see without_torch
+TORCH_FREE_STAGES = ("download",)
 
 
 def _dvc_env() -> dict:
@@ -186,6 +189,8 @@ def cmd_stage(args) -> int:
     from .stages import run_stage
 
     cfg = load_params(args.params)
+    if args.name in TORCH_FREE_STAGES:
+        without_torch.enable()
     run_stage(args.name, cfg, args.part)
     # The stage's outputs are committed (atomic renames). Leave without the interpreter's
     # teardown: pyarrow's parquet threads can abort it at random after all the work is done
@@ -204,6 +209,7 @@ def cmd_retry_failed(args) -> int:
     from .stages.download import retry_part
 
     cfg = load_params(args.params)
+    without_torch.enable()
     parts = args.part if args.part else list(cfg.subset.parts)
     changed = []
     for part in parts:

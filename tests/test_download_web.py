@@ -146,3 +146,29 @@ def test_retry_failed_merges_recovered_samples(project, tmp_path, shared):
     assert "download@0" not in rebuilt.ran and "embed@0" in rebuilt.ran
     funnel = json.loads((project / "data/metrics/funnel.json").read_text())
     assert funnel["downloaded_ok"] == funnel["embedded"] == 14
+
+
+def test_download_stage_and_its_workers_never_import_torch(tmp_path_factory):
+    """img2dataset needs no torch; its imports pull it in when they can, in the stage process and
+    again in every worker and logger it spawns (laionbuild.without_torch). `-X importtime`
+    reaches the spawned children too (multiprocessing passes interpreter flags on)."""
+    import subprocess
+    import sys
+
+    from .conftest import BIN, build_env
+    from .shared_demo import copy_of, shared_demo
+
+    project = copy_of(shared_demo(tmp_path_factory)[0], tmp_path_factory.mktemp("no_torch") / "project")
+    before = stats(project)["counts"]
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(BIN / "laionbuild"), "stage", "download",
+                           "--part", "0"], cwd=project.path, env=build_env(), text=True, capture_output=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    # the stage process, img2dataset's logger process and its download worker each import it
+    assert imported.count("img2dataset.downloader") >= 3
+    assert "webdataset" in imported and "albumentations" in imported
+    # (importtime also lists refused attempts, `torch` itself among them; an import that went
+    # through loads torch's extension module)
+    assert "torch._C" not in imported and "torch.version" not in imported
+    after = stats(project)["counts"]
+    assert after["downloaded_ok"] == before["downloaded_ok"] > 0

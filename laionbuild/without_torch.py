@@ -1,0 +1,51 @@
+"""Run a process (and the processes it spawns) without importing torch.
+
+img2dataset needs no torch, but `import img2dataset` imports webdataset, which imports torch
+when it can (webdataset/pytorch.py falls back to stand-in classes on ModuleNotFoundError; so
+do albumentations and the rest of img2dataset's imports). torch costs ~3 CPU-seconds to
+import, and img2dataset's multiprocessing distributor *spawns* its logger and every worker, each
+importing img2dataset again: about half of a small part's download stage was torch imports.
+
+`enable()` makes `import torch` raise ModuleNotFoundError in this process and sets
+LAIONBUILD_WITHOUT_TORCH=1 for its children: a spawned child imports its parent's main module
+(the `laionbuild` script, hence this package, whose `__init__` calls `from_environment()`)
+before it unpickles its task. Only for a process that runs one torch-free stage and exits
+(`laionbuild stage download`): webdataset keeps its stand-ins for the life of the process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ENV = "LAIONBUILD_WITHOUT_TORCH"
+
+
+class _NoTorch:
+    """A meta path finder refusing torch and its submodules, as if it were not installed."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r} ({ENV}=1: this process runs without torch)",
+                                      name=name)
+        return None
+
+
+def active() -> bool:
+    return any(isinstance(f, _NoTorch) for f in sys.meta_path)
+
+
+def enable() -> bool:
+    """Refuse torch from now on, here and in child processes. False (nothing done) when torch
+    is already imported: this process needs it."""
+    if "torch" in sys.modules:
+        return False
+    os.environ[ENV] = "1"
+    if not active():
+        sys.meta_path.insert(0, _NoTorch())
+    return True
+
+
+def from_environment() -> None:
+    if os.environ.get(ENV) == "1" and "torch" not in sys.modules and not active():
+        sys.meta_path.insert(0, _NoTorch())
