@@ -11,6 +11,8 @@ LAIONBUILD_WITHOUT_TORCH=1 for its children: a spawned child imports its parent'
 (the `laionbuild` script, hence this package, whose `__init__` calls `from_environment()`)
 before it unpickles its task. Only for a process that runs one torch-free stage and exits
 (`laionbuild stage download`): webdataset keeps its stand-ins for the life of the process.
+LAIONBUILD_WITHOUT_TORCH=0 in the environment turns this off (should a later img2dataset or
+webdataset need torch).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ class _NoTorch:
 
     def find_spec(self, name, path=None, target=None):
         if name == "torch" or name.startswith("torch."):
-            raise ModuleNotFoundError(f"No module named {name!r} ({ENV}=1: this process runs without torch)",
-                                      name=name)
+            raise ModuleNotFoundError(f"No module named {name!r} (laionbuild runs this stage without torch; "
+                                      f"set {ENV}=0 if it needs it)", name=name)
         return None
 
 
@@ -37,8 +39,8 @@ def active() -> bool:
 
 def enable() -> bool:
     """Refuse torch from now on, here and in child processes. False (nothing done) when torch
-    is already imported: this process needs it."""
-    if "torch" in sys.modules:
+    is already imported (this process needs it) or LAIONBUILD_WITHOUT_TORCH=0."""
+    if "torch" in sys.modules or os.environ.get(ENV) == "0":
         return False
     os.environ[ENV] = "1"
     if not active():

@@ -5,6 +5,7 @@ redirects, and `laionbuild retry-failed`."""
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 
 import pyarrow as pa
@@ -172,3 +173,18 @@ def test_download_stage_and_its_workers_never_import_torch(tmp_path_factory):
     assert "torch._C" not in imported and "torch.version" not in imported
     after = stats(project)["counts"]
     assert after["downloaded_ok"] == before["downloaded_ok"] > 0
+
+
+def test_without_torch_can_be_turned_off():
+    import subprocess
+    import sys
+
+    code = ("from laionbuild import without_torch\n"
+            "print(without_torch.enable())\n"
+            "import torch\n"
+            "print(torch.tensor([1]).sum().item())")
+    refused = subprocess.run([sys.executable, "-c", code], text=True, capture_output=True)
+    assert refused.returncode != 0 and "LAIONBUILD_WITHOUT_TORCH=0" in refused.stderr
+    allowed = subprocess.run([sys.executable, "-c", code], text=True, capture_output=True,
+                             env={**os.environ, "LAIONBUILD_WITHOUT_TORCH": "0"})
+    assert allowed.returncode == 0 and allowed.stdout.split() == ["False", "1"], allowed.stderr
