@@ -228,6 +228,20 @@ def cmd_retry_failed(args) -> int:
     return 0
 
 
+def cmd_gc_shards(args) -> int:
+    """Prefixes under download.shards_url that no build refers to (laionbuild/gc.py): listed,
+    deleted with --delete."""
+    from .gc import collect
+
+    url = args.url or load_params(args.params).download.shards_url
+    if not url:
+        raise RecipeError(f"gc-shards: download.shards_url is not set in {args.params} (and no --url): "
+                          "the shards are in the workspace, where `dvc gc` cleans them")
+    lines, status = collect(url, delete=args.delete, incomplete=args.incomplete)
+    print("\n".join(lines))
+    return status
+
+
 def cmd_query(args) -> int:
     from .query import encode, search
 
@@ -340,6 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part", type=int, action="append", help="part id (repeatable; default: every part)")
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=cmd_retry_failed)
+
+    p = sub.add_parser("gc-shards", help="list (and with --delete, delete) the prefixes under download.shards_url "
+                                         "that no build refers to (workspace, commits, experiments)")
+    p.add_argument("--delete", action="store_true", help="delete them (default: only list)")
+    p.add_argument("--incomplete", action="store_true",
+                   help="also unreferenced prefixes never committed (killed downloads) and retry scratch")
+    p.add_argument("--url", help="the shards_url to clean (default: download.shards_url of --params)")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_gc_shards)
 
     p = sub.add_parser("query", help="nearest selected samples to a text or an image (url, caption, score)")
     p.add_argument("--text")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 MANIFEST = "shards.json"
+COMPLETE = "_laionbuild_complete.json"  # in a prefix under download.shards_url: committed, never written again
 
 
 def is_url(location: str | os.PathLike) -> bool:

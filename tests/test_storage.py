@@ -11,6 +11,7 @@ import re
 
 import numpy as np
 import pyarrow.parquet as pq
+import yaml
 
 from laionbuild.stages.download import KEY_COLUMN
 
@@ -91,3 +92,87 @@ def test_shards_url_is_validated(project):
     assert bad.returncode != 0 and "download.shards_url" in bad.output and "absolute" in bad.output
     unknown = project.laionbuild("compose", "download.shards_url=nosuchfs://x/y", check=False)
     assert unknown.returncode != 0 and "download.shards_url" in unknown.output and "nosuchfs" in unknown.output
+
+
+def test_gc_shards_deletes_only_prefixes_no_build_refers_to(s3, tmp_path):
+    """A committed build, a build thrown away (params and dvc.lock checked out again), two DVC
+    experiments (one of them in the workspace), a killed download's prefix and a retry scratch
+    leftover: `gc-shards` deletes the thrown-away build's prefix alone, and every build that
+    remains reads its shards."""
+    import shutil
+
+    from laionbuild.storage import part_shards
+
+    from .conftest import Project
+
+    fs, _ = s3
+    Project(tmp_path).laionbuild("init", str(tmp_path / "ds"))
+    repo = Project(tmp_path / "ds")
+    url = f"s3://{BUCKET}/gc"
+    common = [*FAST, "subset.parts=[0]", f"download.shards_url={url}"]
+
+    def build(*overrides: str) -> None:
+        repo.laionbuild("build", "--stage", "download@0", *common, *overrides)
+
+    def in_use() -> str:
+        return json.loads((repo / "data/images/part_0/shards.json").read_text())["url"].rsplit("/", 1)[-1]
+
+    def stored() -> set[str]:  # (listed by object: a versioned bucket keeps deleted "directories")
+        fs.invalidate_cache()
+        return {p.split("/")[2] for p in fs.find(f"{BUCKET}/gc")}
+
+    build("download.image_size=80")
+    committed = in_use()
+    repo.run("git", "add", "-A")
+    repo.run("git", "commit", "-qm", "build: image_size=80")
+    build("download.image_size=100")
+    dropped = in_use()
+    repo.run("git", "checkout", "--", "params.yaml", "dvc.lock")
+    repo.dvc("checkout", "download@0")  # (built up to download only)
+    assert in_use() == committed
+    repo.laionbuild("build", "-m", "--stage", "download@0", *common, "download.image_size=64,72")
+    workspace = in_use()  # the last experiment's outputs stay in the workspace
+    [experiment] = stored() - {committed, dropped, workspace}
+    killed = "part_0-0123456789abcdef"
+    fs.pipe(f"{BUCKET}/gc/{killed}/00000.tar", b"half a shard")
+    fs.pipe(f"{BUCKET}/gc/_scratch/5f0e/00000.tar", b"a retry round's")
+    everything = stored()
+    assert everything == {committed, dropped, workspace, experiment, killed, "_scratch"}
+
+    listed = repo.laionbuild("gc-shards").output
+    assert re.search(rf"{dropped}  unreferenced  \d+\.\d MB", listed)
+    assert re.search(rf"{committed}  kept: commit \w+", listed)
+    assert re.search(rf"{experiment}  kept: commit \w+", listed)  # its DVC experiment ref
+    assert re.search(rf"{workspace}  kept: .*workspace", listed)
+    assert f"{killed}  kept: incomplete" in listed and "_scratch/5f0e  kept: incomplete" in listed
+    assert "1 prefix, " in listed and stored() == everything  # listed, nothing deleted
+
+    # a manifest DVC's cache no longer holds may name any prefix: nothing is deleted
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    [out] = lock["stages"]["download@0"]["outs"]
+    cache = repo / ".dvc/cache/files/md5"
+    listing = json.loads((cache / out["md5"][:2] / out["md5"][2:]).read_text())
+    oid = next(i["md5"] for i in listing if i["relpath"] == "shards.json")
+    object_path = cache / oid[:2] / oid[2:]
+    shutil.move(object_path, tmp_path / "away")
+    refused = repo.laionbuild("gc-shards", "--delete", check=False)
+    assert refused.returncode == 1 and "not in the DVC cache" in refused.output and "nothing deleted" in refused.output
+    assert stored() == everything
+    shutil.move(tmp_path / "away", object_path)
+
+    deleted = repo.laionbuild("gc-shards", "--delete").output
+    assert "deleted 1 prefix, " in deleted
+    assert stored() == everything - {dropped}
+    repo.laionbuild("gc-shards", "--delete", "--incomplete")
+    assert stored() == {committed, workspace, experiment}
+
+    # every build left reads its shards: the workspace, the other experiment, the commit
+    assert part_shards(repo / "data/images/part_0")
+    # (exp apply fails on the stages after download, never built; download@0's output is applied)
+    repo.dvc("exp", "apply", "image_size=64", check=False)
+    repo.dvc("checkout", "download@0")
+    assert in_use() == experiment and part_shards(repo / "data/images/part_0")
+    repo.run("git", "checkout", "--", "params.yaml", "dvc.lock")
+    repo.dvc("checkout", "download@0")
+    assert in_use() == committed and part_shards(repo / "data/images/part_0")
+    assert repo.laionbuild("build", "--stage", "download@0", *common, "download.image_size=80").ran == []

@@ -42,12 +42,11 @@ from ..funnel import Counts, load_stats
 from ..layout import TMP, WORK, part_dir
 from ..local_server import serve_folder
 from ..politeness import PoliteProxy, proxy_environment
-from ..storage import MANIFEST, filesystem, is_url, join, part_shards, storage_hosts
+from ..storage import COMPLETE, MANIFEST, filesystem, is_url, join, part_shards, storage_hosts
 from ..url_policy import refusals, spread_by_host
 
 log = logging.getLogger(__name__)
 KEY_COLUMN = "laionbuild_key"  # our key, carried through img2dataset as an additional column
-COMPLETE = "_laionbuild_complete.json"  # in a prefix under download.shards_url: committed, never written again
 
 
 def _fingerprint(cfg, metadata: Path) -> str:
