@@ -231,13 +231,16 @@ def cmd_retry_failed(args) -> int:
 def cmd_gc_shards(args) -> int:
     """Prefixes under download.shards_url that no build refers to (laionbuild/gc.py): listed,
     deleted with --delete."""
-    from .gc import collect
+    from .gc import GcError, collect
 
     url = args.url or load_params(args.params).download.shards_url
     if not url:
         raise RecipeError(f"gc-shards: download.shards_url is not set in {args.params} (and no --url): "
                           "the shards are in the workspace, where `dvc gc` cleans them")
-    lines, status = collect(url, delete=args.delete, incomplete=args.incomplete)
+    try:
+        lines, status = collect(url, delete=args.delete, incomplete=args.incomplete)
+    except GcError as exc:
+        raise RecipeError(str(exc)) from None
     print("\n".join(lines))
     return status
 

@@ -7,12 +7,15 @@ import, and img2dataset's multiprocessing distributor *spawns* its logger and ev
 importing img2dataset again: about half of a small part's download stage was torch imports.
 
 `enable()` makes `import torch` raise ModuleNotFoundError in this process and sets
-LAIONBUILD_WITHOUT_TORCH=1 for its children: a spawned child imports its parent's main module
-(the `laionbuild` script, hence this package, whose `__init__` calls `from_environment()`)
-before it unpickles its task. Only for a process that runs one torch-free stage and exits
+LAIONBUILD_WITHOUT_TORCH=pid:<its pid> for its children: a spawned child imports its parent's
+main module (the `laionbuild` script, hence this package, whose `__init__` calls
+`from_environment()`) before it unpickles its task, and refuses torch too if its parent is that
+process (img2dataset's pool and logger are; nothing further down, nor a later stage that
+inherits the variable somehow). Only for a process that runs one torch-free stage and exits
 (`laionbuild stage download`): webdataset keeps its stand-ins for the life of the process.
 LAIONBUILD_WITHOUT_TORCH=0 in the environment turns this off (should a later img2dataset or
-webdataset need torch).
+webdataset need torch). `importlib.util.find_spec("torch")` raises too in such a process (a
+probe for torch that way would fail instead of skipping; nothing on the download path probes).
 """
 
 from __future__ import annotations
@@ -42,12 +45,12 @@ def enable() -> bool:
     is already imported (this process needs it) or LAIONBUILD_WITHOUT_TORCH=0."""
     if "torch" in sys.modules or os.environ.get(ENV) == "0":
         return False
-    os.environ[ENV] = "1"
+    os.environ[ENV] = f"pid:{os.getpid()}"
     if not active():
         sys.meta_path.insert(0, _NoTorch())
     return True
 
 
 def from_environment() -> None:
-    if os.environ.get(ENV) == "1" and "torch" not in sys.modules and not active():
+    if os.environ.get(ENV) == f"pid:{os.getppid()}" and "torch" not in sys.modules and not active():
         sys.meta_path.insert(0, _NoTorch())

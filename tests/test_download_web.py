@@ -188,3 +188,7 @@ def test_without_torch_can_be_turned_off():
     allowed = subprocess.run([sys.executable, "-c", code], text=True, capture_output=True,
                              env={**os.environ, "LAIONBUILD_WITHOUT_TORCH": "0"})
     assert allowed.returncode == 0 and allowed.stdout.split() == ["False", "1"], allowed.stderr
+    # the variable carries the refusing process's pid: only its own children honour it
+    exported = subprocess.run([sys.executable, "-c", "import laionbuild, torch"], text=True, capture_output=True,
+                              env={**os.environ, "LAIONBUILD_WITHOUT_TORCH": "1"})
+    assert exported.returncode == 0, exported.stderr

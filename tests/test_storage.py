@@ -95,11 +95,14 @@ def test_shards_url_is_validated(project):
 
 
 def test_gc_shards_deletes_only_prefixes_no_build_refers_to(s3, tmp_path):
-    """A committed build, a build thrown away (params and dvc.lock checked out again), two DVC
-    experiments (one of them in the workspace), a killed download's prefix and a retry scratch
-    leftover: `gc-shards` deletes the thrown-away build's prefix alone, and every build that
-    remains reads its shards."""
+    """A committed build, a side branch merged with `-s ours` and deleted, a build thrown away
+    (params and dvc.lock checked out again), two DVC experiments (one in the workspace), a killed
+    download's prefix and a retry scratch leftover: `gc-shards` deletes the thrown-away build's
+    prefix alone; every build that remains reads its shards, and rebuilding the thrown-away one
+    downloads it again (its DVC run-cache entry is dropped with it)."""
     import shutil
+
+    from dvc.repo import Repo
 
     from laionbuild.storage import part_shards
 
@@ -111,8 +114,8 @@ def test_gc_shards_deletes_only_prefixes_no_build_refers_to(s3, tmp_path):
     url = f"s3://{BUCKET}/gc"
     common = [*FAST, "subset.parts=[0]", f"download.shards_url={url}"]
 
-    def build(*overrides: str) -> None:
-        repo.laionbuild("build", "--stage", "download@0", *common, *overrides)
+    def build(*overrides: str):
+        return repo.laionbuild("build", "--stage", "download@0", *common, *overrides)
 
     def in_use() -> str:
         return json.loads((repo / "data/images/part_0/shards.json").read_text())["url"].rsplit("/", 1)[-1]
@@ -121,28 +124,40 @@ def test_gc_shards_deletes_only_prefixes_no_build_refers_to(s3, tmp_path):
         fs.invalidate_cache()
         return {p.split("/")[2] for p in fs.find(f"{BUCKET}/gc")}
 
+    def back_to_head() -> None:
+        repo.run("git", "checkout", "--", "params.yaml", "dvc.lock")
+        repo.dvc("checkout", "download@0")  # (built up to download only)
+
     build("download.image_size=80")
     committed = in_use()
     repo.run("git", "add", "-A")
     repo.run("git", "commit", "-qm", "build: image_size=80")
+    repo.run("git", "checkout", "-q", "-b", "side")
+    build("download.image_size=90")
+    merged = in_use()
+    repo.run("git", "add", "-A")
+    repo.run("git", "commit", "-qm", "build: image_size=90")
+    repo.run("git", "checkout", "-q", "-")
+    repo.run("git", "merge", "-q", "-s", "ours", "side", "-m", "merge side, keeping ours")
+    repo.run("git", "branch", "-q", "-D", "side")  # reachable through the merge only
+    back_to_head()
     build("download.image_size=100")
     dropped = in_use()
-    repo.run("git", "checkout", "--", "params.yaml", "dvc.lock")
-    repo.dvc("checkout", "download@0")  # (built up to download only)
+    back_to_head()
     assert in_use() == committed
     repo.laionbuild("build", "-m", "--stage", "download@0", *common, "download.image_size=64,72")
     workspace = in_use()  # the last experiment's outputs stay in the workspace
-    [experiment] = stored() - {committed, dropped, workspace}
+    [experiment] = stored() - {committed, merged, dropped, workspace}
     killed = "part_0-0123456789abcdef"
     fs.pipe(f"{BUCKET}/gc/{killed}/00000.tar", b"half a shard")
     fs.pipe(f"{BUCKET}/gc/_scratch/5f0e/00000.tar", b"a retry round's")
     everything = stored()
-    assert everything == {committed, dropped, workspace, experiment, killed, "_scratch"}
+    assert everything == {committed, merged, dropped, workspace, experiment, killed, "_scratch"}
 
     listed = repo.laionbuild("gc-shards").output
     assert re.search(rf"{dropped}  unreferenced  \d+\.\d MB", listed)
-    assert re.search(rf"{committed}  kept: commit \w+", listed)
-    assert re.search(rf"{experiment}  kept: commit \w+", listed)  # its DVC experiment ref
+    for name in (committed, merged, experiment):
+        assert re.search(rf"{name}  kept: commit \w+", listed), name
     assert re.search(rf"{workspace}  kept: .*workspace", listed)
     assert f"{killed}  kept: incomplete" in listed and "_scratch/5f0e  kept: incomplete" in listed
     assert "1 prefix, " in listed and stored() == everything  # listed, nothing deleted
@@ -157,14 +172,18 @@ def test_gc_shards_deletes_only_prefixes_no_build_refers_to(s3, tmp_path):
     shutil.move(object_path, tmp_path / "away")
     refused = repo.laionbuild("gc-shards", "--delete", check=False)
     assert refused.returncode == 1 and "not in the DVC cache" in refused.output and "nothing deleted" in refused.output
-    assert stored() == everything
     shutil.move(tmp_path / "away", object_path)
+    # nor while a build holds the project's DVC lock
+    with Repo(str(repo.path)) as dvc_repo, dvc_repo.lock:
+        locked = repo.laionbuild("gc-shards", "--delete", check=False)
+    assert locked.returncode != 0 and "DVC lock is held" in locked.output
+    assert stored() == everything
 
     deleted = repo.laionbuild("gc-shards", "--delete").output
-    assert "deleted 1 prefix, " in deleted
+    assert "deleted 1 prefix, " in deleted and "dropped 1 DVC run-cache entries" in deleted
     assert stored() == everything - {dropped}
     repo.laionbuild("gc-shards", "--delete", "--incomplete")
-    assert stored() == {committed, workspace, experiment}
+    assert stored() == {committed, merged, workspace, experiment}
 
     # every build left reads its shards: the workspace, the other experiment, the commit
     assert part_shards(repo / "data/images/part_0")
@@ -172,7 +191,10 @@ def test_gc_shards_deletes_only_prefixes_no_build_refers_to(s3, tmp_path):
     repo.dvc("exp", "apply", "image_size=64", check=False)
     repo.dvc("checkout", "download@0")
     assert in_use() == experiment and part_shards(repo / "data/images/part_0")
-    repo.run("git", "checkout", "--", "params.yaml", "dvc.lock")
-    repo.dvc("checkout", "download@0")
+    back_to_head()
     assert in_use() == committed and part_shards(repo / "data/images/part_0")
-    assert repo.laionbuild("build", "--stage", "download@0", *common, "download.image_size=80").ran == []
+    assert build("download.image_size=80").ran == []
+    # the thrown-away build again: downloaded again, not restored from DVC's run-cache
+    again = build("download.image_size=100")
+    assert "download@0" in again.ran and in_use() == dropped
+    assert part_shards(repo / "data/images/part_0") and dropped in stored()
