@@ -189,8 +189,9 @@ def cmd_stage(args) -> int:
     from .stages import run_stage
 
     cfg = load_params(args.params)
-    if args.name in TORCH_FREE_STAGES:
-        without_torch.enable()
+    if args.name in TORCH_FREE_STAGES and without_torch.enable():
+        log.info("stage %s runs without torch, in this process and those it spawns (img2dataset needs none; "
+                 "LAIONBUILD_WITHOUT_TORCH=0 turns this off)", args.name)
     run_stage(args.name, cfg, args.part)
     # The stage's outputs are committed (atomic renames). Leave without the interpreter's
     # teardown: pyarrow's parquet threads can abort it at random after all the work is done

@@ -6,7 +6,8 @@ do albumentations and the rest of img2dataset's imports). torch costs ~3 CPU-sec
 import, and img2dataset's multiprocessing distributor *spawns* its logger and every worker, each
 importing img2dataset again: about half of a small part's download stage was torch imports.
 
-`enable()` makes `import torch` raise ModuleNotFoundError in this process and sets
+`enable()` makes `import torch` raise ModuleNotFoundError in this process (torch looks
+uninstalled: `importlib.util.find_spec` says None) and sets
 LAIONBUILD_WITHOUT_TORCH=pid:<its pid> for its children: a spawned child imports its parent's
 main module (the `laionbuild` script, hence this package, whose `__init__` calls
 `from_environment()`) before it unpickles its task, and refuses torch too if its parent is that
@@ -14,8 +15,7 @@ process (img2dataset's pool and logger are; nothing further down, nor a later st
 inherits the variable somehow). Only for a process that runs one torch-free stage and exits
 (`laionbuild stage download`): webdataset keeps its stand-ins for the life of the process.
 LAIONBUILD_WITHOUT_TORCH=0 in the environment turns this off (should a later img2dataset or
-webdataset need torch). `importlib.util.find_spec("torch")` raises too in such a process (a
-probe for torch that way would fail instead of skipping; nothing on the download path probes).
+webdataset need torch).
 """
 
 from __future__ import annotations
@@ -26,31 +26,27 @@ import sys
 ENV = "LAIONBUILD_WITHOUT_TORCH"
 
 
-class _NoTorch:
-    """A meta path finder refusing torch and its submodules, as if it were not installed."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ModuleNotFoundError(f"No module named {name!r} (laionbuild runs this stage without torch; "
-                                      f"set {ENV}=0 if it needs it)", name=name)
-        return None
-
-
 def active() -> bool:
-    return any(isinstance(f, _NoTorch) for f in sys.meta_path)
+    return "torch" in sys.modules and sys.modules["torch"] is None
+
+
+def _refuse() -> None:
+    # None in sys.modules: `import torch` (and of any torch.*) raises ModuleNotFoundError, and
+    # `importlib.util.find_spec("torch")` returns None, as if torch were not installed (pyspark
+    # probes it that way when a SparkContext starts)
+    sys.modules["torch"] = None
 
 
 def enable() -> bool:
     """Refuse torch from now on, here and in child processes. False (nothing done) when torch
     is already imported (this process needs it) or LAIONBUILD_WITHOUT_TORCH=0."""
     if "torch" in sys.modules or os.environ.get(ENV) == "0":
-        return False
+        return active()
     os.environ[ENV] = f"pid:{os.getpid()}"
-    if not active():
-        sys.meta_path.insert(0, _NoTorch())
+    _refuse()
     return True
 
 
 def from_environment() -> None:
-    if os.environ.get(ENV) == f"pid:{os.getppid()}" and "torch" not in sys.modules and not active():
-        sys.meta_path.insert(0, _NoTorch())
+    if os.environ.get(ENV) == f"pid:{os.getppid()}" and "torch" not in sys.modules:
+        _refuse()
