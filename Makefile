@@ -15,7 +15,7 @@ $(BIN)/laionbuild: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools<81" wheel
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	# retina-face without its declared deps (they would add a second OpenCV and numpy 2); its
-	# PyTorch path needs only gdown besides what we have. See laionbuild/faces.py.
+	# PyTorch path needs only gdown besides what we have. See laionbuild/models/face_detectors.py.
 	$(BIN)/python -m pip install --quiet --no-deps retina-face==0.0.19
 	$(BIN)/python -m pip install --quiet "gdown>=4"
 	touch $@
@@ -35,6 +35,7 @@ demo: setup
 	@echo "Demo built: data/dataset, data/embeddings, data/index, data/metrics/funnel.json"
 
 test: setup browser
+	$(BIN)/ruff check .
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -x -q --durations=25
 
 bench: setup

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
 
-from laionbuild.local_server import serve_folder  # noqa: E402
+from laionbuild.web.local_server import serve_folder  # noqa: E402
 
 SETTINGS = dict(image_size=256, resize_mode="border", encode_format="jpg", encode_quality=95,
                 number_sample_per_shard=250, processes_count=2, thread_count=32, timeout=10, retries=0)

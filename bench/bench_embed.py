@@ -54,6 +54,18 @@ BIG, SMALL = 0, 1  # part ids (the demo recipe has parts 0..2)
 # inputs
 
 
+def timing(marks: dict, name: str, call):
+    """`call`, recording its wall time in marks[name] on every call."""
+    def run(*a, **k):
+        t = time.perf_counter()
+        try:
+            return call(*a, **k)
+        finally:
+            marks[name] = time.perf_counter() - t
+
+    return run
+
+
 def write_part(project: Path, part: int, n: int, shards: int, image_size: int, seed: int) -> None:
     """n samples in img2dataset's webdataset layout: KEY.jpg, KEY.json (with laionbuild_key),
     KEY.txt per sample, contiguous shard names, plus the stats.json the embed stage reads."""
@@ -171,16 +183,11 @@ def _hook_clip_inference(marks: dict, no_warmup: bool = False, no_logger: bool =
             marks["t_warm_end"] = time.perf_counter()
 
     acm.load_clip_without_warmup, acm.warmup = timed_load, timed_warmup
-    import laionbuild.models as models
+    import laionbuild.models.clip as models
 
     md5 = models._file_md5
 
-    def timed_md5(*a, **k):
-        t = time.perf_counter()
-        try:
-            return md5(*a, **k)
-        finally:
-            marks["checkpoint md5"] = time.perf_counter() - t
+    timed_md5 = timing(marks, "checkpoint md5", md5)
 
     models._file_md5 = timed_md5
     batches = marks.setdefault("batches", [])
@@ -205,31 +212,22 @@ def _hook_clip_inference(marks: dict, no_warmup: bool = False, no_logger: bool =
         return stage_call(self, stats)
 
     stage._StatsLogger.__call__ = stage_record
-    run_local = stage._run_local
+    def timed(call, record_args: bool = False):
+        def run(*a, **k):
+            start = time.perf_counter()
+            marks["t_main_start"] = start
+            if record_args:
+                marks["clip_args"] = {key: v for key, v in k.items() if key not in ("input_dataset", "output_folder")}
+            try:
+                return call(*a, **k)
+            finally:
+                marks["clip_inference"] = time.perf_counter() - start
+                marks["t_main_end"] = time.perf_counter()
 
-    def timed_run_local(*a, **k):  # the stage's clip-retrieval call (its Runner, in-process)
-        start = time.perf_counter()
-        marks["t_main_start"] = start
-        try:
-            return run_local(*a, **k)
-        finally:
-            marks["clip_inference"] = time.perf_counter() - start
-            marks["t_main_end"] = time.perf_counter()
+        return run
 
-    stage._run_local = timed_run_local
-    inner = cim.main
-
-    def timed_main(*a, **k):
-        start = time.perf_counter()
-        marks["t_main_start"] = start
-        marks["clip_args"] = {key: value for key, value in k.items() if key not in ("input_dataset", "output_folder")}
-        try:
-            return inner(*a, **k)
-        finally:
-            marks["clip_inference"] = time.perf_counter() - start
-            marks["t_main_end"] = time.perf_counter()
-
-    cim.main = timed_main
+    stage._run_local = timed(stage._run_local)  # the stage's clip-retrieval call (its Runner, in-process)
+    cim.main = timed(cim.main, record_args=True)
 
 
 def child_clip(part: int, workers: int | None, batch: int | None, no_warmup: bool, no_logger: bool) -> dict:
@@ -237,15 +235,15 @@ def child_clip(part: int, workers: int | None, batch: int | None, no_warmup: boo
     start = time.perf_counter()
     import importlib
 
-    import open_clip  # noqa: F401  (imported lazily by all_clip and laionbuild.models: count it as an import)
+    import open_clip  # noqa: F401  (imported lazily by all_clip and laionbuild.models.clip: count it as an import)
     import torch  # noqa: F401
 
     cim = importlib.import_module("clip_retrieval.clip_inference.main")
 
-    from laionbuild.config import load_params
-    from laionbuild.models import resolve
+    from laionbuild.models.clip import resolve
+    from laionbuild.recipe.schema import load_params
+    from laionbuild.shards.storage import part_shards
     from laionbuild.stages.embed import _brace_pattern
-    from laionbuild.storage import part_shards
     imports = time.perf_counter() - start
     cfg = load_params("params.yaml")
     model = resolve(cfg.embed)
@@ -282,7 +280,7 @@ def child_stage(part: int) -> dict:
 
     importlib.import_module("clip_retrieval.clip_inference.main")
 
-    from laionbuild.config import load_params
+    from laionbuild.recipe.schema import load_params
     from laionbuild.stages import embed
     imports = time.perf_counter() - start
     cfg = load_params("params.yaml")
@@ -310,8 +308,8 @@ def child_raw(part: int) -> dict:
     import torch
     from PIL import Image
 
-    from laionbuild.config import load_params
-    from laionbuild.models import resolve
+    from laionbuild.models.clip import resolve
+    from laionbuild.recipe.schema import load_params
     from laionbuild.stages.download import shard_files
     imports = time.perf_counter() - start
     cfg = load_params("params.yaml")
@@ -377,7 +375,7 @@ def child_index(kind: str) -> dict:
     import autofaiss
     import faiss  # noqa: F401
 
-    from laionbuild.config import load_params
+    from laionbuild.recipe.schema import load_params
     from laionbuild.stages import index as index_stage
     imports = time.perf_counter() - start
     cfg = load_params("params.yaml")
@@ -386,7 +384,7 @@ def child_index(kind: str) -> dict:
         import logging
 
         c = cfg.index
-        from laionbuild.layout import EMBEDDINGS
+        from laionbuild.project.layout import EMBEDDINGS
 
         out = Path("data/.bench/index_raw")
         out.mkdir(parents=True, exist_ok=True)
@@ -402,19 +400,9 @@ def child_index(kind: str) -> dict:
         return marks
     build, report = autofaiss.build_index, index_stage.report
 
-    def timed_build(*a, **k):
-        t = time.perf_counter()
-        try:
-            return build(*a, **k)
-        finally:
-            marks["build_index"] = time.perf_counter() - t
+    timed_build = timing(marks, "build_index", build)
 
-    def timed_report(*a, **k):
-        t = time.perf_counter()
-        try:
-            return report(*a, **k)
-        finally:
-            marks["report"] = time.perf_counter() - t
+    timed_report = timing(marks, "report", report)
 
     autofaiss.build_index, index_stage.report = timed_build, timed_report
     exact = getattr(index_stage, "exact_search", None)
@@ -441,8 +429,8 @@ def child_main(args) -> None:
     sys.path.insert(0, str(ROOT))
     mode = args.child
     if mode == "prepare":
-        from laionbuild.config import load_params
-        from laionbuild.models import resolve
+        from laionbuild.models.clip import resolve
+        from laionbuild.recipe.schema import load_params
 
         resolve(load_params("params.yaml").embed)  # writes the random checkpoint once
         result: dict = {}

@@ -57,7 +57,7 @@ def main() -> None:
                                   (0.15 + 0.2 * ((i * 7919 + {p}) % 1000) / 1000.0)::FLOAT AS clip_similarity,
                                   (64 + i % 1000)::BIGINT AS width, (64 + i % 700)::BIGINT AS height
                            FROM range(1000000) t(i)) TO '{target}/tags.parquet' (FORMAT parquet)""")
-        idle_wall, idle_cpu = run([sys.executable, "-c", "import laionbuild.stages.select"], project, env)
+        idle_wall, idle_cpu = run([sys.executable, "-c", "import laionbuild.stages.selection"], project, env)
         wall, cpu = run([str(BIN / "laionbuild"), "stage", "select"], project, env)
         kept = duckdb.sql(f"SELECT count(*) FROM '{project}/data/selected/selected.parquet'").fetchone()[0]
     scale = 10 / args.millions

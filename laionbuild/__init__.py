@@ -1,3 +1,3 @@
-from .without_torch import from_environment as _without_torch
+from laionbuild.web.without_torch import from_environment as _without_torch
 
-_without_torch()  # a child spawned by a torch-free stage process (laionbuild.without_torch)
+_without_torch()  # a child spawned by a torch-free stage process (laionbuild.web.without_torch)

@@ -7,86 +7,18 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-from . import without_torch
-from .atomic import atomic_write_text
-from .config import RecipeError, compose, load_params, to_yaml
-from .layout import PART_DIRS, PER_PART_STAGES, STAGES, part_of
+from laionbuild.project.atomic import atomic_write_text
+from laionbuild.project.layout import STAGES
+from laionbuild.project.repo import clear_dead_dvc_locks, dvc_env, enable_dvc_hydra, prune_stale_parts, run_dvc, stage_status
+from laionbuild.recipe.schema import RecipeError, compose, load_params, to_yaml
+from laionbuild.web import without_torch
 
 log = logging.getLogger("laionbuild")
 # stages whose process (and its spawned img2dataset workers) never import torch: see without_torch
 TORCH_FREE_STAGES = ("download",)
-
-
-def _dvc_env() -> dict:
-    """This environment's bin first on PATH, so the stage commands in dvc.yaml
-    (`laionbuild stage ...`) resolve to this installation."""
-    env = dict(os.environ)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    return env
-
-
-def _dvc(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
-    """Run DVC from this environment."""
-    return subprocess.run([sys.executable, "-m", "dvc", *args], env=_dvc_env(), text=True,
-                          capture_output=capture, check=False)
-
-
-def clear_dead_dvc_locks(dvc_dir: Path = Path(".dvc")) -> list[int]:
-    """Drop entries of dead processes from DVC's rwlock, so a build killed with SIGKILL can be
-    rerun. DVC does this itself, except for zombies: a killed `dvc repro` whose parent died too
-    stays a zombie where PID 1 does not reap (containers), and DVC takes it for alive."""
-    import psutil
-    from dvc.fs import localfs
-    from dvc.rwlock import _edit_rwlock
-
-    tmp_dir = dvc_dir / "tmp"
-    if not (tmp_dir / "rwlock").exists():
-        return []
-
-    def dead(pid: int) -> bool:
-        try:
-            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
-    cleared: set[int] = set()
-    with _edit_rwlock(str(tmp_dir), localfs, False) as lock:
-        for path, info in list(lock["write"].items()):
-            if dead(info["pid"]):
-                cleared.add(info["pid"])
-                del lock["write"][path]
-        for path, infos in list(lock["read"].items()):
-            alive = [i for i in infos if not dead(i["pid"])]
-            cleared.update(i["pid"] for i in infos if i not in alive)
-            if alive:
-                lock["read"][path] = alive
-            else:
-                del lock["read"][path]
-    if cleared:
-        log.warning("cleared DVC locks of killed processes %s", sorted(cleared))
-    return sorted(cleared)
-
-
-def prune_stale_parts(parts: list[int]) -> list[Path]:
-    """Remove workspace outputs of parts no longer in the recipe. They stay in DVC's cache (and
-    come back from it when the part is added again); removing them keeps the global stages'
-    directory dependencies equal to a build that never had the part, so DVC's run-cache can
-    restore their outputs instead of recomputing."""
-    removed = []
-    for directory in PART_DIRS.values():
-        if not directory.is_dir():
-            continue
-        for child in sorted(directory.iterdir()):
-            part = part_of(child)
-            if part is not None and part not in parts:
-                shutil.rmtree(child)
-                removed.append(child)
-    return removed
 
 
 def cmd_compose(args) -> int:
@@ -101,19 +33,10 @@ def cmd_compose(args) -> int:
     return 0
 
 
-def enable_dvc_hydra() -> None:
-    """`dvc exp run -S` composes conf/config.yaml into params.yaml (DVC's Hydra integration)."""
-    result = _dvc("config", "hydra.enabled", capture=True)
-    if result.stdout.strip() != "true":
-        for key, value in (("hydra.enabled", "true"), ("hydra.config_dir", "conf"), ("hydra.config_name", "config")):
-            if _dvc("config", key, value).returncode:
-                raise RuntimeError(f"dvc config {key} {value} failed")
-
-
 def cmd_sweep(args) -> int:
     """Each point of a Hydra multirun sweep as one DVC experiment, run one after the other in
     this workspace; stages a point shares with an earlier one are restored, not recomputed."""
-    from .sweeps import experiment_name, sweep_points
+    from laionbuild.project.sweeps import experiment_name, sweep_points
 
     points, varying = sweep_points(args.overrides)
     for point in points:  # every point is a valid recipe before any work starts
@@ -130,7 +53,7 @@ def cmd_sweep(args) -> int:
             command += ["-S", override]
         if args.stage:
             command.append(args.stage)
-        code = _dvc(*command).returncode
+        code = run_dvc(*command).returncode
         if code:
             return code
     print(f"{len(points)} experiments: {', '.join(names)} (dvc exp show)")
@@ -138,7 +61,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_init(args) -> int:
-    from .sweeps import init_project, run
+    from laionbuild.project.sweeps import init_project, run
 
     target = Path(args.dir).resolve()
     template = Path(__file__).resolve().parents[1]
@@ -147,7 +70,7 @@ def cmd_init(args) -> int:
     old = os.getcwd()
     os.chdir(target)
     try:
-        if _dvc("init", "-q").returncode:
+        if run_dvc("init", "-q").returncode:
             raise RuntimeError(f"dvc init failed in {target}")
         enable_dvc_hydra()
         atomic_write_text("params.yaml", to_yaml(compose([], conf_dir="conf")))
@@ -173,20 +96,20 @@ def cmd_build(args) -> int:
             raise RecipeError(f"--stage: unknown stage `{args.stage}`; stages: {', '.join(STAGES)}")
         repro.append(args.stage)
     if args.progress or (args.progress is None and sys.stderr.isatty()):
-        from .progress import BuildProgress, run_with_progress
-        from .stages.report import step_order
+        from laionbuild.explore.progress import BuildProgress, run_with_progress
+        from laionbuild.project.outputs import step_order
 
         cfg = load_params("params.yaml")
-        from .stages.download import shards_prefix
+        from laionbuild.shards.storage import shards_prefix
 
         prefix = (lambda part: shards_prefix(cfg, part)) if cfg.download.shards_url else None
         progress = BuildProgress(list(cfg.subset.parts), step_order(cfg), shards_prefix=prefix)
-        return run_with_progress([sys.executable, "-m", "dvc", *repro], _dvc_env(), progress)
-    return _dvc(*repro).returncode
+        return run_with_progress([sys.executable, "-m", "dvc", *repro], dvc_env(), progress)
+    return run_dvc(*repro).returncode
 
 
 def cmd_stage(args) -> int:
-    from .stages import run_stage
+    from laionbuild.stages import run_stage
 
     cfg = load_params(args.params)
     if args.name in TORCH_FREE_STAGES and without_torch.enable():
@@ -207,7 +130,7 @@ def cmd_retry_failed(args) -> int:
     """Re-attempt the transient download failures of built parts and merge the successes in;
     then record the new outputs in dvc.lock (`dvc commit`), so the next build reruns only what
     follows the download of the parts that changed."""
-    from .stages.download import retry_part
+    from laionbuild.stages.download import retry_part
 
     cfg = load_params(args.params)
     without_torch.enable()
@@ -221,7 +144,7 @@ def cmd_retry_failed(args) -> int:
         if recovered:
             changed.append(part)
     if changed and Path("dvc.lock").exists():
-        result = _dvc("commit", "--force", *[f"download@{p}" for p in changed])
+        result = run_dvc("commit", "--force", *[f"download@{p}" for p in changed])
         if result.returncode:
             return result.returncode
     if changed:
@@ -230,9 +153,9 @@ def cmd_retry_failed(args) -> int:
 
 
 def cmd_gc_shards(args) -> int:
-    """Prefixes under download.shards_url that no build refers to (laionbuild/gc.py): listed,
+    """Prefixes under download.shards_url that no build refers to (laionbuild/project/shards_gc.py): listed,
     deleted with --delete."""
-    from .gc import GcError, collect
+    from laionbuild.project.shards_gc import GcError, collect
 
     url = args.url or load_params(args.params).download.shards_url
     if not url:
@@ -247,7 +170,7 @@ def cmd_gc_shards(args) -> int:
 
 
 def cmd_query(args) -> int:
-    from .query import encode, search
+    from laionbuild.explore.query import encode, search
 
     if (args.text is None) == (args.image is None):
         raise RecipeError("query: give exactly one of --text or --image")
@@ -262,14 +185,14 @@ def cmd_query(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve import serve
+    from laionbuild.explore.serve import serve
 
     serve(load_params(args.params), args.host, args.port)
     return 0
 
 
 def cmd_projector(args) -> int:
-    from .projector import export, parse_build
+    from laionbuild.explore.projector import export, parse_build
 
     summary = export([parse_build(b) for b in args.builds], Path(args.out), cell=args.sprite_size,
                      limit=args.max_per_build)
@@ -279,36 +202,6 @@ def cmd_projector(args) -> int:
           + (f", {summary['missing_images']} without an image" if summary["missing_images"] else ""))
     print(f"view: tensorboard --logdir {args.out}  (Projector tab)")
     return 0
-
-
-def stage_status() -> list[tuple[str, str]]:
-    """(stage name as DVC knows it, built|stale|missing) for every stage of params.yaml's recipe."""
-    import yaml
-
-    cfg = load_params("params.yaml")
-    lock = {}
-    if Path("dvc.lock").exists():
-        lock = (yaml.safe_load(Path("dvc.lock").read_text()) or {}).get("stages", {})
-    result = _dvc("status", "--json", capture=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"dvc status failed: {result.stderr.strip()}")
-    changed = json.loads(result.stdout or "{}")
-    names = [f"{s}@{p}" if s in PER_PART_STAGES else s for s in STAGES
-             for p in (cfg.subset.parts if s in PER_PART_STAGES else [None])]
-    rows = []
-    for name in names:
-        if name not in lock:
-            state = "missing"
-        elif name in changed:
-            deleted = any(
-                isinstance(entry, dict) and any(v == "deleted" for d in entry.values() if isinstance(d, dict)
-                                                for v in d.values())
-                for entry in changed[name])
-            state = "missing" if deleted else "stale"
-        else:
-            state = "built"
-        rows.append((name, state))
-    return rows
 
 
 def cmd_status(args) -> int:

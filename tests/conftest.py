@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -13,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from laionbuild.environment import patched
+from laionbuild.project.sweeps import copy_template
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -73,8 +75,8 @@ class Project:
         process, as `dvc repro` would run their commands: for `engine=spark` builds on the test
         session's one SparkSession (`engine.master=active`, the `shared_spark` fixture) instead of a JVM
         per stage process. No DVC (nothing to compare in dvc.lock). `until`: the last stage run."""
-        from laionbuild.config import load_params
-        from laionbuild.layout import PER_PART_STAGES, STAGES
+        from laionbuild.project.layout import PER_PART_STAGES, STAGES
+        from laionbuild.recipe.schema import load_params
         from laionbuild.stages import run_stage
 
         self.laionbuild("compose", *FAST, *overrides)
@@ -101,13 +103,7 @@ class Project:
 
 
 def new_project(path: Path) -> Project:
-    path.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, path / name)
-        else:
-            shutil.copy2(src, path / name)
+    copy_template(ROOT, path, PROJECT_FILES)
     project = Project(path)
     project.run("git", "init", "-q")
     project.dvc("init", "-q")
@@ -122,7 +118,7 @@ def shared_spark():
     own), for builds run in-process with `engine.master=active` (`Project.build_in_process`)."""
     from types import SimpleNamespace
 
-    from laionbuild.engines import spark_session
+    from laionbuild.engine.spark import spark_session
 
     os.environ["PYSPARK_PYTHON"] = sys.executable
     session = spark_session(SimpleNamespace(master="local[2]", driver_memory="2g", shuffle_partitions=8, conf={}))
@@ -135,16 +131,8 @@ S3_BUCKET = "laionbuild-shards"
 
 @contextmanager
 def environment(**values):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
+    with patched(values):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from laionbuild.failures import REFUSED_HOP, classify, transient
-from laionbuild.storage import part_shards
+from laionbuild.shards.storage import part_shards
+from laionbuild.web.failures import REFUSED_HOP, classify, transient
 
 from .imageserver import source_overrides
 from .webfaults import FaultyWeb
@@ -151,7 +151,7 @@ def test_retry_failed_merges_recovered_samples(project, tmp_path, shared):
 
 def test_download_stage_and_its_workers_never_import_torch(tmp_path_factory):
     """img2dataset needs no torch; its imports pull it in when they can, in the stage process and
-    again in every worker and logger it spawns (laionbuild.without_torch). `-X importtime`
+    again in every worker and logger it spawns (laionbuild.web.without_torch). `-X importtime`
     reaches the spawned children too (multiprocessing passes interpreter flags on)."""
     import subprocess
     import sys

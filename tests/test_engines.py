@@ -104,9 +104,9 @@ def test_language_filter_on_a_csv_source(tmp_path, shared_spark):
 
 
 def test_a_stage_runs_under_spark_submit_on_its_session(tmp_path):
-    """`spark-submit laionbuild/spark_submit.py stage …` with engine.master=active: the stage uses
+    """`spark-submit laionbuild/engine/spark_submit.py stage …` with engine.master=active: the stage uses
     the session spark-submit configured, and gives what the local engine gives."""
-    import laionbuild.spark_submit
+    import laionbuild.engine.spark_submit
 
     write_mscoco(tmp_path / "coco", images=12)
     overrides = ["recipe=mscoco_face", f"source.base_url={tmp_path / 'coco'}", *FAST]
@@ -115,6 +115,6 @@ def test_a_stage_runs_under_spark_submit_on_its_session(tmp_path):
     submitted = new_project(tmp_path / "submitted")
     submitted.build(*overrides, "engine=spark", "engine.master=active", "--stage", "fetch")
     result = submitted.run(str(BIN / "spark-submit"), "--master", "local[1]", "--conf", "spark.ui.enabled=false",
-                           laionbuild.spark_submit.__file__, "stage", "prepare", "--part", "0")
+                           laionbuild.engine.spark_submit.__file__, "stage", "prepare", "--part", "0")
     assert "prepared part 0 (spark engine)" in result.output
     assert_same(local, submitted, [0], stages=("prepared",))

@@ -1,4 +1,4 @@
-"""laionbuild.faces: the Haar detector on skimage samples, input forms, face_tags, and RetinaFace
+"""laionbuild.models.face_detectors: the Haar detector on skimage samples, input forms, face_tags, and RetinaFace
 through retina-face's own loader with a checkpoint of the real architecture written here (random
 weights: nothing needs the network, so only well-formedness is asserted, not what it finds)."""
 
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from skimage import data
 
-from laionbuild import faces
-from laionbuild.faces import Face, face_tags, make_detector
+from laionbuild.models import face_detectors as faces
+from laionbuild.models.face_detectors import Face, face_tags, make_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def test_retinaface_without_the_package_says_how_to_install(tmp_path, monkeypatc
     with pytest.raises(ImportError, match="pip install --no-deps retina-face==0.0.19"):
         make_detector("retinaface", weights=weights)
     monkeypatch.setattr(faces, "retinaface_available", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="laionbuild.faces"):
+    with caplog.at_level(logging.WARNING, logger="laionbuild.models.face_detectors"):
         assert make_detector("auto", weights=weights).name == "opencv_haar"
     assert "retina-face package is not installed" in caplog.text
 

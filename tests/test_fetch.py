@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from laionbuild.transfer import fetch_file
+from laionbuild.metadata.transfer import fetch_file
 
 SIZE = 1 << 20
 CHUNK = 64 << 10

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from laionbuild.heads import MLPHead, ScoreHead, load_head, load_heads, save_npz
+from laionbuild.models.heads import MLPHead, ScoreHead, load_head, load_heads, save_npz
 
 
 def embeddings(n: int, dim: int, seed: int = 0) -> np.ndarray:

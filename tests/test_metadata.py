@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from laionbuild.local_server import serve_folder
+from laionbuild.web.local_server import serve_folder
 
 from .standins import LAION400M_NAME, write_laion400m, write_mscoco
 

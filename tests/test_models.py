@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from laionbuild.config import EmbedConfig
-from laionbuild.models import describe, resolve
+from laionbuild.models.clip import describe, resolve
+from laionbuild.recipe.schema import EmbedConfig
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +38,7 @@ def test_random_weights_are_seeded_and_labelled():
 def test_local_checkpoint_loads_through_clip_retrieval(tmp_path):
     import open_clip
 
-    from laionbuild.models import register_model_configs
+    from laionbuild.models.clip import register_model_configs
 
     register_model_configs()
     torch.manual_seed(7)

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from laionbuild.thumbs import thumbnail
+from laionbuild.shards.thumbs import thumbnail
 
 from .shared_demo import OVERRIDES, copy_of, shared_demo
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from laionbuild.config import RecipeError, compose, load_params, to_yaml
+from laionbuild.recipe.schema import RecipeError, compose, load_params, to_yaml
 
 from .conftest import ROOT
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import pyarrow.parquet as pq
 
-from .conftest import BIN, FAST, Project, new_project, build_env
+from .conftest import BIN, FAST, Project, build_env, new_project
 from .imageserver import ImageServer, source_overrides, write_source
 from .test_build import read_dataset
 

@@ -22,12 +22,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from laionbuild.stages.download import KEY_COLUMN
-from laionbuild.storage import part_shards
+from laionbuild.project.layout import KEY_COLUMN
+from laionbuild.shards.storage import part_shards
 
 from .conftest import S3_BUCKET, new_project, spark_jobs
-from .shared_demo import RECIPE, shared_demo
 from .imageserver import ImageServer, source_overrides
+from .shared_demo import RECIPE, shared_demo
 from .standins import write_laion400m
 from .test_download_web import write_urls
 from .webfaults import FaultyWeb
@@ -66,7 +66,7 @@ def both(tmp_path_factory, shared_spark, s3):
     (download.shards_url), clip_inference's partitions and autofaiss's input and task indices
     there too (engine.shared_tmp). The executors get the store's endpoint and credentials the way
     a cluster's would, from their environment (here: the jobs')."""
-    from laionbuild.engines import executor_environment
+    from laionbuild.engine.spark import executor_environment
 
     local, _ = shared_demo(tmp_path_factory)
     on_spark = new_project(tmp_path_factory.mktemp("spark_stages") / "spark")
@@ -193,7 +193,7 @@ def _below_download_stage(pid: int) -> bool:
 
 
 def _kill_one_worker(stop: threading.Event, killed: list) -> None:
-    """SIGKILL the first Spark Python worker (a child of laionbuild.spark_daemon) seen busy."""
+    """SIGKILL the first Spark Python worker (a child of laionbuild.engine.spark_daemon) seen busy."""
     me = os.getpid()
     while not stop.is_set() and not killed:
         for pid in os.listdir("/proc"):
@@ -207,7 +207,7 @@ def _kill_one_worker(stop: threading.Event, killed: list) -> None:
                 continue
             # workers are forked from the daemon: same command line, parent is the daemon; and
             # the build's (below its download stage process), not the test session's shared one
-            if (b"laionbuild.spark_daemon" in cmdline and b"laionbuild.spark_daemon" in parent
+            if (b"laionbuild.engine.spark_daemon" in cmdline and b"laionbuild.engine.spark_daemon" in parent
                     and _below_download_stage(ppid)):
                 time.sleep(0.8)  # let it start downloading its shard
                 try:

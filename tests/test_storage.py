@@ -13,9 +13,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
-from laionbuild.stages.download import KEY_COLUMN
+from laionbuild.project.layout import KEY_COLUMN
 
-from .conftest import FAST, S3_BUCKET as BUCKET
+from .conftest import FAST
+from .conftest import S3_BUCKET as BUCKET
 from .shared_demo import RECIPE, copy_of, shared_demo
 from .test_spark_stages import digest, shard_samples
 
@@ -104,7 +105,7 @@ def test_gc_shards_deletes_only_prefixes_no_build_refers_to(s3, tmp_path):
 
     from dvc.repo import Repo
 
-    from laionbuild.storage import part_shards
+    from laionbuild.shards.storage import part_shards
 
     from .conftest import Project
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from laionbuild.url_policy import REFUSED_ADDRESS, REFUSED_SCHEME, refusals
+from laionbuild.web.url_policy import REFUSED_ADDRESS, REFUSED_SCHEME, refusals
 
 from .imageserver import ImageServer, source_overrides, write_source
 
@@ -49,7 +49,7 @@ def test_refused_rows_are_counted_and_never_requested(project, tmp_path):
 
 
 def test_urls_of_one_host_are_spread_over_the_run():
-    from laionbuild.url_policy import spread_by_host
+    from laionbuild.web.url_policy import spread_by_host
 
     urls = [f"http://a.example/{i}" for i in range(6)] + [f"http://b.example/{i}" for i in range(3)] + ["http://c.example/0"]
     order = spread_by_host(urls)

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import importlib
 
-from ..layout import GLOBAL_STAGES, PER_PART_STAGES
+from laionbuild.project.layout import GLOBAL_STAGES, PER_PART_STAGES
+
+# stage name -> module, where the stage's name would shadow the standard library
+MODULES = {"select": "selection"}
 
 
 def run_stage(name: str, cfg, part: int | None = None) -> None:
     if name not in PER_PART_STAGES + GLOBAL_STAGES:
         raise ValueError(f"unknown stage `{name}`; stages: {', '.join(PER_PART_STAGES + GLOBAL_STAGES)}")
-    module = importlib.import_module(f"laionbuild.stages.{name}")
+    module = importlib.import_module(f"laionbuild.stages.{MODULES.get(name, name)}")
     if name in PER_PART_STAGES:
         if part is None:
             raise ValueError(f"stage `{name}` runs per part: pass --part N")

@@ -22,11 +22,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from ..atomic import atomic_dir, read_json
-from ..layout import DATASET, EMBEDDINGS, SELECTED, TMP, embed_dir, part_dir
-from ..storage import filesystem, is_url, part_shards
-from .download import KEY_COLUMN
-from .select import selected_keys
+from laionbuild.project.atomic import atomic_dir, read_json
+from laionbuild.project.layout import DATASET, EMBEDDINGS, KEY_COLUMN, SELECTED, TMP, embed_dir, part_dir
+from laionbuild.project.outputs import selected_keys
+from laionbuild.shards.storage import filesystem, is_url, part_shards
 
 TAG_COLUMNS_SKIP = {"key", "part"}
 

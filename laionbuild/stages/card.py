@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections import Counter
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import yaml
 
-from ..atomic import atomic_write_text, read_json
-from ..layout import CARD_JSON, CARD_MD, FUNNEL, SELECTED, embed_dir, part_dir
-from .select import selected_keys
+from laionbuild.project.atomic import atomic_write_text, read_json
+from laionbuild.project.layout import CARD_JSON, CARD_MD, FUNNEL, embed_dir, part_dir
+from laionbuild.project.outputs import licences
 
 TOOLS = ("laionbuild", "img2dataset", "clip-retrieval", "open_clip_torch", "autofaiss", "faiss-cpu", "torch",
          "dvc", "duckdb", "pyarrow", "hydra-core", "pyspark")
@@ -37,23 +35,6 @@ def _git() -> dict:
     commit = run("rev-parse", "HEAD")
     dirty = run("status", "--porcelain", "--", "conf", "dvc.yaml", "params.yaml")
     return {"commit": commit, "recipe_files_modified": bool(dirty)}
-
-
-def licences(cfg) -> dict:
-    """Selected samples per licence (the source's `license` column; "unknown" when missing)."""
-    counts: Counter = Counter()
-    selected = pq.ParquetFile(SELECTED / "selected.parquet")
-    for part in cfg.subset.parts:
-        keys = set(selected_keys(selected, part))
-        if not keys:
-            continue
-        path = part_dir("dedup", part) / "metadata.parquet"
-        if "license" not in pq.read_schema(path).names:
-            counts["unknown"] += len(keys)
-            continue
-        table = pq.read_table(path, columns=["key", "license"]).to_pydict()
-        counts.update((lic or "unknown") for key, lic in zip(table["key"], table["license"]) if key in keys)
-    return dict(counts.most_common())
 
 
 def run(cfg) -> None:

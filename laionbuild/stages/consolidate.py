@@ -19,12 +19,11 @@ import shutil
 import duckdb
 import pyarrow.parquet as pq
 
-from ..atomic import atomic_dir, write_json
-from ..layout import CONSOLIDATED, TMP, WORK
-from ..rules import sql_string
-from ..transfer import fetch_file
-from .fetch import source_files
-from .prepare import canonical_columns, file_format, read_arrow
+from laionbuild.metadata.rules import sql_string
+from laionbuild.metadata.sources import canonical_columns, file_format, read_arrow, source_files
+from laionbuild.metadata.transfer import fetch_file
+from laionbuild.project.atomic import atomic_dir, write_json
+from laionbuild.project.layout import CONSOLIDATED, TMP, WORK
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..atomic import atomic_dir
-from ..engines import DUCKDB, SPARK, SqlDialect, spark_session, spark_to_arrow
-from ..funnel import Counts
-from ..layout import DEDUPED, TMP, part_dir
-from ..rules import sql_string
+from laionbuild.engine.spark import spark_session, spark_to_arrow
+from laionbuild.engine.sql import DUCKDB, SPARK, SqlDialect
+from laionbuild.metadata.rules import sql_string
+from laionbuild.project.atomic import atomic_dir
+from laionbuild.project.funnel import Counts
+from laionbuild.project.layout import DEDUPED, TMP, part_dir
 
 log = logging.getLogger(__name__)
 

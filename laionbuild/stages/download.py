@@ -5,11 +5,11 @@ Resume: img2dataset works in `data/.work/download/part_N-<fingerprint>/` in incr
 a killed run continues from the shards it finished; the fingerprint (params + input checksum)
 keeps a changed recipe from resuming stale work. Only a finished part is moved into place.
 With `download.shards_url`, the shards are written (and resumed) under that URL instead and the
-part's directory gets a manifest of them: see `laionbuild/storage.py`.
+part's directory gets a manifest of them: see `laionbuild/shards/storage.py`.
 
 Politeness and the URL policy on every hop: img2dataset's requests go through the proxy of
-`laionbuild/politeness.py` (per-host concurrency cap, 429 back-off). Retry: transient failures
-(`laionbuild/failures.py`) are re-attempted `download.retry_rounds` times at the end of the stage,
+`laionbuild/web/politeness.py` (per-host concurrency cap, 429 back-off). Retry: transient failures
+(`laionbuild/web/failures.py`) are re-attempted `download.retry_rounds` times at the end of the stage,
 or later on a built part by `laionbuild retry-failed`; new successes are merged into the shard
 that held the failure, under the same sample key, as if they had succeeded the first time.
 
@@ -19,11 +19,10 @@ one failure reason (img2dataset's per-row status, classified).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
+import io
 import json
 import logging
-import io
 import os
 import shutil
 import tarfile
@@ -36,17 +35,16 @@ from urllib.parse import urlsplit, urlunsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..atomic import atomic_dir, read_json, write_json
-from ..failures import classify, transient
-from ..funnel import Counts, load_stats
-from ..layout import TMP, WORK, part_dir
-from ..local_server import serve_folder
-from ..politeness import PoliteProxy, proxy_environment
-from ..storage import COMPLETE, MANIFEST, filesystem, is_url, join, part_shards, storage_hosts
-from ..url_policy import refusals, spread_by_host
+from laionbuild.project.atomic import atomic_dir, atomic_write_bytes, read_json, write_json
+from laionbuild.project.funnel import Counts, load_stats
+from laionbuild.project.layout import KEY_COLUMN, TMP, WORK, part_dir
+from laionbuild.shards.storage import COMPLETE, MANIFEST, filesystem, is_url, join, part_shards, shards_prefix, storage_hosts
+from laionbuild.web.failures import classify, transient
+from laionbuild.web.local_server import serve_folder
+from laionbuild.web.politeness import PoliteProxy, proxy_environment
+from laionbuild.web.url_policy import refusals, spread_by_host
 
 log = logging.getLogger(__name__)
-KEY_COLUMN = "laionbuild_key"  # our key, carried through img2dataset as an additional column
 
 
 def _fingerprint(cfg, metadata: Path) -> str:
@@ -54,21 +52,6 @@ def _fingerprint(cfg, metadata: Path) -> str:
     digest.update(json.dumps([_i2d_settings(cfg), cfg.download.allow_private_urls], sort_keys=True).encode())
     digest.update(metadata.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def _prefix_fingerprint(cfg, metadata: Path) -> str:
-    """Names a part's prefix under download.shards_url: every download setting (retry rounds
-    included: they rewrite shards) and the input, so a complete prefix is never written again."""
-    settings = dataclasses.asdict(cfg.download) if dataclasses.is_dataclass(cfg.download) else dict(cfg.download)
-    settings.pop("shards_url", None)
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    digest.update(metadata.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def shards_prefix(cfg, part: int) -> str:
-    """Where a part's shards go under download.shards_url (its deduped metadata must exist)."""
-    return join(cfg.download.shards_url, f"part_{part}-{_prefix_fingerprint(cfg, part_dir('dedup', part) / 'metadata.parquet')}")
 
 
 def _i2d_settings(cfg) -> dict:
@@ -131,10 +114,7 @@ def _write(shards: str, name: str, data: bytes) -> None:
     hard-linked original (DVC cache, the work dir) is never modified in place; on an object store
     a put is atomic already."""
     if not is_url(shards):
-        path = Path(str(shards).removeprefix("file://")) / name
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        atomic_write_bytes(Path(str(shards).removeprefix("file://")) / name, data)
         return
     fs, root = filesystem(shards)
     fs.pipe_file(f"{root.rstrip('/')}/{name}", data)
@@ -159,7 +139,7 @@ def _img2dataset(cfg, input_path: Path, shards: str) -> None:
     if cfg.engine.name == "spark":
         # img2dataset's own Spark path: one task per shard on the session's executors, whose
         # Python workers get the polite proxy's address (this process's proxy variables)
-        from ..engines import executor_environment, spark_session
+        from laionbuild.engine.spark import executor_environment, spark_session
 
         distributor, environment = "pyspark", executor_environment(spark_session(cfg.engine))
 

@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from ..atomic import atomic_dir, read_json, write_json
-from ..funnel import Counts
-from ..layout import TMP, part_dir
-from ..models import describe, resolve
-from ..storage import Shard, filesystem, is_url, join, part_shards, webdataset_url
-from .download import KEY_COLUMN
+from laionbuild.models.clip import describe, resolve
+from laionbuild.project.atomic import atomic_dir, read_json, write_json
+from laionbuild.project.files import by_number
+from laionbuild.project.funnel import Counts
+from laionbuild.project.layout import KEY_COLUMN, TMP, part_dir
+from laionbuild.shards.storage import Shard, filesystem, is_url, join, part_shards, webdataset_url
 
 log = logging.getLogger(__name__)
 METADATA_COLUMNS = ["image_path", "caption", KEY_COLUMN, "url", "width", "height", "original_width",
@@ -176,7 +176,7 @@ def _embed(cfg, part: int, shards: list[Shard], downloaded: int, model) -> tuple
             # session's executors, each loading the model; partitions are concatenated below
             from clip_retrieval.clip_inference.main import main as clip_inference
 
-            from ..engines import spark_session
+            from laionbuild.engine.spark import spark_session
 
             spark_session(cfg.engine)
             clip_inference(input_dataset=_brace_pattern(shards), output_folder=output,
@@ -188,8 +188,7 @@ def _embed(cfg, part: int, shards: list[Shard], downloaded: int, model) -> tuple
             _run_local(raw, shards, cfg.embed.batch_size, cfg.embed.num_prepro_workers, model.clip_model)
 
         def parts(kind: str, ext: str) -> list:
-            found = sorted(fs.glob(f"{root.rstrip('/')}/{kind}/{kind}_*.{ext}"),
-                           key=lambda p: int(p.rsplit("_", 1)[1].split(".")[0]))
+            found = by_number(fs.glob(f"{root.rstrip('/')}/{kind}/{kind}_*.{ext}"))
             if not found:  # (a partition of a shard without a readable image writes nothing)
                 raise RuntimeError(f"{output}/{kind}: clip_inference wrote no output partition")
             return found

@@ -18,16 +18,17 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from ..atomic import atomic_dir, write_json
-from ..layout import EXPORT, SELECTED, embeddings_dir, part_dir
-from .select import selected_keys
+from laionbuild.project.atomic import atomic_dir, write_json
+from laionbuild.project.files import numbered
+from laionbuild.project.layout import EXPORT, SELECTED, embeddings_dir, part_dir
+from laionbuild.project.outputs import selected_keys
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 262_144
 
 
 def _embedding_files(model: str | None) -> list:
-    return sorted((embeddings_dir(model) / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    return numbered(embeddings_dir(model) / "img_emb", "img_emb", ".npy")
 
 
 def write_h5(path, dtype: str, model: str | None = None) -> int:

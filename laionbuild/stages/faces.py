@@ -1,6 +1,6 @@
 """faces: face tags of one part (`data/faces/part_N/faces.parquet`: key, face_count,
 face_max_score, face_boxes as JSON [[x, y, w, h, score], ...] in the stored image's pixels),
-detected on the downloaded shards (`tag.faces.detector`, see laionbuild/faces.py).
+detected on the downloaded shards (`tag.faces.detector`, see laionbuild/models/face_detectors.py).
 
 Shards are tagged in parallel, one process per shard (`tag.faces.processes`). Each finished
 shard's tags are written atomically to `data/.work/faces/part_N-<fingerprint>/`, so a killed run
@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import shutil
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
@@ -25,11 +24,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..atomic import atomic_dir
-from ..funnel import Counts
-from ..layout import WORK, part_dir
-from ..storage import Shard, is_url, open_binary, part_shards
-from .download import KEY_COLUMN
+from laionbuild.project.atomic import atomic_dir, atomic_file
+from laionbuild.project.funnel import Counts
+from laionbuild.project.layout import KEY_COLUMN, WORK, part_dir
+from laionbuild.shards.storage import Shard, is_url, open_binary, part_shards
 
 log = logging.getLogger(__name__)
 SCHEMA = pa.schema([("key", pa.string()), ("face_count", pa.int32()), ("face_max_score", pa.float32()),
@@ -38,7 +36,7 @@ _detector = None  # one per worker process
 
 
 def _detector_for(settings: dict):
-    from ..faces import make_detector
+    from laionbuild.models.face_detectors import make_detector
 
     options = {} if settings["detector"] == "opencv_haar" else {"allow_upscaling": settings["upscale"]}
     return make_detector(settings["detector"], weights=settings["weights"], min_score=settings["min_score"],
@@ -60,7 +58,7 @@ def _tag_shard(location: str, target: str) -> int:
     """Tags of one shard -> `target` (written atomically). Returns the row count."""
     from PIL import Image
 
-    from ..faces import face_tags
+    from laionbuild.models.face_detectors import face_tags
 
     samples: dict[str, dict] = {}
     with open_binary(location) as f, tarfile.open(fileobj=f) as tar:
@@ -79,9 +77,8 @@ def _tag_shard(location: str, target: str) -> int:
         image = np.asarray(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
         rows.append({"key": str(key), **face_tags(_detector.detect(image))})
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    tmp = f"{target}.{os.getpid()}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, target)
+    with atomic_file(target) as tmp:
+        pq.write_table(table, tmp)
     return table.num_rows
 
 

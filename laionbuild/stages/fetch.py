@@ -1,28 +1,18 @@
 """fetch: copy one part of the source's metadata from `source.base_url` (any fsspec URL or a
 local path; or the consolidated parts) into `data/raw/part_N/`, resumably
-(`laionbuild.transfer`), recording size and md5."""
+(`laionbuild.metadata.transfer`), recording size and md5."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 
-import fsspec
-
-from ..atomic import atomic_dir, write_json
-from ..layout import CONSOLIDATED, WORK, part_dir
-from ..transfer import fetch_file
+from laionbuild.metadata.sources import source_files
+from laionbuild.metadata.transfer import fetch_file
+from laionbuild.project.atomic import atomic_dir, write_json
+from laionbuild.project.layout import CONSOLIDATED, WORK, part_dir
 
 log = logging.getLogger(__name__)
-
-
-def source_files(cfg) -> list[str]:
-    """Every file of the source matching `source.files` (a glob inside base_url), sorted."""
-    fs, base = fsspec.core.url_to_fs(cfg.source.base_url)
-    found = sorted(fs.glob(f"{base.rstrip('/')}/{cfg.source.files}"))
-    if not found:
-        raise FileNotFoundError(f"no file matches source.files `{cfg.source.files}` in {cfg.source.base_url}")
-    return [m if fs.protocol in ("file", ("file", "local")) else fs.unstrip_protocol(m) for m in found]
 
 
 def source_url(cfg, part: int) -> str:

@@ -15,9 +15,10 @@ import uuid
 
 import numpy as np
 
-from ..atomic import atomic_dir, read_json, write_json
-from ..layout import INDEX, INDEX_METRICS, TMP, embeddings_dir
-from ..storage import filesystem, join
+from laionbuild.project.atomic import atomic_dir, read_json, write_json
+from laionbuild.project.files import numbered
+from laionbuild.project.layout import INDEX, INDEX_METRICS, TMP, embeddings_dir
+from laionbuild.shards.storage import filesystem, join
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def run(cfg) -> None:
     if cfg.engine.name == "spark":
         # autofaiss's own Spark path: trained on the driver, vectors added by one task per slice
         # of the embeddings, the task indices merged through a folder every executor reaches
-        from ..engines import spark_session
+        from laionbuild.engine.spark import spark_session
 
         spark_session(cfg.engine)
         shared = cfg.engine.shared_tmp or str((TMP / "autofaiss_indices").resolve())
@@ -75,7 +76,7 @@ def _build(cfg, c, source, embeddings: str, distributed: dict) -> None:
 
 
 def _files(kind: str, model: str | None = None) -> list:
-    return sorted((embeddings_dir(model) / kind).glob(f"{kind}_*.npy"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    return numbered(embeddings_dir(model) / kind, kind, ".npy")
 
 
 def _rows(kind: str, wanted: np.ndarray, model: str | None = None) -> np.ndarray:

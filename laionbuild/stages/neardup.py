@@ -18,10 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..atomic import atomic_dir
-from ..funnel import Counts
-from ..layout import NEARDUP, embed_dir, part_dir
-from .download import KEY_COLUMN
+from laionbuild.project.atomic import atomic_dir
+from laionbuild.project.funnel import Counts
+from laionbuild.project.layout import KEY_COLUMN, NEARDUP, embed_dir, part_dir
 
 log = logging.getLogger(__name__)
 BATCH = 4096

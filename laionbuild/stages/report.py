@@ -7,7 +7,7 @@
   original width and height, aspect ratio, face counts and scores, score heads, near-duplicate
   similarity) over every tagged sample, with the selected ones counted per bin;
   `licences.json`: the selected samples per licence.
-- `data/report/index.html`: all of the above drawn (`laionbuild/html_report.py`), and for every
+- `data/report/index.html`: all of the above drawn (`laionbuild/explore/html_report.py`), and for every
   filter a grid of samples it kept and samples it dropped. Thumbnails come from the build's
   shards (`data/images`), never downloaded again. Metadata filters and dedup act before the
   download, so their dropped rows are listed (caption, url), not shown.
@@ -23,14 +23,27 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import html_report
-from ..atomic import atomic_dir, atomic_write_text, read_json, write_json
-from ..engines import DUCKDB
-from ..failures import classify
-from ..funnel import load_stats
-from ..layout import FUNNEL, FUNNEL_STEPS, HISTOGRAMS, INDEX, LICENCES, NEARDUP, REPORT, SELECTED, part_dir
-from ..rules import sql_string, where
-from ..thumbs import ShardImages, add_downloaded_parts, data_uri, thumbnail
+from laionbuild.engine.sql import DUCKDB
+from laionbuild.explore import html_report
+from laionbuild.metadata.rules import metadata_rules, sql_string, tag_rules, where
+from laionbuild.metadata.sources import canonical_columns, duckdb_source, effective_source, part_ids, rows_sql, source_schema
+from laionbuild.project.atomic import atomic_dir, atomic_write_text, read_json, write_json
+from laionbuild.project.funnel import load_stats
+from laionbuild.project.layout import (
+    FUNNEL,
+    FUNNEL_STEPS,
+    HISTOGRAMS,
+    INDEX,
+    KEY_COLUMN,
+    LICENCES,
+    NEARDUP,
+    REPORT,
+    SELECTED,
+    part_dir,
+)
+from laionbuild.project.outputs import licences, step_order
+from laionbuild.shards.thumbs import ShardImages, add_downloaded_parts, data_uri, thumbnail
+from laionbuild.web.failures import classify
 
 log = logging.getLogger(__name__)
 PART_STEPS = ("prepare", "dedup", "download", "faces", "embed", "tag")
@@ -72,17 +85,6 @@ def funnel(cfg) -> dict:
     return result
 
 
-def step_order(cfg) -> list[str]:
-    """The funnel's steps in pipeline order: rows in, each metadata filter, dedup, downloaded,
-    embedded, each select rule, selected, indexed."""
-    from .prepare import rules as prepare_rules
-    from .select import rules as select_rules
-
-    return (["rows_in"] + [f"after_{name}" for name, _ in prepare_rules(cfg, set(cfg.source.columns))]
-            + ["after_dedup", "downloaded_ok", "embedded"] + [f"after_{name}" for name, _ in select_rules(cfg.select)]
-            + ["selected", "indexed"])
-
-
 def funnel_steps(cfg, result: dict) -> list[dict]:
     return [{"step": k, "rows": result[k]} for k in step_order(cfg) if isinstance(result.get(k), int)]
 
@@ -101,8 +103,6 @@ def run(cfg) -> None:
     with atomic_dir(HISTOGRAMS) as out:
         for hist in histograms:
             write_json(out / f"{hist['name']}.json", hist["bins"])
-    from .card import licences
-
     licence_rows = [{"licence": k, "samples": v} for k, v in licences(cfg).items()]
     write_json(LICENCES, licence_rows)
 
@@ -198,10 +198,8 @@ def _note(row: dict, names: list[str]) -> str:
 def _prepare_sections(cfg, result: dict, images: ShardImages) -> list[dict]:
     """One section per metadata filter (prepare's rules, in funnel order), with examples from
     the first SCAN_ROWS rows of each part, evaluated by the same SQL prepare runs."""
-    from .prepare import canonical_columns, duckdb_source, effective_source, part_ids, rows_sql, source_schema
-    from .prepare import rules as prepare_rules
 
-    active = prepare_rules(cfg, set(cfg.source.columns), DUCKDB)
+    active = metadata_rules(cfg, set(cfg.source.columns), DUCKDB)
     examples: dict[str, dict[str, list]] = {name: {"kept": [], "dropped": []} for name, _ in active}
     for part in cfg.subset.parts:
         raw_dir = part_dir("fetch", part)
@@ -279,7 +277,6 @@ def _dedup_sections(cfg, images: ShardImages) -> list[dict]:
 
 def _download_sections(cfg, result: dict, images: ShardImages) -> list[dict]:
     """Rows whose download failed (with the reason) and rows downloaded."""
-    from .download import KEY_COLUMN
 
     # img2dataset's per-shard parquet files: always in the part's directory (also with download.shards_url)
     files = [str(f) for p in cfg.subset.parts for f in sorted(part_dir("download", p).glob("*.parquet"))]
@@ -317,9 +314,8 @@ def _captions(cfg, keys: list[str]) -> dict[str, tuple]:
 
 def _select_sections(cfg, con, result: dict, images: ShardImages) -> list[dict]:
     """One section per select rule, over the tag tables: both kept and dropped were downloaded."""
-    from .select import rules as select_rules
 
-    active = select_rules(cfg.select)
+    active = tag_rules(cfg.select)
     columns = [name for name, in con.execute("SELECT column_name FROM (DESCRIBE tags)").fetchall()]
     sections = []
     previous = "tagged"

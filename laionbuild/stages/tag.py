@@ -5,17 +5,16 @@ face_boxes). Tags are computed once per part; selection only queries them."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import logging
-
-from ..atomic import atomic_dir
-from ..funnel import Counts
-from ..layout import embed_dir, part_dir
-from .download import KEY_COLUMN
+from laionbuild.project.atomic import atomic_dir
+from laionbuild.project.funnel import Counts
+from laionbuild.project.layout import KEY_COLUMN, embed_dir, part_dir
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def run(cfg, part: int) -> None:
             tags = tags.append_column(name, pa.array(column, faces.schema.field(name).type))
     skipped = []
     if cfg.tag.heads:
-        from ..heads import load_heads
+        from laionbuild.models.heads import load_heads
 
         specs = {name: {k: v for k, v in vars(head).items() if v is not None and k != "model"}
                  for name, head in cfg.tag.heads.items()}

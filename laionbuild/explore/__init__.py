@@ -1,0 +1,1 @@
+"""User tools over a build: query, serve (search page), projector, the HTML report, progress."""

@@ -1,0 +1,1 @@
+"""Models: CLIP loading (open_clip via clip-retrieval), score heads, face detectors."""

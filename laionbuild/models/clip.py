@@ -1,0 +1,102 @@
+"""Resolve `embed.model` + `embed.pretrained` into a model clip-retrieval can load.
+
+- an open_clip pretrained tag (e.g. `laion2b_s34b_b79k`): downloaded by open_clip (needs internet);
+- a local checkpoint path: loaded as is;
+- `random`: seeded untrained weights, written once to `data/.work/models/` and loaded like a
+  local checkpoint, so the same loading path runs offline. Outputs say they are untrained.
+
+`laionbuild-tiny` (laionbuild/models/model_configs/) is a tiny open_clip architecture for tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from laionbuild.project.atomic import atomic_file, atomic_write_text
+from laionbuild.project.files import digest
+from laionbuild.project.layout import WORK
+
+log = logging.getLogger(__name__)
+MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+UNTRAINED_BANNER = "!" * 78
+
+
+@dataclass
+class ResolvedModel:
+    clip_model: str  # what clip-retrieval's load_clip takes: open_clip:ARCH/CHECKPOINT
+    architecture: str
+    pretrained: str
+    checkpoint: str | None
+    untrained: bool
+
+
+def register_model_configs() -> None:
+    import open_clip
+
+    if "laionbuild-tiny" not in open_clip.list_models():
+        open_clip.add_model_config(MODEL_CONFIGS)
+
+
+def _file_md5(path: Path) -> str:
+    """A checkpoint's md5, remembered in data/.work/md5/ by path, size and mtime (hashing a
+    ViT-L/14 checkpoint on every part costs seconds)."""
+    stat = path.stat()
+    memo = WORK / "md5" / (hashlib.md5(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest())
+    if memo.exists():
+        return memo.read_text().strip()
+    md5 = digest(path, "md5")
+    atomic_write_text(memo, md5)
+    return md5
+
+
+def random_checkpoint(architecture: str, seed: int) -> Path:
+    import open_clip
+    import torch
+
+    path = (WORK / "models" / f"{architecture}-random-seed{seed}.pt").resolve()
+    if not path.exists():
+        torch.manual_seed(seed)
+        model = open_clip.create_model(architecture, pretrained=None)
+        with atomic_file(path) as tmp:
+            torch.save(model.state_dict(), tmp)
+    return path
+
+
+def resolve(embed_cfg) -> ResolvedModel:
+    import open_clip
+
+    register_model_configs()
+    architecture = embed_cfg.model
+    if architecture not in open_clip.list_models():
+        raise ValueError(f"embed.model: `{architecture}` is not an open_clip architecture "
+                         f"(open_clip.list_models() has e.g. ViT-B-32, ViT-L-14, laionbuild-tiny)")
+    pretrained = embed_cfg.pretrained
+    if pretrained == "random":
+        checkpoint = random_checkpoint(architecture, embed_cfg.seed)
+        log.warning("\n%s\nembed.pretrained=random: UNTRAINED %s weights (seed %d). Embeddings, CLIP similarities\n"
+                    "and the index are NOT meaningful. Use a pretrained tag or checkpoint for real builds.\n%s",
+                    UNTRAINED_BANNER, architecture, embed_cfg.seed, UNTRAINED_BANNER)
+        return ResolvedModel(f"open_clip:{architecture}/{checkpoint}", architecture, "random", str(checkpoint), True)
+    local = Path(pretrained).expanduser()
+    if local.suffix in (".pt", ".pth", ".bin", ".safetensors") or local.exists():
+        if not local.exists():
+            raise FileNotFoundError(f"embed.pretrained: checkpoint {local} does not exist")
+        local = local.resolve()
+        return ResolvedModel(f"open_clip:{architecture}/{local}", architecture, str(local), str(local), False)
+    tags = [tag for arch, tag in open_clip.list_pretrained() if arch == architecture]
+    if pretrained not in tags:
+        raise ValueError(f"embed.pretrained: `{pretrained}` is neither `random`, a checkpoint file, nor an "
+                         f"open_clip pretrained tag of {architecture} (tags: {tags})")
+    return ResolvedModel(f"open_clip:{architecture}/{pretrained}", architecture, pretrained, None, False)
+
+
+def describe(model: ResolvedModel) -> dict:
+    info = {"architecture": model.architecture, "pretrained": model.pretrained, "untrained": model.untrained}
+    if model.checkpoint:
+        info["checkpoint_md5"] = _file_md5(Path(model.checkpoint))
+    if model.untrained:
+        info["warning"] = "UNTRAINED weights (embed.pretrained=random): embeddings are not meaningful"
+    return info

@@ -1,0 +1,77 @@
+"""Where every stage reads and writes. `dvc.yaml` declares the same paths.
+
+Per-part stages write one directory per part (`data/<stage dir>/part_N/`), each with a
+`stats.json` of the counts that stage contributes to the funnel. Global stages write one
+directory. Unfinished work lives under `data/.tmp/` (atomic renames) and `data/.work/`
+(resumable scratch, e.g. img2dataset's shards of a part being downloaded); both are ignored by
+git and DVC and never sit inside a stage's dependency.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+KEY_COLUMN = "laionbuild_key"  # our key per row, carried through img2dataset as an additional column
+DATA = Path("data")
+TMP = DATA / ".tmp"
+WORK = DATA / ".work"
+
+DEDUPED = DATA / "deduped"
+CONSOLIDATED = DATA / "consolidated"
+# stage -> directory under data/ holding one part_N/ per part (dedup is global but writes per part)
+PART_DIRS = {
+    "fetch": DATA / "raw",
+    "prepare": DATA / "prepared",
+    "dedup": DEDUPED,
+    "download": DATA / "images",
+    "faces": DATA / "faces",
+    "embed": DATA / "embed",
+    "tag": DATA / "tags",
+}
+PER_PART_STAGES = ("fetch", "prepare", "download", "faces", "embed", "tag")
+GLOBAL_STAGES = ("consolidate", "dedup", "neardup", "select", "assemble", "export", "index", "report", "card")
+# pipeline order: consolidate, fetch, prepare, dedup, download, faces, embed, tag, neardup, select,
+# assemble, export, index, report, card
+STAGES = ("consolidate",) + PER_PART_STAGES[:2] + ("dedup",) + PER_PART_STAGES[2:] + GLOBAL_STAGES[2:]
+
+NEARDUP = DATA / "neardup"
+SELECTED = DATA / "selected"
+DATASET = DATA / "dataset"
+EMBEDDINGS = DATA / "embeddings"
+EXPORT = DATA / "export"
+INDEX = DATA / "index"
+METRICS = DATA / "metrics"
+FUNNEL = METRICS / "funnel.json"
+FUNNEL_STEPS = METRICS / "funnel_steps.json"
+INDEX_METRICS = METRICS / "index.json"
+HISTOGRAMS = METRICS / "hist"  # one {bin, samples, selected} file per tag (DVC plots)
+LICENCES = METRICS / "licences.json"
+REPORT = DATA / "report"  # index.html: the build's report, self-contained
+CARD_MD = DATA / "card.md"
+CARD_JSON = DATA / "card.json"
+STATS_FILE = "stats.json"
+
+
+def part_dir(stage: str, part: int) -> Path:
+    return PART_DIRS[stage] / f"part_{part}"
+
+
+def embed_dir(part: int, model: str | None = None) -> Path:
+    """A part's embeddings by one model: embed.model's in data/embed/part_N, an
+    embed.extra_models entry's in data/embed/part_N/models/NAME (same rows, same order)."""
+    base = part_dir("embed", part)
+    return base if model is None else base / "models" / model
+
+
+def embeddings_dir(model: str | None = None) -> Path:
+    """The selected samples' embeddings (assemble): embed.model's in data/embeddings, an
+    extra model's in data/embeddings/models/NAME."""
+    return EMBEDDINGS if model is None else EMBEDDINGS / "models" / model
+
+
+def part_of(path: Path) -> int | None:
+    """`data/raw/part_7` -> 7; None for anything else."""
+    name = path.name
+    if name.startswith("part_") and name[5:].isdigit():
+        return int(name[5:])
+    return None

@@ -1,0 +1,54 @@
+"""What stages read of one another's outputs, in one place, so no stage imports another: the
+selected keys of a part (select's output, read by assemble, export, card), the selected samples
+per licence (card and report), and the funnel's steps in order (report, `build --progress`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from laionbuild.metadata.rules import metadata_rules, tag_rules
+from laionbuild.project.layout import SELECTED, part_dir
+
+
+def selected_keys(selected: pq.ParquetFile, part: int) -> list[str]:
+    """The selected keys of one part, in build order, reading only the row groups of
+    `selected.parquet` that can hold the part (the file is in part order): memory follows one
+    part, not the build."""
+    keys: list[str] = []
+    part_index = selected.schema_arrow.get_field_index("part")
+    for i in range(selected.num_row_groups):
+        stats = selected.metadata.row_group(i).column(part_index).statistics
+        if stats is not None and stats.has_min_max and not stats.min <= part <= stats.max:
+            continue
+        group = selected.read_row_group(i, columns=["key", "part"])
+        keys += group.filter(pc.equal(group.column("part"), part)).column("key").to_pylist()
+    return keys
+
+
+def licences(cfg) -> dict:
+    """Selected samples per licence (the source's `license` column; "unknown" when missing)."""
+    counts: Counter = Counter()
+    selected = pq.ParquetFile(SELECTED / "selected.parquet")
+    for part in cfg.subset.parts:
+        keys = set(selected_keys(selected, part))
+        if not keys:
+            continue
+        path = part_dir("dedup", part) / "metadata.parquet"
+        if "license" not in pq.read_schema(path).names:
+            counts["unknown"] += len(keys)
+            continue
+        table = pq.read_table(path, columns=["key", "license"]).to_pydict()
+        counts.update((lic or "unknown") for key, lic in zip(table["key"], table["license"]) if key in keys)
+    return dict(counts.most_common())
+
+
+def step_order(cfg) -> list[str]:
+    """The funnel's steps in pipeline order: rows in, each metadata filter, dedup, downloaded,
+    embedded, each select rule, selected, indexed."""
+    return (["rows_in"] + [f"after_{name}" for name, _ in metadata_rules(cfg, set(cfg.source.columns))]
+            + ["after_dedup", "downloaded_ok", "embedded"] + [f"after_{name}" for name, _ in tag_rules(cfg.select)]
+            + ["selected", "indexed"])

@@ -1,0 +1,124 @@
+"""The dataset project as a DVC repo: running DVC from this environment, its Hydra
+integration, locks left by killed builds, workspace outputs of parts no longer in the recipe,
+and each stage's state (built / stale / missing)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from laionbuild.project.layout import PART_DIRS, PER_PART_STAGES, STAGES, part_of
+from laionbuild.recipe.schema import load_params
+
+log = logging.getLogger("laionbuild")
+
+
+def dvc_env() -> dict:
+    """This environment's bin first on PATH, so the stage commands in dvc.yaml
+    (`laionbuild stage ...`) resolve to this installation."""
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def run_dvc(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
+    """Run DVC from this environment."""
+    return subprocess.run([sys.executable, "-m", "dvc", *args], env=dvc_env(), text=True,
+                          capture_output=capture, check=False)
+
+
+def clear_dead_dvc_locks(dvc_dir: Path = Path(".dvc")) -> list[int]:
+    """Drop entries of dead processes from DVC's rwlock, so a build killed with SIGKILL can be
+    rerun. DVC does this itself, except for zombies: a killed `dvc repro` whose parent died too
+    stays a zombie where PID 1 does not reap (containers), and DVC takes it for alive."""
+    import psutil
+    from dvc.fs import localfs
+    from dvc.rwlock import _edit_rwlock
+
+    tmp_dir = dvc_dir / "tmp"
+    if not (tmp_dir / "rwlock").exists():
+        return []
+
+    def dead(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    cleared: set[int] = set()
+    with _edit_rwlock(str(tmp_dir), localfs, False) as lock:
+        for path, info in list(lock["write"].items()):
+            if dead(info["pid"]):
+                cleared.add(info["pid"])
+                del lock["write"][path]
+        for path, infos in list(lock["read"].items()):
+            alive = [i for i in infos if not dead(i["pid"])]
+            cleared.update(i["pid"] for i in infos if i not in alive)
+            if alive:
+                lock["read"][path] = alive
+            else:
+                del lock["read"][path]
+    if cleared:
+        log.warning("cleared DVC locks of killed processes %s", sorted(cleared))
+    return sorted(cleared)
+
+
+def prune_stale_parts(parts: list[int]) -> list[Path]:
+    """Remove workspace outputs of parts no longer in the recipe. They stay in DVC's cache (and
+    come back from it when the part is added again); removing them keeps the global stages'
+    directory dependencies equal to a build that never had the part, so DVC's run-cache can
+    restore their outputs instead of recomputing."""
+    removed = []
+    for directory in PART_DIRS.values():
+        if not directory.is_dir():
+            continue
+        for child in sorted(directory.iterdir()):
+            part = part_of(child)
+            if part is not None and part not in parts:
+                shutil.rmtree(child)
+                removed.append(child)
+    return removed
+
+
+def enable_dvc_hydra() -> None:
+    """`dvc exp run -S` composes conf/config.yaml into params.yaml (DVC's Hydra integration)."""
+    result = run_dvc("config", "hydra.enabled", capture=True)
+    if result.stdout.strip() != "true":
+        for key, value in (("hydra.enabled", "true"), ("hydra.config_dir", "conf"), ("hydra.config_name", "config")):
+            if run_dvc("config", key, value).returncode:
+                raise RuntimeError(f"dvc config {key} {value} failed")
+
+
+def stage_status() -> list[tuple[str, str]]:
+    """(stage name as DVC knows it, built|stale|missing) for every stage of params.yaml's recipe."""
+    import yaml
+
+    cfg = load_params("params.yaml")
+    lock = {}
+    if Path("dvc.lock").exists():
+        lock = (yaml.safe_load(Path("dvc.lock").read_text()) or {}).get("stages", {})
+    result = run_dvc("status", "--json", capture=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"dvc status failed: {result.stderr.strip()}")
+    changed = json.loads(result.stdout or "{}")
+    names = [f"{s}@{p}" if s in PER_PART_STAGES else s for s in STAGES
+             for p in (cfg.subset.parts if s in PER_PART_STAGES else [None])]
+    rows = []
+    for name in names:
+        if name not in lock:
+            state = "missing"
+        elif name in changed:
+            deleted = any(
+                isinstance(entry, dict) and any(v == "deleted" for d in entry.values() if isinstance(d, dict)
+                                                for v in d.values())
+                for entry in changed[name])
+            state = "missing" if deleted else "stale"
+        else:
+            state = "built"
+        rows.append((name, state))
+    return rows

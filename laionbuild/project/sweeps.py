@@ -1,0 +1,95 @@
+"""Sweeps and dataset repos.
+
+- `laionbuild build -m a=1,2 b=x,y` expands Hydra's multirun grammar (comma lists, `range()`,
+  `choice()`, glob) into the cartesian product of points and runs each point as one DVC
+  experiment (`dvc exp run -n NAME -S override ...`), named after the overrides that vary. DVC's
+  Hydra composition (`hydra.enabled` in `.dvc/config`, conf/ and config.yaml: ours) writes each
+  point's params.yaml and the stages validate it; DVC's cache and run-cache make the points share
+  every stage their params do not touch, so a threshold sweep costs one build plus K selections.
+- `laionbuild init DIR` scaffolds a dataset repo of one's own (git + DVC with Hydra enabled, the
+  shipped conf/, dvc.yaml, params.yaml, the demo), committed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from laionbuild.recipe.schema import RecipeError
+
+TEMPLATE_FILES = ("conf", "dvc.yaml", ".dvcignore", ".gitignore", "demo")
+
+
+def sweep_points(overrides: list[str]) -> tuple[list[list[str]], list[list[str]]]:
+    """Hydra multirun overrides -> (points, varying): every point's full override list, and for
+    each point the overrides that vary across the sweep (its name)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as exc:
+        raise RecipeError(f"build -m: {str(exc).splitlines()[0]}") from None
+    axes, sweeping = [], []
+    for override in parsed:
+        if override.is_sweep_override():
+            key = override.get_key_element()
+            values = [f"{key}={v}" for v in override.sweep_string_iterator()]
+            if not values:
+                raise RecipeError(f"build -m: `{override.input_line}` sweeps over no value")
+            axes.append(values)
+            sweeping.append(True)
+        else:
+            axes.append([override.input_line])
+            sweeping.append(False)
+    points = [list(p) for p in itertools.product(*axes)]
+    varying = [[o for o, s in zip(p, sweeping) if s] for p in points]
+    return points, varying
+
+
+def experiment_name(overrides: list[str]) -> str:
+    """A DVC experiment (git ref) name for a sweep point: `select.min_clip_similarity=0.26` ->
+    `min_clip_similarity=0.26`; characters git refuses become `-`."""
+    short = [o.lstrip("+~") for o in overrides]
+    short = [o.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + o.split("=", 1)[1] if "=" in o else o for o in short]
+    name = re.sub(r"[^A-Za-z0-9._=+-]+", "-", "_".join(short)).strip("-.")
+    name = re.sub(r"\.{2,}", ".", name)
+    return (name or "point")[:120]
+
+
+def copy_template(template: Path, target: Path, names) -> None:
+    """Copy the files and folders `names` of a project template into `target`."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        source = template / name
+        if source.is_dir():
+            shutil.copytree(source, target / name)
+        else:
+            shutil.copy2(source, target / name)
+
+
+def init_project(target: Path, template: Path) -> None:
+    """Scaffold a dataset repo at `target` from the project files at `template`."""
+    if target.exists() and any(target.iterdir()):
+        raise RecipeError(f"init: {target} exists and is not empty")
+    missing = [n for n in TEMPLATE_FILES if not (template / n).exists()]
+    if missing:
+        raise RecipeError(f"init: the project template at {template} lacks {missing} (laionbuild must be installed "
+                          "from a source checkout: pip install -e .)")
+    copy_template(template, target, TEMPLATE_FILES)
+    (target / "README.md").write_text(
+        "# A laionbuild dataset repo\n\n"
+        "Recipes are in `conf/` (`conf/recipe/*.yaml`); `params.yaml` is the composed recipe DVC tracks.\n\n"
+        "```bash\nlaionbuild build                                   # the demo recipe\n"
+        "laionbuild build recipe=laion400m source.base_url=/data/laion400m-meta subset.parts=[0,1]\n"
+        "laionbuild build -m select.min_clip_similarity=0.26,0.28,0.30   # one DVC experiment per point\n"
+        "dvc exp show\n```\n")
+
+
+def run(args: list[str], cwd: Path) -> None:
+    proc = subprocess.run(args, cwd=cwd, text=True, capture_output=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(args)} failed in {cwd}: {proc.stderr.strip() or proc.stdout.strip()}")

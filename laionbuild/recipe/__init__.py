@@ -1,0 +1,1 @@
+"""The recipe: its typed schema, Hydra composition from conf/, validation, params.yaml."""

@@ -1,0 +1,1 @@
+"""Shards: where the webdataset shards live (any fsspec URL) and reading images back by key."""

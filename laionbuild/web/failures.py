@@ -1,0 +1,69 @@
+"""Download failure reasons: img2dataset's raw error strings (urllib's, the resizer's, the polite
+proxy's) folded into a small set of funnel buckets, and which of them are worth re-trying.
+
+Transient: timeouts, connection errors, DNS errors, truncated bodies, HTTP 429 and 5xx — the
+server or the network may do better later. Permanent: 404 and other 4xx, not an image,
+too small/large, X-Robots-Tag opt-outs, hash mismatches, URL policy refusals."""
+
+from __future__ import annotations
+
+import re
+
+from laionbuild.web.politeness import PREFIX
+
+REFUSED_HOP = "refused by URL policy: redirect or resolved address"
+TIMEOUT = "timeout"
+CONNECTION = "connection error"
+DNS = "dns error"
+TRUNCATED = "truncated body"
+NOT_IMAGE = "not an image"
+OPTED_OUT = "opted out (X-Robots-Tag)"
+OTHER = "other error"
+TRANSIENT = {TIMEOUT, CONNECTION, DNS, TRUNCATED}
+# the resizer's and img2dataset's own messages, kept as they are
+KNOWN = {"image too small", "image area too large", "aspect ratio too large", "hash mismatch"}
+_HTTP = re.compile(r"HTTP Error (\d{3}): ?(.*)", re.S)
+
+
+def classify(message: str | None) -> str:
+    """The funnel bucket of one failed row's `error_message`."""
+    msg = (message or "").strip()
+    low = msg.lower()
+    http = _HTTP.search(msg)
+    if http:
+        code, reason = int(http.group(1)), http.group(2)
+        if reason.startswith(PREFIX):
+            proxied = reason[len(PREFIX):].strip()
+            if proxied.startswith("refused"):
+                return REFUSED_HOP
+            if proxied.startswith("timeout"):
+                return TIMEOUT
+            if proxied.startswith("dns"):
+                return DNS
+            return CONNECTION
+        return f"http {code}"
+    if msg in KNOWN:
+        return msg
+    if "x-robots-tag" in low:
+        return OPTED_OUT
+    if "decod" in low or "cannot identify image" in low:
+        return NOT_IMAGE
+    if "timed out" in low or "timeout" in low:
+        return TIMEOUT
+    if "incompleteread" in low or "incomplete read" in low:
+        return TRUNCATED
+    if "name or service not known" in low or "nodename nor servname" in low or "temporary failure in name" in low:
+        return DNS
+    if any(s in low for s in ("urlopen error", "connection", "remote end closed", "reset by peer", "broken pipe")):
+        return CONNECTION
+    return OTHER
+
+
+def transient(reason: str) -> bool:
+    """Whether a failure bucket is worth re-trying later."""
+    if reason in TRANSIENT:
+        return True
+    if reason.startswith("http "):
+        code = int(reason.split()[1])
+        return code == 429 or code >= 500
+    return False
