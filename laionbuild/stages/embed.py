@@ -104,8 +104,8 @@ def from_source(cfg, part: int) -> None:
 
 class _StatsLogger:
     """clip-retrieval's per-partition stats, kept in-process: its LoggerWriter/LoggerReader
-    spawn two processes that import all of clip_retrieval (~18 CPU-s, ~3 s join per call)
-    only to print samples/s. Same interface (start, __call__, end)."""
+    spawn two processes that import all of clip_retrieval only to print samples/s (the cost
+    is in docs/benchmarks.md). Same interface (start, __call__, end)."""
 
     def __init__(self, part: str):
         self.part, self.samples, self.seconds = part, 0, 0.0

@@ -52,7 +52,7 @@ def run(cfg) -> None:
     if len(active) > 1:
         count(lambda sql: con.execute(sql).fetchone(), "tags", active[:-1], counts)
     with atomic_dir(SELECTED) as out:
-        # uncompressed: ~18 bytes per selected row (snappy: ~5) for ~20% less CPU per sweep point
+        # uncompressed: a few times the bytes of snappy for less CPU per sweep point (docs/benchmarks.md)
         con.execute(f"COPY (SELECT part, key FROM tags WHERE {where(active)}{order}) "
                     f"TO {sql_string(out / 'selected.parquet')} (FORMAT parquet, COMPRESSION 'uncompressed')")
         selected = pq.read_metadata(out / "selected.parquet").num_rows

@@ -2,9 +2,9 @@
 
 img2dataset needs no torch, but `import img2dataset` imports webdataset, which imports torch
 when it can (webdataset/pytorch.py falls back to stand-in classes on ModuleNotFoundError; so
-do albumentations and the rest of img2dataset's imports). torch costs ~3 CPU-seconds to
+do albumentations and the rest of img2dataset's imports). torch takes seconds of CPU to
 import, and img2dataset's multiprocessing distributor *spawns* its logger and every worker, each
-importing img2dataset again: about half of a small part's download stage was torch imports.
+importing img2dataset again (what it saved: docs/benchmarks.md).
 
 `enable()` makes `import torch` raise ModuleNotFoundError in this process (torch looks
 uninstalled: `importlib.util.find_spec` says None) and sets
