@@ -4,6 +4,8 @@ own loader (all_clip), the path real pretrained weights take too."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -71,3 +73,17 @@ def test_unknown_architecture_is_refused():
 def test_pretrained_tag_resolves_without_download():
     resolved = resolve(EmbedConfig(model="ViT-B-32", pretrained="laion2b_s34b_b79k"))
     assert resolved.clip_model == "open_clip:ViT-B-32/laion2b_s34b_b79k" and not resolved.untrained
+
+
+def test_model_configs_are_registered_when_open_clip_is_first_imported():
+    """What Spark's executor daemon does (laionbuild.engine.spark_daemon): nothing heavy is
+    imported until a task imports open_clip, which then knows laionbuild's architectures."""
+    code = ("import sys\n"
+            "from laionbuild.models.clip import register_model_configs_on_import\n"
+            "register_model_configs_on_import()\n"
+            "assert 'open_clip' not in sys.modules and 'torch' not in sys.modules\n"
+            "import open_clip\n"
+            "assert 'laionbuild-tiny' in open_clip.list_models(), open_clip.list_models()[:3]\n"
+            "print('registered')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "registered" in proc.stdout, proc.stderr[-3000:]

@@ -11,7 +11,10 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.abc
+import importlib.util
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +39,40 @@ class ResolvedModel:
 def register_model_configs() -> None:
     import open_clip
 
+    _register(open_clip)
+
+
+def _register(open_clip) -> None:
     if "laionbuild-tiny" not in open_clip.list_models():
         open_clip.add_model_config(MODEL_CONFIGS)
+
+
+def register_model_configs_on_import() -> None:
+    """Register laionbuild's model configs when (and if) open_clip is first imported in this
+    process and the processes it forks: Spark's Python daemon calls this instead of importing
+    open_clip (and torch) itself, so workers of tasks that never embed start without them."""
+    if "open_clip" in sys.modules:
+        register_model_configs()
+    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "open_clip":
+            return None
+        sys.meta_path.remove(self)  # one import to watch; find the real spec without us
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            execute(module)
+            _register(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
 
 
 def _file_md5(path: Path) -> str:
