@@ -34,9 +34,12 @@ demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/laionbuild build
 	@echo "Demo built: data/dataset, data/embeddings, data/index, data/metrics/funnel.json"
 
+# Lint first (ruff, configured in pyproject.toml), then the tests on two workers (pytest-xdist),
+# one test file each at a time: the builds are chains of subprocesses that leave a core idle in
+# turn; the shared demo is built once for both (tests/shared_demo.py).
 test: setup browser
 	$(BIN)/ruff check .
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -x -q --durations=25
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -x -q -n 2 --dist loadfile --durations=25
 
 bench: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/bench_spine.py

@@ -1,12 +1,17 @@
 """One demo build shared by the report, search page, progress and projector tests (built once
-per test session, the first time one of them asks): two parts, Haar face tags, a metadata
-filter on aspect ratio, built with `--progress`. Tests only read it; a test that changes a
-project works on a copy (`copy_of`)."""
+per test session, the first time one of them asks, by whichever pytest-xdist worker asks first;
+the others wait for it and read the same project): two parts, Haar face tags, a metadata filter
+on aspect ratio, built with `--progress`. Tests only read it; a test that changes a project
+works on a copy (`copy_of`)."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
+
+from filelock import FileLock
 
 from .conftest import FAST, Project, Result, new_project
 
@@ -19,8 +24,20 @@ _built: dict[str, tuple[Project, Result]] = {}
 def shared_demo(tmp_path_factory) -> tuple[Project, Result]:
     """(the built project, the output of its `laionbuild build --progress`)."""
     if "demo" not in _built:
-        project = new_project(tmp_path_factory.mktemp("shared_demo") / "project")
-        result = project.laionbuild("build", "--progress", *OVERRIDES)
+        # under xdist every worker has its own basetemp inside the session's one folder
+        root = tmp_path_factory.getbasetemp()
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            root = root.parent
+        record = root / "shared_demo.json"
+        with FileLock(str(root / "shared_demo.lock")):
+            if record.exists():
+                saved = json.loads(record.read_text())
+                project, result = Project(Path(saved["path"])), Result(saved["returncode"], saved["output"])
+            else:
+                project = new_project(root / "shared_demo" / "project")
+                result = project.laionbuild("build", "--progress", *OVERRIDES)
+                record.write_text(json.dumps({"path": str(project.path), "returncode": result.returncode,
+                                              "output": result.output}))
         _built["demo"] = (project, result)
     return _built["demo"]
 
