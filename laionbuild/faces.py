@@ -33,9 +33,12 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
+from .recipe.types import FACE_DETECTORS
+
 log = logging.getLogger(__name__)
 
-DETECTORS = ("opencv_haar", "retinaface", "auto")
+# the detectors that tag faces (`none`, the recipe's off switch, never reaches this module)
+DETECTORS = tuple(name for name in FACE_DETECTORS if name != "none")
 RETINAFACE_INSTALL = "pip install --no-deps retina-face==0.0.19 && pip install gdown"
 # Where retina-face's weight_utils looks for (and, left to itself, downloads) the PyTorch weights.
 RETINAFACE_WEIGHTS_REL = Path(".deepface") / "weights" / "retinaface.pth"

@@ -102,8 +102,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-KINDS = ("linear", "mlp", "improved_aesthetic")
-ACTIVATIONS = ("relu", "none")
+from .recipe.types import ACTIVATIONS, HEAD_KINDS
+
+KINDS = HEAD_KINDS
 SPEC_KEYS = {"kind", "path", "sigmoid", "activation"}
 TORCH_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
 # improved-aesthetic-predictor's nn.Sequential: Linear, Dropout, Linear, Dropout, Linear, Dropout, Linear, Linear
