@@ -16,6 +16,7 @@ from . import without_torch
 from .atomic import atomic_write_text
 from .config import RecipeError, compose, load_params, to_yaml
 from .layout import PART_DIRS, PER_PART_STAGES, STAGES, part_of
+from .recipe.errors import LaionbuildError
 
 log = logging.getLogger("laionbuild")
 # stages whose process (and its spawned img2dataset workers) never import torch: see without_torch
@@ -90,6 +91,11 @@ def prune_stale_parts(parts: list[int]) -> list[Path]:
 
 
 def cmd_compose(args) -> int:
+    if getattr(args, "help_keys", False):
+        from .recipe.keys import keys_table
+
+        print(keys_table())
+        return 0
     cfg = compose(args.overrides, conf_dir=args.conf_dir)
     atomic_write_text(args.output, to_yaml(cfg))
     if Path(args.output).resolve() != Path("params.yaml").resolve():
@@ -321,6 +327,8 @@ def cmd_status(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="laionbuild", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of expected errors too (or LAIONBUILD_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def overrides(p):
@@ -330,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compose", help="compose conf/ into params.yaml (validated)")
     overrides(p)
+    p.add_argument("--help-keys", action="store_true",
+                   help="print every recipe key with its type, default and allowed values, and exit")
     p.set_defaults(func=cmd_compose)
 
     p = sub.add_parser("build", help="compose, then `dvc repro`")
@@ -400,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:  # wherever it is on the line (`laionbuild build --debug ...` too)
+        argv = [arg for arg in argv if arg != "--debug"]
+        os.environ["LAIONBUILD_DEBUG"] = "1"  # the stage processes DVC starts show tracebacks too
     # overrides may come after options too (`build --stage dedup engine=spark`)
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -408,12 +422,13 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
-    except RecipeError as exc:
+    except LaionbuildError as exc:
+        # a user's mistake (recipe, input file, command line): one line; anything else is a bug
+        # and keeps its traceback
+        if os.environ.get("LAIONBUILD_DEBUG", "") not in ("", "0"):
+            raise
         print(f"laionbuild: error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"laionbuild: error: {exc}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

@@ -102,6 +102,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from .recipe.errors import InputError, MissingInputError
 from .recipe.types import ACTIVATIONS, HEAD_KINDS
 
 KINDS = HEAD_KINDS
@@ -199,8 +200,8 @@ class _Parsed:
     sigmoid: bool | None = None
 
 
-def _error(path: Path, message: str) -> ValueError:
-    return ValueError(f"score head weights {path}: {message}")
+def _error(path: Path, message: str) -> InputError:
+    return InputError(f"score head weights {path}: {message}")
 
 
 def _read_torch(path: Path) -> dict[str, np.ndarray]:
@@ -378,7 +379,7 @@ def load_head(kind: str, path: str | os.PathLike, name: str | None = None, *,
         raise _error(path, "looks like a Keras/autokeras model (a directory or .zip); convert it to the .npz "
                            "format, or use the torch port (see laionbuild/heads.py)")
     if not path.exists():
-        raise FileNotFoundError(f"score head weights not found: {path}")
+        raise MissingInputError(f"score head weights not found: {path}")
     if path.suffix == ".npz":
         parsed = _parse_npz(path)
     elif path.suffix in TORCH_SUFFIXES:

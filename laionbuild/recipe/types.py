@@ -9,7 +9,7 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import AfterValidator
 
-FaceDetectorName = Literal["none", "auto", "opencv_haar", "retinaface"]
+FaceDetectorName = Literal["none", "opencv_haar", "retinaface", "auto"]
 HeadKind = Literal["linear", "mlp", "improved_aesthetic"]
 ActivationName = Literal["relu", "none"]
 # img2dataset computes the image hash with getattr(hashlib, name)

@@ -7,19 +7,20 @@ from __future__ import annotations
 import importlib
 
 from ..layout import GLOBAL_STAGES, PER_PART_STAGES
+from ..recipe.errors import InputError
 
 
 def run_stage(name: str, cfg, part: int | None = None) -> None:
     if name not in PER_PART_STAGES + GLOBAL_STAGES:
-        raise ValueError(f"unknown stage `{name}`; stages: {', '.join(PER_PART_STAGES + GLOBAL_STAGES)}")
+        raise InputError(f"unknown stage `{name}`; stages: {', '.join(PER_PART_STAGES + GLOBAL_STAGES)}")
     module = importlib.import_module(f"laionbuild.stages.{name}")
     if name in PER_PART_STAGES:
         if part is None:
-            raise ValueError(f"stage `{name}` runs per part: pass --part N")
+            raise InputError(f"stage `{name}` runs per part: pass --part N")
         if part not in cfg.subset.parts:
-            raise ValueError(f"part {part} is not in subset.parts {list(cfg.subset.parts)}")
+            raise InputError(f"part {part} is not in subset.parts {list(cfg.subset.parts)}")
         module.run(cfg, part)
     else:
         if part is not None:
-            raise ValueError(f"stage `{name}` is global: it takes no --part")
+            raise InputError(f"stage `{name}` is global: it takes no --part")
         module.run(cfg)

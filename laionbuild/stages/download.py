@@ -44,6 +44,7 @@ from ..local_server import serve_folder
 from ..politeness import PoliteProxy, proxy_environment
 from ..storage import COMPLETE, MANIFEST, filesystem, is_url, join, part_shards, storage_hosts
 from ..url_policy import refusals, spread_by_host
+from ..recipe.errors import MissingInputError
 
 log = logging.getLogger(__name__)
 KEY_COLUMN = "laionbuild_key"  # our key, carried through img2dataset as an additional column
@@ -294,7 +295,7 @@ def _commit_manifest(shards: str, fetched: str, out: Path) -> None:
                 stats += [_stem(name)] if name.endswith("_stats.json") else []
         missing = sorted(set(stats) - {_stem(e["name"]) for e in listed})
         if missing:
-            raise FileNotFoundError(f"{shards}: shards {missing} have stats but no .tar (removed?); delete "
+            raise MissingInputError(f"{shards}: shards {missing} have stats but no .tar (removed?); delete "
                                     f"{shards} and rerun to download the part again")
     manifest = {"url": shards, "shards": listed}
     if fetched == shards and not _exists(shards, COMPLETE):
@@ -423,7 +424,7 @@ def retry_part(cfg, part: int) -> tuple[int, int]:
     the builds whose manifest names it."""
     target = part_dir("download", part)
     if not (target / "stats.json").exists():
-        raise FileNotFoundError(f"{target}: part {part} is not downloaded yet; build it first")
+        raise MissingInputError(f"{target}: part {part} is not downloaded yet; build it first")
     old_stats = load_stats(target)
     metadata = pq.read_table(part_dir("dedup", part) / "metadata.parquet", columns=["key", "url", "caption"])
     failed = len(_transient_failures(str(target)))

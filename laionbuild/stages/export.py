@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from ..atomic import atomic_dir, write_json
 from ..layout import EXPORT, SELECTED, embeddings_dir, part_dir
+from ..recipe.errors import InputError
 from .select import selected_keys
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def write_tsv(cfg, path) -> int:
             have = pq.read_schema(metadata_path).names
             missing = [f"export.tsv_columns.{n}: `{s}`" for n, s in zip(names, sources) if s not in have]
             if missing:
-                raise ValueError(f"{metadata_path}: no column {', '.join(missing)}; the prepared metadata has {have}")
+                raise InputError(f"{metadata_path}: no column {', '.join(missing)}; the prepared metadata has {have}")
             wanted = list(dict.fromkeys(["key", *sources]))
             frame = pq.read_table(metadata_path, columns=wanted).to_pandas()
             frame = pd.DataFrame({"key": keys}).merge(frame, on="key", how="left")

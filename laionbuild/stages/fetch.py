@@ -12,6 +12,7 @@ import fsspec
 from ..atomic import atomic_dir, write_json
 from ..layout import CONSOLIDATED, WORK, part_dir
 from ..transfer import fetch_file
+from ..recipe.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ def source_files(cfg) -> list[str]:
     fs, base = fsspec.core.url_to_fs(cfg.source.base_url)
     found = sorted(fs.glob(f"{base.rstrip('/')}/{cfg.source.files}"))
     if not found:
-        raise FileNotFoundError(f"no file matches source.files `{cfg.source.files}` in {cfg.source.base_url}")
+        raise MissingInputError(f"no file matches source.files `{cfg.source.files}` in {cfg.source.base_url}")
     return [m if fs.protocol in ("file", ("file", "local")) else fs.unstrip_protocol(m) for m in found]
 
 
@@ -33,7 +34,7 @@ def source_url(cfg, part: int) -> str:
     if cfg.source.files:
         files = source_files(cfg)
         if part >= len(files):
-            raise FileNotFoundError(f"source.files `{cfg.source.files}` matches {len(files)} files in "
+            raise MissingInputError(f"source.files `{cfg.source.files}` matches {len(files)} files in "
                                     f"{cfg.source.base_url}; part {part} has none")
         return files[part]
     base = cfg.source.base_url.rstrip("/")
@@ -53,7 +54,7 @@ def run(cfg, part: int) -> None:
         if emb_url:
             emb_name = emb_url.rsplit("/", 1)[-1]
             if emb_name == name:
-                raise ValueError(f"source.image_embeddings `{cfg.source.image_embeddings}` names the metadata "
+                raise InputError(f"source.image_embeddings `{cfg.source.image_embeddings}` names the metadata "
                                  f"file itself ({name})")
             emb_info = fetch_file(emb_url, out / emb_name, work / f"{emb_name}.partial",
                                   retries=cfg.source.fetch_retries, backoff=cfg.source.fetch_backoff_s)

@@ -21,6 +21,7 @@ from ..engines import DUCKDB, SPARK, SqlDialect, spark_session, spark_to_arrow
 from ..funnel import Counts
 from ..layout import part_dir
 from ..rules import Rule, count, sql_string, where
+from ..recipe.errors import InputError
 
 log = logging.getLogger(__name__)
 # canonical column -> predicate on its Arrow type, and what to call that type in an error
@@ -46,7 +47,7 @@ def file_format(path: Path, fmt: str) -> str:
         return fmt
     suffix = Path(str(path).removesuffix(".gz")).suffix.lower()
     if suffix not in EXTENSION_FORMATS:
-        raise ValueError(f"{path}: source.format=auto cannot tell the format of a `{suffix}` file")
+        raise InputError(f"{path}: source.format=auto cannot tell the format of a `{suffix}` file")
     return EXTENSION_FORMATS[suffix]
 
 
@@ -72,9 +73,9 @@ def read_arrow(path: Path, fmt: str) -> pa.Table:
         elif fmt == "jsonl":
             table = pajson.read_json(path)
         else:
-            raise ValueError(f"unknown source.format {fmt}")
+            raise InputError(f"unknown source.format {fmt}")
     except (pa.ArrowInvalid, OSError) as exc:
-        raise ValueError(f"{path}: cannot read as {fmt} (corrupt or truncated?): {exc}") from None
+        raise InputError(f"{path}: cannot read as {fmt} (corrupt or truncated?): {exc}") from None
     return table.append_column("_row", pa.array(np.arange(table.num_rows)))
 
 
@@ -85,7 +86,7 @@ def source_schema(path: Path, fmt: str) -> tuple[pa.Schema, int, pa.Table | None
         try:
             metadata = pq.read_metadata(path)
         except (pa.ArrowInvalid, OSError) as exc:
-            raise ValueError(f"{path}: cannot read as parquet (corrupt or truncated?): {exc}") from None
+            raise InputError(f"{path}: cannot read as parquet (corrupt or truncated?): {exc}") from None
         return metadata.schema.to_arrow_schema(), metadata.num_rows, None
     table = read_arrow(path, fmt)
     return table.schema, table.num_rows, table
@@ -105,13 +106,16 @@ def canonical_columns(schema: pa.Schema, columns: dict, path: Path,
             missing.append(f"`{'`/`'.join(candidates)}` (source.columns.{canonical})")
         resolved[canonical] = found
     if missing:
-        raise ValueError(f"{path}: missing column {', '.join(missing)}; the file has {names}")
+        raise InputError(f"{path}: missing column {', '.join(missing)}; the file has {names}")
     columns = resolved
     for canonical, src in columns.items():
         accepts, kind = COLUMN_TYPES[canonical]
         found = schema.field(src).type
         if not accepts(found):
-            raise ValueError(f"{path}: column `{src}` (source.columns.{canonical}) must hold {kind}, found {found}")
+            if kind == "strings" and (pa.types.is_binary(found) or pa.types.is_large_binary(found)):
+                raise InputError(f"{path}: column `{src}` (source.columns.{canonical}) holds text that is not "
+                                 "UTF-8; re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+            raise InputError(f"{path}: column `{src}` (source.columns.{canonical}) must hold {kind}, found {found}")
     renamed = {src: canonical for canonical, src in columns.items()}
     taken = set(columns) | {"key", "captions"}
     return [(name, renamed.get(name, f"source_{name}" if name in taken else name)) for name in names]
@@ -179,9 +183,9 @@ def run(cfg, part: int) -> None:
     columns, aliases, fmt = effective_source(cfg)
     schema, num_rows, arrow = source_schema(path, fmt)
     if num_rows == 0:
-        raise ValueError(f"{path}: part {part} has no rows")
+        raise InputError(f"{path}: part {part} has no rows")
     if num_rows >= 10**9:
-        raise ValueError(f"{path}: {num_rows} rows; keys hold 9 digits of row number: split the part "
+        raise InputError(f"{path}: {num_rows} rows; keys hold 9 digits of row number: split the part "
                          "(source.consolidate_parts)")
     pairs = canonical_columns(schema, columns, path, aliases)
     ids = part_ids(cfg, part, pairs, schema)
@@ -245,7 +249,7 @@ def _run_duckdb(cfg, part, path, arrow, ids, pairs, counts, target: Path) -> Non
         con.execute(f"""COPY (SELECT {_output_columns(cfg, pairs, DUCKDB)} FROM rows WHERE {where(active)}{order})
                         TO {sql_string(target)} (FORMAT parquet)""")
     except duckdb.Error as exc:
-        raise ValueError(f"{path}: {str(exc).splitlines()[0]}") from None
+        raise InputError(f"{path}: {str(exc).splitlines()[0]}") from None
 
 
 def _run_spark(cfg, part, path, arrow, ids, pairs, counts, target: Path) -> None:

@@ -12,6 +12,7 @@ from ..atomic import atomic_dir
 from ..funnel import Counts
 from ..layout import NEARDUP, SELECTED, part_dir
 from ..rules import count, sql_string, where
+from ..recipe.errors import InputError
 
 
 def rules(select_cfg) -> list[tuple[str, str]]:
@@ -49,7 +50,7 @@ def run(cfg) -> None:
     available = _tag_columns(cfg.subset.parts)
     for name in [*cfg.select.min_scores, *cfg.select.max_scores]:
         if name not in available:
-            raise ValueError(f"select: no `{name}` tag column (its score head was skipped: missing weights? "
+            raise InputError(f"select: no `{name}` tag column (its score head was skipped: missing weights? "
                              f"see data/tags/part_N/stats.json)")
     # only the columns the rules use (not face boxes and the like), read by DuckDB straight from
     # the parts' files, in build order (a multi-file scan keeps file and row order)
