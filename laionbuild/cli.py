@@ -94,7 +94,7 @@ def cmd_compose(args) -> int:
     if getattr(args, "help_keys", False):
         from .recipe.keys import keys_table
 
-        print(keys_table())
+        sys.stdout.write(keys_table())
         return 0
     cfg = compose(args.overrides, conf_dir=args.conf_dir)
     atomic_write_text(args.output, to_yaml(cfg))

@@ -538,7 +538,8 @@ def _load_and_validate(path: Path) -> Config:
 def yaml_error_message(exc: Exception, path: Path | str | None = None) -> str:
     """`file:line:column: not valid YAML: problem`, one line."""
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    where = f"{mark.name}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    name = str(path) if path is not None and (mark is None or mark.name.startswith("<")) else mark.name
+    where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark is not None else name
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
     return f"{where}: not valid YAML: {problem}"
 

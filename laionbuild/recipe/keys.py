@@ -10,7 +10,7 @@ import inspect
 import typing
 from typing import Any, Dict, Iterator, List, Tuple
 
-from pydantic import AfterValidator
+from pydantic import BeforeValidator
 from pydantic.fields import FieldInfo
 
 HEADER = """# Recipe keys
@@ -63,7 +63,7 @@ def _constraint(meta: Any) -> str:
             return f"{symbol} {getattr(meta, name)}"
     if hasattr(meta, "pattern"):
         return f"matches `{meta.pattern}`"
-    if isinstance(meta, AfterValidator):
+    if isinstance(meta, BeforeValidator):
         return getattr(meta.func, "description", "checked")
     return ""
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal, get_args
 
-from pydantic import AfterValidator
+from pydantic import BeforeValidator
 
 FaceDetectorName = Literal["none", "opencv_haar", "retinaface", "auto"]
 HeadKind = Literal["linear", "mlp", "improved_aesthetic"]
@@ -25,8 +25,8 @@ CANONICAL_COLUMNS = get_args(CanonicalColumn)
 def _memory(pattern: str, example: str, reader: str):
     grammar = re.compile(pattern, re.IGNORECASE)
 
-    def check(value: str) -> str:
-        if not grammar.fullmatch(value):
+    def check(value: object) -> object:
+        if not isinstance(value, str) or not grammar.fullmatch(value):
             raise ValueError(f"not a memory size {reader} reads; write a number and a unit, e.g. {example}")
         return value
 
@@ -35,8 +35,8 @@ def _memory(pattern: str, example: str, reader: str):
 
 
 # DuckDB's SET memory_limit: KB, MB, GB, TB (1000^i) or KiB.. (1024^i), optional space
-DuckdbMemory = Annotated[str, AfterValidator(_memory(r"\s*(\d+\.?\d*|\.\d+)\s*([KMGT]i?B?)\s*", "4GB", "DuckDB"))]
+DuckdbMemory = Annotated[str, BeforeValidator(_memory(r"\s*(\d+\.?\d*|\.\d+)\s*([KMGT]i?B?)\s*", "4GB", "DuckDB"))]
 # autofaiss's cast_memory_to_bytes: 16G, 16GB, 512M
-FaissMemory = Annotated[str, AfterValidator(_memory(r"(\d+\.?\d*|\.\d+)([KMGTPEZ]B?|B)", "4G", "autofaiss"))]
+FaissMemory = Annotated[str, BeforeValidator(_memory(r"(\d+\.?\d*|\.\d+)([KMGTPEZ]B?|B)", "4G", "autofaiss"))]
 # Spark's JVM sizes: 4g, 512m
-SparkMemory = Annotated[str, AfterValidator(_memory(r"\d+([kmgtp]b?)", "4g", "Spark"))]
+SparkMemory = Annotated[str, BeforeValidator(_memory(r"\d+([kmgtp]b?)", "4g", "Spark"))]
