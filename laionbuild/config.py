@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 # Pydantic dataclasses (not OmegaConf structured configs): the stages keep plain dataclasses
 # (attributes, dataclasses.replace, pickling), while the types carry ranges and Literal value sets
 # OmegaConf cannot express, unknown keys are refused (extra="forbid") and every error has a key path.
-dataclass = _pydantic_dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False))
+dataclass = _pydantic_dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False, defer_build=True))
 
 # A (key under the section, the bad value, what is wrong and what would be accepted)
 Problem = Tuple[str, Any, str]
