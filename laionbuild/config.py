@@ -22,7 +22,7 @@ from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
 from .recipe.errors import RecipeError
 from .recipe.provenance import Origin, composed_origin, defaults_files
-from .recipe.validate import unknown_key_hint, validate
+from .recipe.validate import FREE_FORM, fields_at, unknown_key_hint, validate
 from .recipe.types import (ActivationName, CanonicalColumn, DuckdbMemory, FaceDetectorName, FaissMemory,
                            HashName, HeadKind, SparkMemory)
 
@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 # Pydantic dataclasses (not OmegaConf structured configs): the stages keep plain dataclasses
 # (attributes, dataclasses.replace, pickling), while the types carry ranges and Literal value sets
 # OmegaConf cannot express, unknown keys are refused (extra="forbid") and every error has a key path.
-dataclass = _pydantic_dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False, defer_build=True))
+dataclass = _pydantic_dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True,
+                                                 defer_build=True))
 
 # A (key under the section, the bad value, what is wrong and what would be accepted)
 Problem = Tuple[str, Any, str]
@@ -580,10 +581,12 @@ def hydra_message(exc: Exception, where: str) -> str:
     cause = exc.__cause__ or exc.__context__
     if unknown and "not in struct" in str(cause):
         key = unknown.group(1)
-        hint = unknown_key_hint(Config, key.split("."))
+        path = key.split(".")
         hydra_hint = next((line for line in lines if line.startswith("To append")), "")
-        if "did you mean" not in hint and hydra_hint:
-            hint = f"{hint}; {hydra_hint[0].lower()}{hydra_hint[1:]}"
+        hydra_hint = hydra_hint[:1].lower() + hydra_hint[1:]
+        hint = unknown_key_hint(Config, path)
+        if path[-1] in fields_at(Config, path[:-1]) or hint == FREE_FORM:  # a new entry of a mapping
+            return f"{where}: `{key}` is a new entry of a mapping: {hydra_hint or 'prefix it with +'}"
         return f"{where}: unknown key `{key}`: {hint}"
     lines = lines[:next((i for i, line in enumerate(lines) if line.startswith("Config search path")), len(lines))]
     return f"{where}: {' '.join(lines)}"

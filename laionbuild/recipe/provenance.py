@@ -51,7 +51,7 @@ def composed_origin(overrides: Sequence[str], files: Sequence[Tuple[Path, str]],
                 continue
             if key == name or key.startswith(f"{name}.") or name.startswith(f"{key}."):
                 return f"override `{override}`"
-        best, best_depth = None, 0
+        best = None
         for path, package in files:
             try:
                 data = yaml.safe_load(path.read_text()) or {}
@@ -61,9 +61,8 @@ def composed_origin(overrides: Sequence[str], files: Sequence[Tuple[Path, str]],
             wanted = key.split(".")
             if wanted[:len(prefix)] != prefix:
                 continue
-            depth = _depth_in(data, wanted[len(prefix):])
-            if depth and depth + len(prefix) >= best_depth:
-                best, best_depth = path, depth + len(prefix)
+            if _depth_in(data, wanted[len(prefix):]) == len(wanted) - len(prefix):
+                best = path  # the last file setting the key wins
         return _shown(best) if best else None
 
     return origin

@@ -12,6 +12,7 @@ from .errors import RecipeError
 from .provenance import Origin
 
 MAX_SHOWN = 80  # characters of a bad value shown in a message
+FREE_FORM = "any key goes here (a mapping of names)"
 
 
 def _shown(value: Any) -> str:
@@ -57,12 +58,16 @@ def fields_at(schema: type, path: Sequence[Any]) -> List[str]:
 
 
 def unknown_key_hint(schema: type, path: Sequence[Any]) -> str:
+    """A did-you-mean for the first segment of `path` the schema does not know."""
+    for depth in range(1, len(path)):
+        if path[depth - 1] not in fields_at(schema, path[:depth - 1]) and fields_at(schema, path[:depth - 1]):
+            return unknown_key_hint(schema, path[:depth])
     allowed = fields_at(schema, path[:-1])
     close = difflib.get_close_matches(str(path[-1]), allowed, n=1, cutoff=0.6)
     prefix = ".".join(map(str, path[:-1]))
     if close:
         return f"did you mean `{prefix + '.' if prefix else ''}{close[0]}`?"
-    return f"keys here: {', '.join(allowed)}" if allowed else "not a key of the recipe schema"
+    return f"keys here: {', '.join(allowed)}" if allowed else FREE_FORM
 
 
 def _pydantic_error(schema: type, error: Dict[str, Any], where: str, origin: Optional[Origin]) -> str:
