@@ -22,9 +22,9 @@ from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
 from .recipe.errors import RecipeError
 from .recipe.provenance import Origin, composed_origin, defaults_files
-from .recipe.validate import FREE_FORM, fields_at, unknown_key_hint, validate
 from .recipe.types import (ActivationName, CanonicalColumn, DuckdbMemory, FaceDetectorName, FaissMemory,
                            HashName, HeadKind, SparkMemory)
+from .recipe.validate import FREE_FORM, fields_at, unknown_key_hint, validate
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig

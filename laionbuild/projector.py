@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .thumbs import ShardImages, thumbnail
 from .recipe.errors import InputError, MissingInputError
+from .thumbs import ShardImages, thumbnail
 
 MAX_SPRITE = 8192  # px, TensorBoard's limit for a sprite's side
 MIN_CELL = 8

@@ -20,8 +20,8 @@ from ..atomic import atomic_dir, read_json, write_json
 from ..funnel import Counts
 from ..layout import TMP, part_dir
 from ..models import describe, resolve
-from ..storage import Shard, filesystem, is_url, join, part_shards, webdataset_url
 from ..recipe.errors import InputError
+from ..storage import Shard, filesystem, is_url, join, part_shards, webdataset_url
 from .download import KEY_COLUMN
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ import fsspec
 
 from ..atomic import atomic_dir, write_json
 from ..layout import CONSOLIDATED, WORK, part_dir
-from ..transfer import fetch_file
 from ..recipe.errors import InputError, MissingInputError
+from ..transfer import fetch_file
 
 log = logging.getLogger(__name__)
 

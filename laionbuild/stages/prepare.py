@@ -20,8 +20,8 @@ from ..atomic import atomic_dir, read_json
 from ..engines import DUCKDB, SPARK, SqlDialect, spark_session, spark_to_arrow
 from ..funnel import Counts
 from ..layout import part_dir
-from ..rules import Rule, count, sql_string, where
 from ..recipe.errors import InputError
+from ..rules import Rule, count, sql_string, where
 
 log = logging.getLogger(__name__)
 # canonical column -> predicate on its Arrow type, and what to call that type in an error

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 from ..atomic import atomic_dir
 from ..funnel import Counts
 from ..layout import NEARDUP, SELECTED, part_dir
-from ..rules import count, sql_string, where
 from ..recipe.errors import InputError
+from ..rules import count, sql_string, where
 
 
 def rules(select_cfg) -> list[tuple[str, str]]:
