@@ -25,6 +25,7 @@ BAD_OVERRIDES = [
     (["embed.model=ViT-B-32", "embed.pretrained=no_such_tag"], "embed.pretrained", ["'no_such_tag'", "ViT-B-32"]),
     (["embed.pretrained=/missing.pt"], "embed.pretrained", ["'/missing.pt'", "does not exist"]),
     (["embed.pretrained=conf"], "embed.pretrained", ["'conf'", "it is a folder"]),
+    (["embed.pretrained=''"], "embed.pretrained", ["''", "must be set"]),
     (["dedup.memory_limit=lots"], "dedup.memory_limit", ["'lots'", "e.g. 4GB"]),
     (["dedup.memory_limit=4"], "dedup.memory_limit", ["got 4 ", "DuckDB"]),
     (["download.compute_hash=bogus"], "download.compute_hash", ["'bogus'", "'sha256'"]),

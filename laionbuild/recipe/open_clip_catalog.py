@@ -110,6 +110,8 @@ def model_problem(model: str) -> Optional[str]:
 
 def pretrained_problem(model: str, pretrained: str) -> Optional[str]:
     """None when `pretrained` is `random`, an existing checkpoint file or a tag of `model`."""
+    if not pretrained:
+        return "must be set: a pretrained tag, a checkpoint file or `random`"
     tags = pretrained_tags().get(model, [])
     if pretrained == "random" or pretrained in tags:
         return None
