@@ -13,6 +13,7 @@ from pathlib import Path
 from laionbuild.project.atomic import atomic_write_text
 from laionbuild.project.layout import STAGES
 from laionbuild.project.repo import clear_dead_dvc_locks, dvc_env, enable_dvc_hydra, prune_stale_parts, run_dvc, stage_status
+from laionbuild.recipe.errors import LaionbuildError
 from laionbuild.recipe.schema import RecipeError, compose, load_params, to_yaml
 from laionbuild.web import without_torch
 
@@ -22,6 +23,11 @@ TORCH_FREE_STAGES = ("download",)
 
 
 def cmd_compose(args) -> int:
+    if getattr(args, "help_keys", False):
+        from laionbuild.recipe.keys import keys_table
+
+        sys.stdout.write(keys_table())
+        return 0
     cfg = compose(args.overrides, conf_dir=args.conf_dir)
     atomic_write_text(args.output, to_yaml(cfg))
     if Path(args.output).resolve() != Path("params.yaml").resolve():
@@ -214,6 +220,8 @@ def cmd_status(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="laionbuild", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of expected errors too (or LAIONBUILD_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def overrides(p):
@@ -223,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compose", help="compose conf/ into params.yaml (validated)")
     overrides(p)
+    p.add_argument("--help-keys", action="store_true",
+                   help="print every recipe key with its type, default and allowed values, and exit")
     p.set_defaults(func=cmd_compose)
 
     p = sub.add_parser("build", help="compose, then `dvc repro`")
@@ -293,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:  # wherever it is on the line (`laionbuild build --debug ...` too)
+        argv = [arg for arg in argv if arg != "--debug"]
+        os.environ["LAIONBUILD_DEBUG"] = "1"  # the stage processes DVC starts show tracebacks too
     # overrides may come after options too (`build --stage dedup engine=spark`)
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -301,12 +315,13 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
-    except RecipeError as exc:
+    except LaionbuildError as exc:
+        # a user's mistake (recipe, input file, command line): one line; anything else is a bug
+        # and keeps its traceback
+        if os.environ.get("LAIONBUILD_DEBUG", "") not in ("", "0"):
+            raise
         print(f"laionbuild: error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"laionbuild: error: {exc}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from .conftest import new_project
 from .standins import write_crawl
 
-FAST = ["embed.model=laionbuild-tiny"]
+FAST = ["embed.model=laionbuild-tiny", "embed.pretrained=random"]  # the tiny test model has no pretrained tags
 
 
 def digest(path) -> str:

@@ -11,7 +11,7 @@ import torch
 from .conftest import BIN, new_project, spark_jobs
 from .standins import write_laion400m, write_mscoco
 
-FAST = ["embed.model=laionbuild-tiny"]
+FAST = ["embed.model=laionbuild-tiny", "embed.pretrained=random"]  # the tiny test model has no pretrained tags
 
 
 def outputs(project, parts, stages=("prepared", "deduped")):

@@ -18,7 +18,7 @@ from laionbuild.web.local_server import serve_folder
 
 from .standins import LAION400M_NAME, write_laion400m, write_mscoco
 
-FAST = ["embed.model=laionbuild-tiny"]
+FAST = ["embed.model=laionbuild-tiny", "embed.pretrained=random"]  # the tiny test model has no pretrained tags
 
 
 def prepared(project, parts, stage="dedup") -> pd.DataFrame:

@@ -100,10 +100,10 @@ def test_two_experiments_and_the_workspace_in_one_projector(experiments, tmp_pat
 def test_projector_errors_name_the_build(experiments, tmp_path):
     out = str(tmp_path / "p")
     same = experiments.laionbuild("projector", "a=.", "a=.", "--out", out, check=False)
-    assert same.returncode == 1 and "builds share a label" in same.output
+    assert same.returncode == 2 and "builds share a label" in same.output
     rev = experiments.laionbuild("projector", ".@no-such-experiment", "--out", out, check=False)
-    assert rev.returncode == 1 and "`no-such-experiment` is neither a git revision nor a DVC experiment" in rev.output
+    assert rev.returncode == 2 and "`no-such-experiment` is neither a git revision nor a DVC experiment" in rev.output
     missing = experiments.laionbuild("projector", str(tmp_path), "--out", out, check=False)
-    assert missing.returncode == 1 and "no data/embeddings" in missing.output
+    assert missing.returncode == 2 and "no data/embeddings" in missing.output
     small = experiments.laionbuild("projector", ".", "--out", out, "--sprite-size", "32", "--max-per-build", "5")
     assert "5 points x 32" in small.output and Image.open(tmp_path / "p/sprite.png").size == (96, 96)

@@ -30,6 +30,7 @@ import pandas as pd
 from PIL import Image
 
 from laionbuild.project.files import by_number
+from laionbuild.recipe.errors import InputError, MissingInputError
 from laionbuild.shards.thumbs import ShardImages, thumbnail
 
 MAX_SPRITE = 8192  # px, TensorBoard's limit for a sprite's side
@@ -55,7 +56,7 @@ def parse_build(spec: str) -> BuildRef:
         path, rev = before, after
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"{spec}: {root} is not a directory (BUILD is [LABEL=]PATH[@REV])")
+        raise MissingInputError(f"{spec}: {root} is not a directory (BUILD is [LABEL=]PATH[@REV])")
     return BuildRef(label or (root.resolve().name + (f"@{rev}" if rev else "")), root, rev)
 
 
@@ -74,7 +75,7 @@ class _Files:
                 with Repo(str(ref.path)) as repo:
                     commit = resolve_rev(repo.scm, ref.rev)  # a git revision or an experiment's name
             except RevError as exc:
-                raise ValueError(f"{ref.label}: `{ref.rev}` is neither a git revision nor a DVC experiment of "
+                raise InputError(f"{ref.label}: `{ref.rev}` is neither a git revision nor a DVC experiment of "
                                  f"{ref.path} ({exc})") from None
             self.fs = DVCFileSystem(str(ref.path), rev=commit)
 
@@ -101,12 +102,12 @@ def load_build(ref: BuildRef, limit: int | None) -> tuple[np.ndarray, pd.DataFra
     meta_files = by_number(files.list("data/embeddings/metadata", ".parquet"))
     where = f"{ref.path}{'@' + ref.rev if ref.rev else ''}"
     if not emb_files or not meta_files:
-        raise FileNotFoundError(f"{ref.label}: no data/embeddings in {where}; build it first (`laionbuild build`)")
+        raise MissingInputError(f"{ref.label}: no data/embeddings in {where}; build it first (`laionbuild build`)")
     embeddings = np.concatenate([np.load(io.BytesIO(files.read(f))) for f in emb_files]).astype(np.float32)
     metadata = pd.concat([pd.read_parquet(io.BytesIO(files.read(f)), columns=["key", "url", "caption"])
                           for f in meta_files], ignore_index=True)
     if len(embeddings) != len(metadata):
-        raise ValueError(f"{ref.label}: {len(embeddings)} embeddings but {len(metadata)} metadata rows in "
+        raise InputError(f"{ref.label}: {len(embeddings)} embeddings but {len(metadata)} metadata rows in "
                          f"{where}/data/embeddings; rebuild assemble")
     if limit is not None and len(metadata) > limit:
         rows = np.linspace(0, len(metadata) - 1, limit).round().astype(int)
@@ -126,14 +127,14 @@ def export(refs: list[BuildRef], out: Path, cell: int = 64, limit: int | None = 
     """Write the projector files of `refs` to `out` (replacing it whole). Returns a summary."""
     labels = [r.label for r in refs]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"builds share a label: {labels}; name them LABEL=PATH")
+        raise InputError(f"builds share a label: {labels}; name them LABEL=PATH")
     tensors, frames, shards = [], [], []
     try:
         for ref in refs:
             embeddings, metadata, images = load_build(ref, limit)
             shards.append(images)
             if tensors and embeddings.shape[1] != tensors[0].shape[1]:
-                raise ValueError(f"{ref.label}: {embeddings.shape[1]}-dimensional embeddings, {refs[0].label}: "
+                raise InputError(f"{ref.label}: {embeddings.shape[1]}-dimensional embeddings, {refs[0].label}: "
                                  f"{tensors[0].shape[1]}; a projector view needs one embedding space (same model)")
             tensors.append(embeddings)
             frames.append(metadata.assign(build=ref.label))
@@ -141,7 +142,7 @@ def export(refs: list[BuildRef], out: Path, cell: int = 64, limit: int | None = 
         side = math.ceil(math.sqrt(n))
         cell = min(cell, MAX_SPRITE // side)
         if cell < MIN_CELL:
-            raise ValueError(f"{n} points do not fit a {MAX_SPRITE}px sprite with thumbnails of at least "
+            raise InputError(f"{n} points do not fit a {MAX_SPRITE}px sprite with thumbnails of at least "
                              f"{MIN_CELL}px: pass --max-per-build")
         sprite = Image.new("RGB", (side * cell, side * cell), "white")
         i = missing = 0

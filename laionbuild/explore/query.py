@@ -16,6 +16,7 @@ import pandas as pd
 from laionbuild.models.clip import resolve
 from laionbuild.project.files import numbered
 from laionbuild.project.layout import EMBEDDINGS, INDEX
+from laionbuild.recipe.errors import InputError, MissingInputError
 
 
 class Encoder:
@@ -59,7 +60,7 @@ def encode(cfg, text: str | None = None, image: str | None = None) -> np.ndarray
     if text is None:
         path = Path(image)
         if not path.is_file():
-            raise FileNotFoundError(f"--image: {path} does not exist")
+            raise MissingInputError(f"--image: {path} does not exist")
         with Image.open(path) as opened:
             return Encoder(cfg).image(opened)
     return Encoder(cfg).text(text)
@@ -68,7 +69,7 @@ def encode(cfg, text: str | None = None, image: str | None = None) -> np.ndarray
 def metadata() -> pd.DataFrame:
     files = numbered(EMBEDDINGS / "metadata", "metadata", ".parquet")
     if not files:
-        raise FileNotFoundError(f"{EMBEDDINGS / 'metadata'}: no build to query; run `laionbuild build` first")
+        raise MissingInputError(f"{EMBEDDINGS / 'metadata'}: no build to query; run `laionbuild build` first")
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
 
@@ -81,14 +82,14 @@ class BuildIndex:
 
         path = INDEX / "image.index"
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no index to query; run `laionbuild build` first")
+            raise MissingInputError(f"{path}: no index to query; run `laionbuild build` first")
         self.index = faiss.read_index(str(path))
         self.metadata = metadata()
         files = numbered(EMBEDDINGS / "img_emb", "img_emb", ".npy")
         self._embeddings = [np.load(f, mmap_mode="r") for f in files]
         self._starts = np.cumsum([0] + [len(e) for e in self._embeddings])
         if self._starts[-1] != len(self.metadata) or self.index.ntotal != len(self.metadata):
-            raise ValueError(f"{EMBEDDINGS}: {self._starts[-1]} embeddings and {len(self.metadata)} metadata rows, "
+            raise InputError(f"{EMBEDDINGS}: {self._starts[-1]} embeddings and {len(self.metadata)} metadata rows, "
                              f"{path}: {self.index.ntotal} vectors; rebuild (`laionbuild build`)")
 
     def __len__(self) -> int:
@@ -97,7 +98,7 @@ class BuildIndex:
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows) of the k nearest rows to one (1, D) query, best first."""
         if query.shape[1] != self.index.d:
-            raise ValueError(f"the query embedding has {query.shape[1]} dimensions, the index {self.index.d}: "
+            raise InputError(f"the query embedding has {query.shape[1]} dimensions, the index {self.index.d}: "
                              "params.yaml's embed model is not the one the index was built with")
         scores, rows = self.index.search(np.ascontiguousarray(query, dtype=np.float32), min(k, len(self)))
         keep = rows[0] >= 0

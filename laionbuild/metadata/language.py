@@ -25,3 +25,9 @@ def detect(captions, min_score: float = 0.0) -> list:
         language, score = identify(str(caption))
         out.append(language if score >= min_score else None)
     return out
+
+
+@lru_cache(maxsize=1)
+def known_languages() -> frozenset:
+    """The ISO 639-1 codes langid can return (prepare.languages is checked against them)."""
+    return frozenset(_identifier().nb_classes)

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from laionbuild.engine.sql import SqlDialect
 from laionbuild.metadata.rules import sql_string
+from laionbuild.recipe.errors import InputError, MissingInputError
 
 
 def source_files(cfg) -> list[str]:
@@ -22,7 +23,7 @@ def source_files(cfg) -> list[str]:
     fs, base = fsspec.core.url_to_fs(cfg.source.base_url)
     found = sorted(fs.glob(f"{base.rstrip('/')}/{cfg.source.files}"))
     if not found:
-        raise FileNotFoundError(f"no file matches source.files `{cfg.source.files}` in {cfg.source.base_url}")
+        raise MissingInputError(f"no file matches source.files `{cfg.source.files}` in {cfg.source.base_url}")
     return [m if fs.protocol in ("file", ("file", "local")) else fs.unstrip_protocol(m) for m in found]
 
 
@@ -49,7 +50,7 @@ def file_format(path: Path, fmt: str) -> str:
         return fmt
     suffix = Path(str(path).removesuffix(".gz")).suffix.lower()
     if suffix not in EXTENSION_FORMATS:
-        raise ValueError(f"{path}: source.format=auto cannot tell the format of a `{suffix}` file")
+        raise InputError(f"{path}: source.format=auto cannot tell the format of a `{suffix}` file")
     return EXTENSION_FORMATS[suffix]
 
 
@@ -75,9 +76,9 @@ def read_arrow(path: Path, fmt: str) -> pa.Table:
         elif fmt == "jsonl":
             table = pajson.read_json(path)
         else:
-            raise ValueError(f"unknown source.format {fmt}")
+            raise InputError(f"unknown source.format {fmt}")
     except (pa.ArrowInvalid, OSError) as exc:
-        raise ValueError(f"{path}: cannot read as {fmt} (corrupt or truncated?): {exc}") from None
+        raise InputError(f"{path}: cannot read as {fmt} (corrupt or truncated?): {exc}") from None
     return table.append_column("_row", pa.array(np.arange(table.num_rows)))
 
 
@@ -88,7 +89,7 @@ def source_schema(path: Path, fmt: str) -> tuple[pa.Schema, int, pa.Table | None
         try:
             metadata = pq.read_metadata(path)
         except (pa.ArrowInvalid, OSError) as exc:
-            raise ValueError(f"{path}: cannot read as parquet (corrupt or truncated?): {exc}") from None
+            raise InputError(f"{path}: cannot read as parquet (corrupt or truncated?): {exc}") from None
         return metadata.schema.to_arrow_schema(), metadata.num_rows, None
     table = read_arrow(path, fmt)
     return table.schema, table.num_rows, table
@@ -108,13 +109,16 @@ def canonical_columns(schema: pa.Schema, columns: dict, path: Path,
             missing.append(f"`{'`/`'.join(candidates)}` (source.columns.{canonical})")
         resolved[canonical] = found
     if missing:
-        raise ValueError(f"{path}: missing column {', '.join(missing)}; the file has {names}")
+        raise InputError(f"{path}: missing column {', '.join(missing)}; the file has {names}")
     columns = resolved
     for canonical, src in columns.items():
         accepts, kind = COLUMN_TYPES[canonical]
         found = schema.field(src).type
         if not accepts(found):
-            raise ValueError(f"{path}: column `{src}` (source.columns.{canonical}) must hold {kind}, found {found}")
+            if kind == "strings" and (pa.types.is_binary(found) or pa.types.is_large_binary(found)):
+                raise InputError(f"{path}: column `{src}` (source.columns.{canonical}) holds text that is not "
+                                 "UTF-8; re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+            raise InputError(f"{path}: column `{src}` (source.columns.{canonical}) must hold {kind}, found {found}")
     renamed = {src: canonical for canonical, src in columns.items()}
     taken = set(columns) | {"key", "captions"}
     return [(name, renamed.get(name, f"source_{name}" if name in taken else name)) for name in names]

@@ -15,6 +15,7 @@ from pathlib import Path
 import fsspec
 
 from laionbuild.project.files import digest
+from laionbuild.recipe.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 CHUNK = 8 << 20
@@ -48,7 +49,7 @@ def fetch_file(url: str, dest: Path, partial: Path, retries: int = 5, backoff: f
     try:
         size = fs.size(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{url}: not found") from None
+        raise MissingInputError(f"{url}: not found") from None
     partial.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(retries + 1):
         offset = partial.stat().st_size if partial.exists() else 0
@@ -66,6 +67,10 @@ def fetch_file(url: str, dest: Path, partial: Path, retries: int = 5, backoff: f
                     dst.flush()
             break
         except Exception as exc:  # noqa: BLE001 - classified below
+            if isinstance(exc, (PermissionError, IsADirectoryError, NotADirectoryError)):
+                hint = " (source.part_pattern or source.files must name files)" \
+                    if isinstance(exc, IsADirectoryError) else ""
+                raise InputError(f"{url}: cannot read it: {exc.strerror or exc}{hint}") from None
             if not _transient(exc) or attempt == retries:
                 raise OSError(f"{url}: transfer failed after {attempt + 1} attempt(s): {exc!r}") from exc
             wait = backoff * 2**attempt

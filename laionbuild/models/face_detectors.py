@@ -34,10 +34,13 @@ from typing import Iterator, Protocol
 import numpy as np
 
 from laionbuild.environment import patched
+from laionbuild.recipe.errors import InputError, MissingInputError
+from laionbuild.recipe.values import FACE_DETECTORS
 
 log = logging.getLogger(__name__)
 
-DETECTORS = ("opencv_haar", "retinaface", "auto")
+# the detectors that tag faces (`none`, the recipe's off switch, never reaches this module)
+DETECTORS = tuple(name for name in FACE_DETECTORS if name != "none")
 RETINAFACE_INSTALL = "pip install --no-deps retina-face==0.0.19 && pip install gdown"
 # Where retina-face's weight_utils looks for (and, left to itself, downloads) the PyTorch weights.
 RETINAFACE_WEIGHTS_REL = Path(".deepface") / "weights" / "retinaface.pth"
@@ -139,10 +142,10 @@ class HaarDetector:
 
         path = Path(cascade) if cascade else Path(cv2.data.haarcascades) / HAAR_CASCADE
         if not path.is_file():
-            raise FileNotFoundError(f"opencv_haar: cascade file {path} does not exist")
+            raise MissingInputError(f"opencv_haar: cascade file {path} does not exist")
         self._cascade = cv2.CascadeClassifier(str(path))
         if self._cascade.empty():
-            raise ValueError(f"opencv_haar: OpenCV could not load a cascade from {path}")
+            raise InputError(f"opencv_haar: OpenCV could not load a cascade from {path}")
         self._window = max(self._cascade.getOriginalWindowSize())
         self.min_score = min_score
         self.scale_factor = scale_factor
@@ -252,7 +255,7 @@ class RetinaFaceDetector:
                  allow_upscaling: bool = True):
         path = Path(weights).expanduser() if weights else default_retinaface_weights()
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"retinaface: weights file {path} does not exist (laionbuild never downloads it). Put "
                 f"retinaface.pth from {RETINAFACE_WEIGHTS_URLS[0]} there, or pass weights=PATH")
         retinaface, pth_model = _import_retinaface()

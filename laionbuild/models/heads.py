@@ -102,9 +102,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from laionbuild.project.files import digest
+from laionbuild.recipe.errors import InputError, MissingInputError
+from laionbuild.recipe.values import ACTIVATIONS, HEAD_KINDS
 
-KINDS = ("linear", "mlp", "improved_aesthetic")
-ACTIVATIONS = ("relu", "none")
+KINDS = HEAD_KINDS
 SPEC_KEYS = {"kind", "path", "sigmoid", "activation"}
 TORCH_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
 # improved-aesthetic-predictor's nn.Sequential: Linear, Dropout, Linear, Dropout, Linear, Dropout, Linear, Linear
@@ -199,8 +200,8 @@ class _Parsed:
     sigmoid: bool | None = None
 
 
-def _error(path: Path, message: str) -> ValueError:
-    return ValueError(f"score head weights {path}: {message}")
+def _error(path: Path, message: str) -> InputError:
+    return InputError(f"score head weights {path}: {message}")
 
 
 def _read_torch(path: Path) -> dict[str, np.ndarray]:
@@ -374,7 +375,7 @@ def load_head(kind: str, path: str | os.PathLike, name: str | None = None, *,
         raise _error(path, "looks like a Keras/autokeras model (a directory or .zip); convert it to the .npz "
                            "format, or use the torch port (see laionbuild/models/heads.py)")
     if not path.exists():
-        raise FileNotFoundError(f"score head weights not found: {path}")
+        raise MissingInputError(f"score head weights not found: {path}")
     if path.suffix == ".npz":
         parsed = _parse_npz(path)
     elif path.suffix in TORCH_SUFFIXES:

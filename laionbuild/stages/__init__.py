@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 
 from laionbuild.project.layout import GLOBAL_STAGES, PER_PART_STAGES
+from laionbuild.recipe.errors import InputError
 
 # stage name -> module, where the stage's name would shadow the standard library
 MODULES = {"select": "selection"}
@@ -14,15 +15,15 @@ MODULES = {"select": "selection"}
 
 def run_stage(name: str, cfg, part: int | None = None) -> None:
     if name not in PER_PART_STAGES + GLOBAL_STAGES:
-        raise ValueError(f"unknown stage `{name}`; stages: {', '.join(PER_PART_STAGES + GLOBAL_STAGES)}")
+        raise InputError(f"unknown stage `{name}`; stages: {', '.join(PER_PART_STAGES + GLOBAL_STAGES)}")
     module = importlib.import_module(f"laionbuild.stages.{MODULES.get(name, name)}")
     if name in PER_PART_STAGES:
         if part is None:
-            raise ValueError(f"stage `{name}` runs per part: pass --part N")
+            raise InputError(f"stage `{name}` runs per part: pass --part N")
         if part not in cfg.subset.parts:
-            raise ValueError(f"part {part} is not in subset.parts {list(cfg.subset.parts)}")
+            raise InputError(f"part {part} is not in subset.parts {list(cfg.subset.parts)}")
         module.run(cfg, part)
     else:
         if part is not None:
-            raise ValueError(f"stage `{name}` is global: it takes no --part")
+            raise InputError(f"stage `{name}` is global: it takes no --part")
         module.run(cfg)

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from laionbuild.project.atomic import atomic_dir, atomic_write_bytes, read_json, write_json
 from laionbuild.project.funnel import Counts, load_stats
 from laionbuild.project.layout import KEY_COLUMN, TMP, WORK, part_dir
+from laionbuild.recipe.errors import MissingInputError
 from laionbuild.shards.storage import COMPLETE, MANIFEST, filesystem, is_url, join, part_shards, shards_prefix, storage_hosts
 from laionbuild.web.failures import classify, transient
 from laionbuild.web.local_server import serve_folder
@@ -274,7 +275,7 @@ def _commit_manifest(shards: str, fetched: str, out: Path) -> None:
                 stats += [_stem(name)] if name.endswith("_stats.json") else []
         missing = sorted(set(stats) - {_stem(e["name"]) for e in listed})
         if missing:
-            raise FileNotFoundError(f"{shards}: shards {missing} have stats but no .tar (removed?); delete "
+            raise MissingInputError(f"{shards}: shards {missing} have stats but no .tar (removed?); delete "
                                     f"{shards} and rerun to download the part again")
     manifest = {"url": shards, "shards": listed}
     if fetched == shards and not _exists(shards, COMPLETE):
@@ -403,7 +404,7 @@ def retry_part(cfg, part: int) -> tuple[int, int]:
     the builds whose manifest names it."""
     target = part_dir("download", part)
     if not (target / "stats.json").exists():
-        raise FileNotFoundError(f"{target}: part {part} is not downloaded yet; build it first")
+        raise MissingInputError(f"{target}: part {part} is not downloaded yet; build it first")
     old_stats = load_stats(target)
     metadata = pq.read_table(part_dir("dedup", part) / "metadata.parquet", columns=["key", "url", "caption"])
     failed = len(_transient_failures(str(target)))

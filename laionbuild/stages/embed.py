@@ -21,6 +21,7 @@ from laionbuild.project.atomic import atomic_dir, read_json, write_json
 from laionbuild.project.files import by_number
 from laionbuild.project.funnel import Counts
 from laionbuild.project.layout import KEY_COLUMN, TMP, part_dir
+from laionbuild.recipe.errors import InputError
 from laionbuild.shards.storage import Shard, filesystem, is_url, join, part_shards, webdataset_url
 
 log = logging.getLogger(__name__)
@@ -74,13 +75,13 @@ def from_source(cfg, part: int) -> None:
     emb = np.load(emb_path, mmap_mode="r")
     source_rows = pq.read_metadata(meta_path).num_rows if meta_path.suffix == ".parquet" else None
     if emb.ndim != 2 or (source_rows is not None and emb.shape[0] != source_rows):
-        raise ValueError(f"{emb_path}: shape {emb.shape} does not match {meta_path.name} "
+        raise InputError(f"{emb_path}: shape {emb.shape} does not match {meta_path.name} "
                          f"({source_rows} rows): row i must embed metadata row i")
     table = pq.read_table(part_dir("dedup", part) / "metadata.parquet")
     keys = table.column("key").to_pylist()
     rows = np.fromiter((int(k[-9:]) for k in keys), np.int64, len(keys))  # key = 5-digit part + 9-digit row
     if len(rows) and rows.max() >= emb.shape[0]:
-        raise ValueError(f"{emb_path}: {emb.shape[0]} rows, but metadata row {int(rows.max())} is kept")
+        raise InputError(f"{emb_path}: {emb.shape[0]} rows, but metadata row {int(rows.max())} is kept")
     img = np.asarray(emb[rows])
     metadata = pd.DataFrame({KEY_COLUMN: keys, "caption": table.column("caption").to_pylist(),
                              "url": table.column("url").to_pylist()})

@@ -22,6 +22,7 @@ from laionbuild.project.atomic import atomic_dir, write_json
 from laionbuild.project.files import numbered
 from laionbuild.project.layout import EXPORT, SELECTED, embeddings_dir, part_dir
 from laionbuild.project.outputs import selected_keys
+from laionbuild.recipe.errors import InputError
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 262_144
@@ -64,7 +65,7 @@ def write_tsv(cfg, path) -> int:
             have = pq.read_schema(metadata_path).names
             missing = [f"export.tsv_columns.{n}: `{s}`" for n, s in zip(names, sources) if s not in have]
             if missing:
-                raise ValueError(f"{metadata_path}: no column {', '.join(missing)}; the prepared metadata has {have}")
+                raise InputError(f"{metadata_path}: no column {', '.join(missing)}; the prepared metadata has {have}")
             wanted = list(dict.fromkeys(["key", *sources]))
             frame = pq.read_table(metadata_path, columns=wanted).to_pandas()
             frame = pd.DataFrame({"key": keys}).merge(frame, on="key", how="left")

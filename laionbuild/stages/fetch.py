@@ -11,6 +11,7 @@ from laionbuild.metadata.sources import source_files
 from laionbuild.metadata.transfer import fetch_file
 from laionbuild.project.atomic import atomic_dir, write_json
 from laionbuild.project.layout import CONSOLIDATED, WORK, part_dir
+from laionbuild.recipe.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ def source_url(cfg, part: int) -> str:
     if cfg.source.files:
         files = source_files(cfg)
         if part >= len(files):
-            raise FileNotFoundError(f"source.files `{cfg.source.files}` matches {len(files)} files in "
+            raise MissingInputError(f"source.files `{cfg.source.files}` matches {len(files)} files in "
                                     f"{cfg.source.base_url}; part {part} has none")
         return files[part]
     base = cfg.source.base_url.rstrip("/")
@@ -43,7 +44,7 @@ def run(cfg, part: int) -> None:
         if emb_url:
             emb_name = emb_url.rsplit("/", 1)[-1]
             if emb_name == name:
-                raise ValueError(f"source.image_embeddings `{cfg.source.image_embeddings}` names the metadata "
+                raise InputError(f"source.image_embeddings `{cfg.source.image_embeddings}` names the metadata "
                                  f"file itself ({name})")
             emb_info = fetch_file(emb_url, out / emb_name, work / f"{emb_name}.partial",
                                   retries=cfg.source.fetch_retries, backoff=cfg.source.fetch_backoff_s)

@@ -22,6 +22,7 @@ from laionbuild.metadata.sources import canonical_columns, duckdb_source, effect
 from laionbuild.project.atomic import atomic_dir, read_json
 from laionbuild.project.funnel import Counts
 from laionbuild.project.layout import part_dir
+from laionbuild.recipe.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,9 @@ def run(cfg, part: int) -> None:
     columns, aliases, fmt = effective_source(cfg)
     schema, num_rows, arrow = source_schema(path, fmt)
     if num_rows == 0:
-        raise ValueError(f"{path}: part {part} has no rows")
+        raise InputError(f"{path}: part {part} has no rows")
     if num_rows >= 10**9:
-        raise ValueError(f"{path}: {num_rows} rows; keys hold 9 digits of row number: split the part "
+        raise InputError(f"{path}: {num_rows} rows; keys hold 9 digits of row number: split the part "
                          "(source.consolidate_parts)")
     pairs = canonical_columns(schema, columns, path, aliases)
     ids = part_ids(cfg, part, pairs, schema)
@@ -65,7 +66,7 @@ def _run_duckdb(cfg, part, path, arrow, ids, pairs, counts, target: Path) -> Non
         con.execute(f"""COPY (SELECT {_output_columns(cfg, pairs, DUCKDB)} FROM rows WHERE {where(active)}{order})
                         TO {sql_string(target)} (FORMAT parquet)""")
     except duckdb.Error as exc:
-        raise ValueError(f"{path}: {str(exc).splitlines()[0]}") from None
+        raise InputError(f"{path}: {str(exc).splitlines()[0]}") from None
 
 
 def _run_spark(cfg, part, path, arrow, ids, pairs, counts, target: Path) -> None:

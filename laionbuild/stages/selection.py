@@ -11,6 +11,7 @@ from laionbuild.metadata.rules import count, quote, sql_string, tag_rules, where
 from laionbuild.project.atomic import atomic_dir
 from laionbuild.project.funnel import Counts
 from laionbuild.project.layout import NEARDUP, SELECTED, part_dir
+from laionbuild.recipe.errors import InputError
 
 
 def _tag_columns(parts) -> list[str]:
@@ -26,7 +27,7 @@ def run(cfg) -> None:
     available = _tag_columns(cfg.subset.parts)
     for name in [*cfg.select.min_scores, *cfg.select.max_scores]:
         if name not in available:
-            raise ValueError(f"select: no `{name}` tag column (its score head was skipped: missing weights? "
+            raise InputError(f"select: no `{name}` tag column (its score head was skipped: missing weights? "
                              f"see data/tags/part_N/stats.json)")
     # only the columns the rules use (not face boxes and the like), read by DuckDB straight from
     # the parts' files, in build order (a multi-file scan keeps file and row order)
