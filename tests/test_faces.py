@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # `make setup` installs retina-face (pyproject cannot: see RETINAFACE_INSTALL), so these run everywhere
-# the README's test command runs; a missing package fails them.
+# the test command (make test) runs; a missing package fails them.
 def needs_retinaface(test):
     return test
 

@@ -47,6 +47,7 @@ BAD_OVERRIDES = [
     (["source.columns.urll=x"], "source.columns.urll", ["did you mean `source.columns.url`"]),
     (["selct.min_clip_similarity=0.3"], "selct.min_clip_similarity", ["did you mean `select`"]),
     (["download.local_server.hots=x"], "download.local_server.hots", ["did you mean `download.local_server.host`"]),
+    (["download.local_server.root=/nonexistent_dir"], "download.local_server.root", ["/nonexistent_dir", "is not a folder"]),
     (["tag.heads.aesthetic.kind=linear"], "tag.heads.aesthetic.kind", ["use +tag.heads.aesthetic.kind=linear"]),
     (["+tag.heads.aesthetic.kind=linear"], "tag.heads.aesthetic.path", ["''", "must be set"]),
     (["+source.columns.colour=x"], "source.columns.colour", ["'caption'", "'similarity'"]),

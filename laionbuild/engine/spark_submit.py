@@ -10,7 +10,7 @@ import sys
 
 if __name__ == "__main__":
     # spark-submit puts this file's folder first on sys.path; no module in it is named like a
-    # top-level one (tests/test_layout.py checks), so nothing there shadows the standard library
+    # standard-library one (tests/test_layout.py checks), so nothing there shadows it
     from laionbuild.cli import main
 
     sys.exit(main())

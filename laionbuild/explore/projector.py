@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -29,6 +27,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from laionbuild.project.atomic import atomic_dir
 from laionbuild.project.files import by_number
 from laionbuild.recipe.errors import InputError, MissingInputError
 from laionbuild.shards.thumbs import ShardImages, thumbnail
@@ -157,24 +156,15 @@ def export(refs: list[BuildRef], out: Path, cell: int = 64, limit: int | None = 
         for images in shards:
             images.close()
     metadata = pd.concat(frames, ignore_index=True)[["build", "caption", "url", "key"]]
-    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with_sprite = missing < n
+    with atomic_dir(out, beside=True) as tmp:  # `out` is anywhere, not under a project's data/
         np.savetxt(tmp / "tensors.tsv", np.concatenate(tensors), delimiter="\t", fmt="%.7g")
         lines = ["\t".join(metadata.columns)] + ["\t".join(_tsv_field(v) for v in row)
                                                  for row in metadata.itertuples(index=False)]
         (tmp / "metadata.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        with_sprite = missing < n
         if with_sprite:
             sprite.save(tmp / "sprite.png")
         (tmp / "projector_config.pbtxt").write_text(pbtxt(" vs ".join(labels), with_sprite, cell))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
     return {"points": n, "dimensions": int(tensors[0].shape[1]), "builds": {r.label: len(t) for r, t in zip(refs, tensors)},
             "sprite": f"{side * cell}x{side * cell}" if with_sprite else None, "missing_images": missing}
 

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from laionbuild.metadata.transfer import fetch_file
 from laionbuild.project.layout import WORK
+from laionbuild.recipe.errors import InputError
 
 
 def local_copy(url: str) -> Path:
@@ -46,7 +47,7 @@ def _as_array(entry, path: Path, part: int) -> np.ndarray:
         entry = entry.numpy()
     array = np.asarray(entry)
     if array.ndim != 1:
-        raise ValueError(f"{path}: entry for part {part} should be a flat list of ids, has shape {array.shape}")
+        raise InputError(f"{path}: entry for part {part} should be a flat list of ids, has shape {array.shape}")
     return array
 
 
@@ -57,9 +58,9 @@ def load_ids(url: str, part: int, column: str) -> tuple[np.ndarray, Path]:
         if suffix in (".pth", ".pt"):
             entries = _torch_load(path)
             if not hasattr(entries, "__len__") or isinstance(entries, (str, bytes)):
-                raise ValueError(f"{path}: expected a sequence indexed by part number, got {type(entries).__name__}")
+                raise InputError(f"{path}: expected a sequence indexed by part number, got {type(entries).__name__}")
             if len(entries) <= part:
-                raise ValueError(f"{path}: the id list has {len(entries)} entries (parts 0..{len(entries) - 1}); "
+                raise InputError(f"{path}: the id list has {len(entries)} entries (parts 0..{len(entries) - 1}); "
                                  f"part {part} has none (source.ids_url)")
             return _as_array(entries[part], path, part), path
         if suffix == ".npy":
@@ -68,13 +69,13 @@ def load_ids(url: str, part: int, column: str) -> tuple[np.ndarray, Path]:
             table = pq.read_table(path)
             name = column if column in table.column_names else table.column_names[0]
             if len(table.column_names) > 1 and column not in table.column_names:
-                raise ValueError(f"{path}: no column `{column}` (source.ids_column); columns: {table.column_names}")
+                raise InputError(f"{path}: no column `{column}` (source.ids_column); columns: {table.column_names}")
             return table.column(name).to_numpy(zero_copy_only=False), path
         if suffix == ".txt":
             return np.array([line.strip() for line in path.read_text().splitlines() if line.strip()]), path
     except (OSError, pa.ArrowInvalid, EOFError, RuntimeError) as exc:
-        raise ValueError(f"{path}: cannot read the id list: {exc}") from None
-    raise ValueError(f"{path}: unknown id list format `{suffix}` (use .pth, .npy, .parquet or .txt)")
+        raise InputError(f"{path}: cannot read the id list: {exc}") from None
+    raise InputError(f"{path}: unknown id list format `{suffix}` (use .pth, .npy, .parquet or .txt)")
 
 
 def ids_table(url: str, part: int, column: str, target: pa.DataType) -> pa.Table:
@@ -83,5 +84,5 @@ def ids_table(url: str, part: int, column: str, target: pa.DataType) -> pa.Table
     try:
         array = pa.array(ids.tolist()).cast(target)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
-        raise ValueError(f"{path}: ids do not convert to the type of `{column}` ({target}): {exc}") from None
+        raise InputError(f"{path}: ids do not convert to the type of `{column}` ({target}): {exc}") from None
     return pa.table({"id": array})

@@ -99,4 +99,4 @@ def tag_rules(select_cfg) -> list[tuple[str, str]]:
 
 
 def quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+    return DUCKDB.quote(name)

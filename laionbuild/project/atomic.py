@@ -13,17 +13,21 @@ from typing import Any, Iterator
 from laionbuild.project.layout import TMP
 
 
-def _tmp_for(final: Path) -> Path:
+def _tmp_for(final: Path, beside: bool) -> Path:
     # Unique per output and per process; on the same filesystem as the output so rename is atomic.
+    if beside:
+        return final.parent / f".{final.name}.{os.getpid()}.tmp"
     flat = "__".join(final.parts)
     return TMP / f"{flat}.{os.getpid()}"
 
 
 @contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary directory; on success it replaces `final` in one rename."""
+def atomic_dir(final: str | Path, beside: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory; on success it replaces `final` in one rename. The
+    temporary directory is under the project's data/.tmp, or with `beside` next to `final` (an
+    output outside a project)."""
     final = Path(final)
-    tmp = _tmp_for(final)
+    tmp = _tmp_for(final, beside)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)

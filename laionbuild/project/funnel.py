@@ -9,6 +9,7 @@ from typing import Dict
 
 from laionbuild.project.atomic import read_json, write_json
 from laionbuild.project.layout import STATS_FILE
+from laionbuild.recipe.errors import MissingInputError
 
 
 class Counts:
@@ -32,5 +33,5 @@ class Counts:
 def load_stats(directory: Path) -> dict:
     path = Path(directory) / STATS_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; rebuild the stage that writes {directory}")
+        raise MissingInputError(f"{path}: missing; rebuild the stage that writes {directory}")
     return read_json(path)

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from laionbuild.recipe.schema import RecipeError
+from laionbuild.recipe.errors import RecipeError
 
 TEMPLATE_FILES = ("conf", "dvc.yaml", ".dvcignore", ".gitignore", "demo")
 

@@ -27,9 +27,9 @@ unknown keys, wrong types, values out of range, and the checks across sections
 # values checked against the installed libraries, not a type (laionbuild/recipe/checks.py and
 # open_clip_catalog.py)
 CHECKED_ELSEWHERE = {
-    "embed.model": "an open_clip architecture or one of laionbuild/model_configs/",
+    "embed.model": "an open_clip architecture or one of laionbuild/models/model_configs/",
     "embed.pretrained": "`random`, a pretrained tag of embed.model, or an existing checkpoint file",
-    "embed.extra_models.NAME.model": "an open_clip architecture or one of laionbuild/model_configs/",
+    "embed.extra_models.NAME.model": "an open_clip architecture or one of laionbuild/models/model_configs/",
     "embed.extra_models.NAME.pretrained": "`random`, a pretrained tag of its model, or an existing checkpoint file",
     "prepare.languages": "ISO 639-1 codes langid detects (e.g. `en`, `de`)",
     "download.shards_url": "an fsspec URL of an installed filesystem, or an absolute path",

@@ -1,7 +1,7 @@
 """The recipe schema: one dataclass per config group, mirrored by `conf/<group>/<option>.yaml`.
 
 Hydra composes the YAML; this module types it. Every composed recipe and every `params.yaml`
-a stage loads goes through `load_config`/`validate`, because DVC's own Hydra composition
+a stage loads goes through `to_config`/`load_params` (validated), because DVC's own Hydra composition
 (`dvc exp run -S ...`) writes `params.yaml` without our code in the loop.
 """
 
@@ -204,6 +204,8 @@ class LocalServerConfig:
     def problems(self) -> Iterator[Problem]:
         if (self.host is None) != (self.root is None):
             yield "", {"host": self.host, "root": self.root}, "set both host and root, or neither"
+        elif self.root is not None and not Path(self.root).is_dir():
+            yield "root", self.root, "is not a folder (the folder the download serves on 127.0.0.1 for `host`)"
 
 
 @dataclass
@@ -494,8 +496,20 @@ def load_params(path: str | Path = "params.yaml") -> Config:
 
 
 def _schema_sources() -> List[Path]:
-    # every module of the recipe package (this one included): a schema change invalidates the memo
-    return sorted(Path(__file__).resolve().parent.glob("*.py"))
+    """What validation reads besides params.yaml: every module of the recipe package (this one
+    included), the language list and laionbuild's model configs; a change invalidates the memo."""
+    package = Path(__file__).resolve().parents[1]
+    return [*sorted(Path(__file__).resolve().parent.glob("*.py")), package / "metadata" / "language.py",
+            *sorted((package / "models" / "model_configs").glob("*.json"))]
+
+
+def _installed(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "-"
 
 
 def _params_memo(path: Path) -> Path | None:
@@ -505,6 +519,7 @@ def _params_memo(path: Path) -> Path | None:
     digest = hashlib.sha256(path.read_bytes())
     for source in _schema_sources():
         digest.update(source.read_bytes())
+    digest.update(_installed("open_clip_torch").encode())  # its pretrained tags are checked
     return path.parent / "data" / ".work" / "params" / f"{digest.hexdigest()[:32]}.pickle"
 
 

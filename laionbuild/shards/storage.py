@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from laionbuild.project.layout import part_dir
+from laionbuild.recipe.errors import MissingInputError
 
 MANIFEST = "shards.json"
 COMPLETE = "_laionbuild_complete.json"  # in a prefix under download.shards_url: committed, never written again
@@ -161,7 +162,7 @@ def part_shards(directory: Path) -> list[Shard]:
         name, size = entry["name"], entry["size"]
         if found.get(name) != size:
             what = "missing" if name not in found else f"{found[name]} bytes, the manifest says {size}"
-            raise FileNotFoundError(f"{manifest}: shard {join(url, name)} is {what}; the shards under "
+            raise MissingInputError(f"{manifest}: shard {join(url, name)} is {what}; the shards under "
                                     f"download.shards_url were removed or changed: delete {url} and rebuild "
                                     f"the part (dvc repro --force download@{directory.name.removeprefix('part_')})")
         location = join(url, name) if is_url(url) else join(local_path(url), name)

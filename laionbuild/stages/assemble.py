@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from laionbuild.project.atomic import atomic_dir, read_json
 from laionbuild.project.layout import DATASET, EMBEDDINGS, KEY_COLUMN, SELECTED, TMP, embed_dir, part_dir
 from laionbuild.project.outputs import selected_keys
+from laionbuild.recipe.errors import InputError
 from laionbuild.shards.storage import filesystem, is_url, part_shards
 
 TAG_COLUMNS_SKIP = {"key", "part"}
@@ -214,7 +215,7 @@ def run(cfg) -> None:
         for out in embeddings.values():
             out.close()
         if not embeddings[None].rows:
-            raise RuntimeError("no sample is selected: loosen `select` or check the funnel "
+            raise InputError("no sample is selected: loosen `select` or check the funnel "
                                "(data/selected/stats.json)")
         models = {read_json(part_dir("embed", p) / "model.json")["architecture"] for p in cfg.subset.parts}
         untrained = any(read_json(part_dir("embed", p) / "model.json")["untrained"] for p in cfg.subset.parts)

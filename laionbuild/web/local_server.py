@@ -10,6 +10,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
+from laionbuild.recipe.errors import MissingInputError
+
 
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - signature from the base class
@@ -21,7 +23,7 @@ def serve_folder(root: str | Path) -> Iterator[str]:
     """Yield the base URL (http://127.0.0.1:PORT) of a server for `root`."""
     root = Path(root).resolve()
     if not root.is_dir():
-        raise FileNotFoundError(f"download.local_server.root: {root} is not a directory")
+        raise MissingInputError(f"download.local_server.root: {root} is not a directory")
     handler = functools.partial(_QuietHandler, directory=str(root))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
