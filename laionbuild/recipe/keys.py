@@ -39,7 +39,10 @@ CHECKED_ELSEWHERE = {
 
 def _comments(cls: type) -> Dict[str, str]:
     """field -> the comment on its line, or the comment lines just above it."""
-    lines, start = inspect.getsourcelines(cls)
+    try:
+        lines, start = inspect.getsourcelines(cls)
+    except OSError:  # a class made by make_dataclass (Config): no source, no comments
+        return {}
     tree = ast.parse(inspect.getsource(cls))
     found = {}
     for node in tree.body[0].body:

@@ -412,22 +412,14 @@ class EngineConfig:
     write_threads: PosInt = 1
 
 
-
-@dataclass
-class Config:
-    recipe: RecipeInfo = field(default_factory=RecipeInfo)
-    source: SourceConfig = field(default_factory=SourceConfig)
-    subset: SubsetConfig = field(default_factory=SubsetConfig)
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
-    dedup: DedupConfig = field(default_factory=DedupConfig)
-    download: DownloadConfig = field(default_factory=DownloadConfig)
-    embed: EmbedConfig = field(default_factory=EmbedConfig)
-    tag: TagConfig = field(default_factory=TagConfig)
-    select: SelectConfig = field(default_factory=SelectConfig)
-    assemble: AssembleConfig = field(default_factory=AssembleConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    index: IndexConfig = field(default_factory=IndexConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
+# the recipe's sections, in pipeline order: one config group (conf/<section>/) each
+GROUPS = {"recipe": RecipeInfo, "source": SourceConfig, "subset": SubsetConfig, "prepare": PrepareConfig,
+          "dedup": DedupConfig, "download": DownloadConfig, "embed": EmbedConfig, "tag": TagConfig,
+          "select": SelectConfig, "assemble": AssembleConfig, "export": ExportConfig, "index": IndexConfig,
+          "engine": EngineConfig}
+Config = dataclass(dataclasses.make_dataclass(
+    "Config", [(name, kind, field(default_factory=kind)) for name, kind in GROUPS.items()],
+    namespace={"__module__": __name__, "__doc__": "A whole recipe: one section per config group."}))
 
 
 SECTIONS = tuple(Config.__dataclass_fields__)
