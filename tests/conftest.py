@@ -47,11 +47,6 @@ class Result:
     def restored(self) -> list[str]:
         return re.findall(r"Stage '([^']+)' is cached - skipping run", self.output)
 
-    @property
-    def built(self) -> list[str]:
-        """Stages this build brought up to date: run, or restored from DVC's (shared) cache."""
-        return self.ran + self.restored
-
 
 class Project:
     def __init__(self, path: Path):
@@ -108,31 +103,11 @@ class Project:
         return self.path / other
 
 
-# the test session's folder, shared by its pytest-xdist workers (set by `session_root`)
-SESSION: dict[str, Path] = {}
-
-
-@pytest.fixture(scope="session", autouse=True)
-def session_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # every worker's basetemp sits in the session's one folder
-    SESSION["root"] = root
-    return root
-
-
-def new_project(path: Path, shared_cache: bool = False) -> Project:
-    """A git + DVC project of the shipped template. `shared_cache`: its DVC cache (and with it
-    the run-cache) is the test session's one cache, so a stage another test already ran with the
-    same inputs and params is restored, not recomputed; tests that assert on what ran count
-    restores too (`Result.built`), and tests that delete from a cache or kill builds keep their own."""
+def new_project(path: Path) -> Project:
     copy_template(ROOT, path, PROJECT_FILES)
     project = Project(path)
     project.run("git", "init", "-q")
     project.dvc("init", "-q")
-    if shared_cache:
-        cache = SESSION["root"] / "dvc-cache"
-        (path / ".dvc" / "config.local").write_text(f"[cache]\n    dir = {cache}\n")
     project.run("git", "add", "-A")
     project.run("git", "commit", "-qm", "init")
     return project
