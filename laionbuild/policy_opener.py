@@ -31,6 +31,7 @@ import http.client
 import os
 import random
 import socket
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -87,6 +88,23 @@ def retry_after(value: str | None, default: float) -> float:
 
 # -- per-host state shared across processes ----------------------------------------------------
 
+class _Slot:
+    """A held slot: its lock file's descriptor (closing it frees the slot, also when a response
+    that was never closed is collected)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    __del__ = close
+
+
 class HostState:
     """Concurrency slots (one lock file per slot) and pauses (a file whose mtime is the end of
     the pause) for each host, under `state_dir`. Without a state dir: no cap, no shared pause."""
@@ -95,33 +113,38 @@ class HostState:
         self.policy = policy
         self.root = policy.state_dir
         if self.root:
-            os.makedirs(self.root, exist_ok=True)
+            try:
+                os.makedirs(self.root, exist_ok=True)
+            except OSError:
+                # a Spark executor on another machine, where the stage's directory is not
+                # writable: the slots and pauses are this machine's, in its temporary directory
+                digest = hashlib.sha1(self.root.encode()).hexdigest()[:16]
+                self.root = os.path.join(tempfile.gettempdir(), f"laionbuild-hosts-{digest}")
+                os.makedirs(self.root, exist_ok=True)
 
     def _path(self, host: str, suffix: str) -> str:
         return os.path.join(self.root, hashlib.sha1(host.encode()).hexdigest()[:20] + suffix)
 
-    def acquire(self, host: str):
-        """An open lock file holding one of the host's slots (closing it frees the slot), or None."""
+    def acquire(self, host: str) -> "_Slot | None":
+        """One of the host's slots, held until released (or its descriptor closed), or None."""
         n = self.policy.max_per_host
         if not n or not self.root:
             return None
-        order = list(range(n))
-        random.shuffle(order)
-        files = []
-        try:
-            for i in order:
-                f = open(self._path(host, f".{i}.slot"), "a+b")
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return f
-                except BlockingIOError:
-                    files.append(f)
-            f = files.pop(0)
-            fcntl.flock(f, fcntl.LOCK_EX)  # every slot busy: wait for this one
-            return f
-        finally:
-            for other in files:
-                other.close()
+        first = random.randrange(n)
+        for k in range(n):
+            fd = os.open(self._path(host, f".{(first + k) % n}.slot"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return _Slot(fd)
+            except BlockingIOError:
+                if k == n - 1:
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # every slot busy: wait for this one
+                    return _Slot(fd)
+                os.close(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+        return None
 
     def pause(self, host: str, seconds: float) -> None:
         if not self.root:
@@ -179,12 +202,15 @@ def _connector(addresses: list[str]):
 
 
 def _connection(base, addresses: list[str]):
-    class Connection(base):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._create_connection = _connector(addresses)
+    """An http.client connection class for do_open whose socket goes to `addresses`."""
+    connector = _connector(addresses)
 
-    return Connection
+    def connection(*args, **kwargs):
+        conn = base(*args, **kwargs)
+        conn._create_connection = connector
+        return conn
+
+    return connection
 
 
 class _SlotRelease:
@@ -212,6 +238,7 @@ class PolicyHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
         urllib.request.HTTPHandler.__init__(self)
         urllib.request.HTTPSHandler.__init__(self)
         self.policy, self.state = policy, state
+        self._checked: dict[str, tuple[float, tuple[bool, list[str]]]] = {}
 
     def default_open(self, req):
         if req.type not in ("http", "https"):
@@ -227,11 +254,20 @@ class PolicyHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
     def https_open(self, req):
         return self._open(http.client.HTTPSConnection, req, context=self._context)
 
+    def _check(self, host: str) -> tuple[bool, list[str]]:
+        # url_policy caches names; this also spares re-parsing literal addresses on every request
+        now = time.monotonic()
+        hit = self._checked.get(host)
+        if hit is None or hit[0] < now:
+            hit = (now + url_policy.CACHE_TTL, self.policy.check(host))
+            self._checked[host] = hit
+        return hit[1]
+
     def _open(self, base, req, **kw):
         host = (urlsplit(req.full_url).hostname or "").lower()
         if not host:
             raise Refused(REFUSED_SCHEME)
-        allowed, addresses = self.policy.check(host)
+        allowed, addresses = self._check(host)
         if not allowed:
             raise Refused(REFUSED_ADDRESS)
         if not addresses:
@@ -285,10 +321,10 @@ class PolicyRedirectHandler(urllib.request.HTTPRedirectHandler):
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
-def build_opener(policy: Policy) -> urllib.request.OpenerDirector:
+def build_opener(policy: Policy, state: HostState | None = None) -> urllib.request.OpenerDirector:
     """An opener with the policy's handlers and nothing else (no ftp, file, data, proxy handler)."""
     opener = urllib.request.OpenerDirector()
-    for handler in (PolicyHandler(policy, HostState(policy)), PolicyRedirectHandler(),
+    for handler in (PolicyHandler(policy, state or HostState(policy)), PolicyRedirectHandler(),
                     urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
         opener.add_handler(handler)
     return opener
@@ -301,8 +337,20 @@ def install(policy: Policy) -> None:
     """Make `policy`'s opener urllib's global opener in this process (once per policy)."""
     global _installed
     if _installed != policy:
-        urllib.request.install_opener(build_opener(policy))
+        state = HostState(policy)
+        urllib.request.install_opener(build_opener(policy, state))
         _installed = policy
+        if state.root:
+            # how many processes fetched through the opener (the stage logs it; a test checks it)
+            open(os.path.join(state.root, f"installed.{socket.gethostname()}.{os.getpid()}"), "ab").close()
+
+
+def installed_processes(policy: Policy) -> int:
+    """How many processes (on this machine) installed `policy`'s opener."""
+    try:
+        return sum(name.startswith("installed.") for name in os.listdir(policy.state_dir))
+    except OSError:
+        return 0
 
 
 def _img2dataset_main():

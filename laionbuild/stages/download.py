@@ -43,7 +43,7 @@ from ..failures import classify, transient
 from ..funnel import Counts, load_stats
 from ..layout import TMP, WORK, part_dir
 from ..local_server import serve_folder
-from ..policy_opener import Policy, downloading_with
+from ..policy_opener import Policy, downloading_with, installed_processes
 from ..storage import COMPLETE, MANIFEST, filesystem, is_url, join, part_shards
 from ..url_policy import refusals, spread_by_host
 
@@ -158,6 +158,7 @@ def web(cfg):
     try:
         with serve_folder(server.root) if server.host else nullcontext(None) as base_url, downloading_with(policy):
             yield lambda urls: _rewrite(urls, server.host, base_url)
+        log.info("policy opener: %s", {"processes": installed_processes(policy)})
     finally:
         shutil.rmtree(state, ignore_errors=True)
 
