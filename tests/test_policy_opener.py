@@ -108,3 +108,47 @@ def test_ipv6_first_and_flaky_dns_hosts_are_downloaded(project, tmp_path, monkey
                       "download.retries=0", "--stage", "download")
     stats = json.loads((project / "data/images/part_0/stats.json").read_text())
     assert stats["counts"]["downloaded_ok"] == 6, stats
+
+
+def _fetch_all(args) -> int:
+    """A worker process: `urls` fetched with 8 threads through the policy opener; how many failed."""
+    policy, urls = args
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from laionbuild.policy_opener import install
+
+    install(policy)
+
+    def fetch(url):
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                r.read()
+            return 0
+        except Exception:  # noqa: BLE001 - counted
+            return 1
+
+    with ThreadPoolExecutor(8) as pool:
+        return sum(pool.map(fetch, urls))
+
+
+def test_per_host_cap_holds_across_processes(tmp_path):
+    import multiprocessing
+
+    from laionbuild.policy_opener import Policy
+
+    from .webfaults import FaultyWeb
+
+    ctx = multiprocessing.get_context("spawn")
+    with FaultyWeb(limit=2, delay=0.2) as web, ctx.Pool(2) as pool:
+        urls = [web.url(0, f"/img/{i}.jpg") for i in range(16)]
+        capped = Policy(allow_private=True, max_per_host=2, timeout=10, backoff_base=0, state_dir=str(tmp_path / "a"))
+        assert pool.map(_fetch_all, [(capped, urls[:8]), (capped, urls[8:])]) == [0, 0]
+        assert web.too_many == 0 and max(web.peak.values()) <= 2
+        # the same cap with a state dir per process (not shared): the processes overlap and the
+        # host answers 429 (so the check above can fail)
+        web.peak.clear()
+        own = [Policy(allow_private=True, max_per_host=2, timeout=10, backoff_base=0, state_dir=str(tmp_path / d))
+               for d in ("b", "c")]
+        pool.map(_fetch_all, [(own[0], urls[:8]), (own[1], urls[8:])])
+        assert web.too_many > 0 and max(web.peak.values()) > 2
