@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

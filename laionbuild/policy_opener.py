@@ -39,7 +39,6 @@ from email.utils import parsedate_to_datetime
 from urllib.parse import urljoin, urlsplit
 
 from . import url_policy
-
 from .url_policy import PREFIX
 
 REFUSED_SCHEME = f"{PREFIX} refused by URL policy: not http(s)"
@@ -125,7 +124,7 @@ class HostState:
     def _path(self, host: str, suffix: str) -> str:
         return os.path.join(self.root, hashlib.sha1(host.encode()).hexdigest()[:20] + suffix)
 
-    def acquire(self, host: str) -> "_Slot | None":
+    def acquire(self, host: str) -> _Slot | None:
         """One of the host's slots, held until released (or its descriptor closed), or None."""
         n = self.policy.max_per_host
         if not n or not self.root:
@@ -309,7 +308,7 @@ class PolicyRedirectHandler(urllib.request.HTTPRedirectHandler):
     max_redirections = MAX_REDIRECTS
 
     def http_error_302(self, req, fp, code, msg, headers):
-        if len(headers.get_all("Location") or []) > 1 or "uri" in {k.lower() for k in headers.keys()}:
+        if len(headers.get_all("Location") or []) > 1 or "URI" in headers:
             fp.close()
             raise Refused(REFUSED_AMBIGUOUS)
         target = urlsplit(urljoin(req.full_url, headers.get("Location") or ""))
