@@ -1,13 +1,16 @@
 """Download and face-tagging benchmark, side by side in one run (issue #4).
 
-1. The download stage (`laionbuild stage download`: URL policy, host spreading, the polite
-   proxy, per-row funnel) vs raw `img2dataset.download` on the same input and settings, over
+1. The download stage (`laionbuild stage download`: URL policy, host spreading, the policy
+   opener in every worker, per-row funnel) vs raw `img2dataset.download` on the same input and
+   settings, torch refused in both (laionbuild.web.without_torch), over
    loopback (N generated JPEGs served from a folder). Prints both throughputs and
    ours/raw (goal >= 0.95). Runs alternate (raw, ours, raw, ours...) to spread the noise.
 2. The faces stage with the default offline detector (opencv_haar) on the downloaded shards:
    images/s with one process and with two (per core = one process).
 
     .venv/bin/python bench/bench_download.py [--images 1000] [--repeat 2]
+
+The policy's own cost per request and its capacity: bench/bench_policy.py.
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ SETTINGS = dict(image_size=256, resize_mode="border", encode_format="jpg", encod
                 number_sample_per_shard=250, processes_count=2, thread_count=32, timeout=10, retries=0)
 
 RAW = """
-import sys, img2dataset
+import sys
+from laionbuild.web import without_torch
+without_torch.enable()  # as the stage does: raw img2dataset pays no torch import in its spawned workers
+import img2dataset
 if __name__ == "__main__":  # img2dataset's workers are spawned: they re-import this file
     img2dataset.download(url_list=sys.argv[1], input_format="parquet", url_col="url", caption_col="caption",
                          output_folder=sys.argv[2], output_format="webdataset", distributor="multiprocessing",

@@ -1,5 +1,5 @@
 """The download stage against a misbehaving loopback web (tests/webfaults.py): faults at 30 %
-of URLs, per-host concurrency caps and 429 back-off through the polite proxy, the URL policy on
+of URLs, per-host concurrency caps and 429 back-off in the workers' policy opener, the URL policy on
 redirects, and `laionbuild retry-failed`."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from laionbuild.shards.storage import part_shards
-from laionbuild.web.failures import REFUSED_HOP, classify, transient
+from laionbuild.web.failures import REFUSED_HOP, REFUSED_HOP_AMBIGUOUS, REFUSED_HOP_SCHEME, classify, transient
 
 from .imageserver import source_overrides
 from .webfaults import FaultyWeb
@@ -37,6 +37,11 @@ def stats(project) -> dict:
     ("HTTP Error 429: Too Many Requests", "http 429", True),
     ("HTTP Error 403: laionbuild proxy: refused by URL policy", REFUSED_HOP, False),
     ("HTTP Error 504: laionbuild proxy: timeout", "timeout", True),
+    ("<urlopen error laionbuild policy: refused by URL policy: not http(s)>", REFUSED_HOP_SCHEME, False),
+    ("<urlopen error laionbuild policy: refused by URL policy: private or non-global address>", REFUSED_HOP, False),
+    ("<urlopen error laionbuild policy: refused by URL policy: ambiguous redirect (several Location or a URI "
+     "header)>", REFUSED_HOP_AMBIGUOUS, False),
+    ("<urlopen error laionbuild policy: dns error: a.example does not resolve>", "dns error", True),
     ("The read operation timed out", "timeout", True),
     ("<urlopen error [Errno 111] Connection refused>", "connection error", True),
     ("<urlopen error [Errno -2] Name or service not known>", "dns error", True),
@@ -57,7 +62,7 @@ def test_faults_at_30_percent_are_all_accounted(project, tmp_path):
         urls += [web.url(0, f"/{kind}/{i}.jpg") for kind in kinds for i in range(4)]  # 36 of 100
         write_urls(tmp_path / "source", urls)
         # the policy refuses private addresses except the allowlisted 127.0.0.1: the redirects to
-        # 127.0.0.2 are refused at the hop, by the proxy
+        # 127.0.0.2 are refused at the hop, by the workers' opener
         project.build(*source_overrides(tmp_path / "source"), "download.allow_private_urls=false",
                       "download.private_host_allowlist=[127.0.0.1]", "download.timeout=2",
                       "download.max_image_area=4000000", "download.number_sample_per_shard=32",
@@ -89,7 +94,7 @@ def test_per_host_cap_keeps_busy_hosts_happy(project, tmp_path):
         # the same build without the cap: the busy hosts answer 429 (so the check above can fail)
         project.build(*overrides, "download.max_per_host=null", "download.backoff_seconds=0", "--stage", "download")
         assert web.too_many > 0 and max(web.peak.values()) > 2
-        # (the proxy still retries those 429s within its budget, so how many end as failures depends
+        # (the opener still retries those 429s within its budget, so how many end as failures depends
         # on timing; every row is accounted for either way)
         s = stats(project)
         assert s["counts"]["downloaded_ok"] + sum(s["failures"].values()) == 48

@@ -71,9 +71,9 @@ def both(tmp_path_factory, shared_spark, s3):
     local, _ = shared_demo(tmp_path_factory)
     on_spark = new_project(tmp_path_factory.mktemp("spark_stages") / "spark")
     jobs = spark_jobs(shared_spark)
-    proxy_stats = []  # each download's polite proxy: executors' requests must have gone through it
+    opener_stats = []  # each download's policy opener: executors' workers must have installed it
     handler = logging.Handler()
-    handler.emit = lambda r: proxy_stats.append(r.args) if str(r.msg).startswith("polite proxy") else None
+    handler.emit = lambda r: opener_stats.append(r.args) if str(r.msg).startswith("policy opener") else None
     logger = logging.getLogger("laionbuild.stages.download")
     level = logger.level
     logger.addHandler(handler)
@@ -88,7 +88,7 @@ def both(tmp_path_factory, shared_spark, s3):
         logger.setLevel(level)
     # prepare x2, dedup, download x2 (a task per shard), embed x2, index at least
     assert spark_jobs(shared_spark) - jobs >= 8
-    assert len(proxy_stats) == 2 and all(s["requests"] > 0 for s in proxy_stats), proxy_stats
+    assert len(opener_stats) == 2 and all(s["processes"] > 0 for s in opener_stats), opener_stats
     return local, on_spark
 
 

@@ -24,7 +24,23 @@ from .imageserver import ImageServer, source_overrides, write_source
     ("http://[::1]/a.jpg", REFUSED_ADDRESS),
     ("http://[::ffff:127.0.0.1]/a.jpg", REFUSED_ADDRESS),
     ("http://localhost/a.jpg", REFUSED_ADDRESS),  # a name that resolves to loopback
+    ("http://100.64.0.1/a.jpg", REFUSED_ADDRESS),  # carrier-grade NAT: not private, not global
+    ("http://192.0.2.1/a.jpg", REFUSED_ADDRESS),  # documentation
+    ("http://198.18.0.1/a.jpg", REFUSED_ADDRESS),  # benchmarking
+    ("http://0.0.0.0/a.jpg", REFUSED_ADDRESS),
+    ("http://2130706433/a.jpg", REFUSED_ADDRESS),  # 127.0.0.1 spelled in decimal
+    ("http://0x7f000001/a.jpg", REFUSED_ADDRESS),
+    ("http://0177.0.0.1/a.jpg", REFUSED_ADDRESS),
+    ("http://[2002:7f00:1::]/a.jpg", REFUSED_ADDRESS),  # 6to4 of 127.0.0.1
+    ("http://[2002:a00:1::]/a.jpg", REFUSED_ADDRESS),  # 6to4 of 10.0.0.1
+    ("http://[64:ff9b::a9fe:a9fe]/a.jpg", REFUSED_ADDRESS),  # NAT64 of 169.254.169.254
+    ("http://[::127.0.0.1]/a.jpg", REFUSED_ADDRESS),  # IPv4-compatible
+    ("http://[2001:0:4136:e378:8000:63bf:f5ff:fffe]/a.jpg", REFUSED_ADDRESS),  # Teredo, client 10.0.0.1
+    ("http://[fd00::1]/a.jpg", REFUSED_ADDRESS),  # unique local
+    ("http://[fe80::1]/a.jpg", REFUSED_ADDRESS),
     ("https://93.184.216.34/a.jpg", None),
+    ("https://[2606:4700::1111]/a.jpg", None),
+    ("https://[2002:5db8:d822::]/a.jpg", None),  # 6to4 of 93.184.216.34
     ("http://no-such-host.invalid/a.jpg", None),  # unresolvable: left to the downloader
 ])
 def test_refusals(url, reason):

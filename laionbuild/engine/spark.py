@@ -52,10 +52,11 @@ def spark_session(engine_cfg):
 @contextmanager
 def executor_environment(session, names=PROXY_VARIABLES):
     """While open, the Python workers of the jobs this process starts see this process's values
-    of `names` (unset here: set to "" there): e.g. the download stage's polite proxy, with no
-    `no_proxy` bypass. It works on a session started earlier (`engine.master=active`, a shared
-    session): pyspark sends `SparkContext.environment` with every job, and workers with a
-    different environment come from a daemon of their own."""
+    of `names` (unset here: set to "" there): by default the proxy variables, so executors see
+    the driver's (image fetches ignore them: laionbuild/web/policy_opener.py connects itself).
+    It works on a session started earlier (`engine.master=active`, a shared session): pyspark
+    sends `SparkContext.environment` with every job, and workers with a different environment
+    come from a daemon of their own."""
     with patched({n: os.environ.get(n, "") for n in names}, into=session.sparkContext.environment):
         yield
 

@@ -229,16 +229,18 @@ class DownloadConfig:
     disallowed_header_directives: List[str] = field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
     user_agent_token: Optional[str] = None  # e.g. laionbuild: matched in X-Robots-Tag "token: ..." rules
-    # Politeness (the proxy in laionbuild/web/politeness.py): concurrent requests per host across all
-    # download processes (None: no cap), and the first back-off delay after a 429 (doubling)
+    # Politeness (in each worker's urllib, laionbuild/web/policy_opener.py): concurrent requests per
+    # host across all download processes of a machine (None: no cap), and the first back-off
+    # delay after a 429 (doubling)
     max_per_host: Optional[PosInt] = 4
     backoff_seconds: NonNegFloat = 1.0
     # Re-attempt transient failures (timeouts, connection errors, 429, 5xx) this many times at
     # the end of the stage, `retry_delay` seconds apart (`laionbuild retry-failed` does it later)
     retry_rounds: NonNegInt = 0
     retry_delay: NonNegFloat = 5.0
-    # Refuse URLs whose host is/resolves to a loopback, private, link-local or multicast address
-    # (checked again at every redirect and connection).
+    # Refuse URLs whose host is/resolves to an address that is not globally routable (loopback,
+    # private, CGNAT, link-local, multicast, reserved...; checked again at every redirect and
+    # connection). Schemes other than http(s) are refused whatever this says.
     allow_private_urls: bool = False
     private_host_allowlist: List[str] = field(default_factory=list)  # hosts exempt (e.g. an internal mirror)
     local_server: LocalServerConfig = field(default_factory=LocalServerConfig)

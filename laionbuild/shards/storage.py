@@ -91,9 +91,8 @@ def _quote_url(url: str) -> str:
 
 
 def storage_hosts(url: str | None) -> tuple[str, ...]:
-    """The hosts that writing to `url` talks to, exempted (exactly, not as domains) from the
-    download's polite proxy, whose per-host cap and private-address refusal are rules for image
-    hosts, not for the build's own storage: a custom endpoint (AWS_ENDPOINT_URL,
+    """The hosts that writing to `url` talks to (the build's own storage, to which the image
+    hosts' rules do not apply; the download's policy opener applies to image fetches only): a custom endpoint (AWS_ENDPOINT_URL,
     FSSPEC_S3_ENDPOINT_URL, fsspec's config), else the bucket's S3 hosts
     (`BUCKET.s3[.REGION].amazonaws.com`, `s3[.REGION].amazonaws.com`) or `storage.googleapis.com`;
     an http(s)/webhdfs URL's own host."""

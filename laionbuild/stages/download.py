@@ -7,8 +7,9 @@ keeps a changed recipe from resuming stale work. Only a finished part is moved i
 With `download.shards_url`, the shards are written (and resumed) under that URL instead and the
 part's directory gets a manifest of them: see `laionbuild/shards/storage.py`.
 
-Politeness and the URL policy on every hop: img2dataset's requests go through the proxy of
-`laionbuild/web/politeness.py` (per-host concurrency cap, 429 back-off). Retry: transient failures
+Politeness and the URL policy on every hop: img2dataset's workers fetch through the urllib
+opener of `laionbuild/web/policy_opener.py` (URL policy on every request and redirect, per-host
+concurrency cap across processes, 429 back-off); see docs/download.md. Retry: transient failures
 (`laionbuild/web/failures.py`) are re-attempted `download.retry_rounds` times at the end of the stage,
 or later on a built part by `laionbuild retry-failed`; new successes are merged into the shard
 that held the failure, under the same sample key, as if they had succeeded the first time.
@@ -26,6 +27,7 @@ import logging
 import os
 import shutil
 import tarfile
+import tempfile
 import time
 import uuid
 from contextlib import contextmanager, nullcontext
@@ -39,10 +41,10 @@ from laionbuild.project.atomic import atomic_dir, atomic_write_bytes, read_json,
 from laionbuild.project.funnel import Counts, load_stats
 from laionbuild.project.layout import KEY_COLUMN, TMP, WORK, part_dir
 from laionbuild.recipe.errors import MissingInputError
-from laionbuild.shards.storage import COMPLETE, MANIFEST, filesystem, is_url, join, part_shards, shards_prefix, storage_hosts
+from laionbuild.shards.storage import COMPLETE, MANIFEST, filesystem, is_url, join, part_shards, shards_prefix
 from laionbuild.web.failures import classify, transient
 from laionbuild.web.local_server import serve_folder
-from laionbuild.web.politeness import PoliteProxy, proxy_environment
+from laionbuild.web.policy_opener import Policy, downloading_with, installed_processes
 from laionbuild.web.url_policy import refusals, spread_by_host
 
 log = logging.getLogger(__name__)
@@ -123,23 +125,30 @@ def _write(shards: str, name: str, data: bytes) -> None:
 
 @contextmanager
 def web(cfg):
-    """While open: the demo's local server (if any) and the polite proxy, with urllib pointed at
-    it. Yields the URL rewrite for the local server's host."""
+    """While open: the demo's local server (if any), and img2dataset's workers fetching through
+    the policy opener. Yields the URL rewrite for the local server's host."""
     d = cfg.download
     server = d.local_server
-    with serve_folder(server.root) if server.host else nullcontext(None) as base_url:
-        proxy = PoliteProxy(d.max_per_host, d.allow_private_urls, d.timeout,
-                            private_host_allowlist=d.private_host_allowlist, backoff_base=d.backoff_seconds)
-        with proxy as proxy_url, proxy_environment(proxy_url, storage_hosts(d.shards_url)):
+    TMP.mkdir(parents=True, exist_ok=True)
+    # per-host slots and pauses of this run, shared by its worker processes (file locks)
+    state = Path(tempfile.mkdtemp(prefix="hosts.", dir=TMP)).resolve()
+    policy = Policy(allow_private=bool(d.allow_private_urls),
+                    allowlist=tuple(h.lower() for h in d.private_host_allowlist),
+                    max_per_host=d.max_per_host, timeout=float(d.timeout), backoff_base=float(d.backoff_seconds),
+                    state_dir=str(state))
+    try:
+        with serve_folder(server.root) if server.host else nullcontext(None) as base_url, downloading_with(policy):
             yield lambda urls: _rewrite(urls, server.host, base_url)
-        log.info("polite proxy: %s", proxy.stats)
+        log.info("policy opener: %s", {"processes": installed_processes(policy)})
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def _img2dataset(cfg, input_path: Path, shards: str) -> None:
     distributor, environment = "multiprocessing", nullcontext()
     if cfg.engine.name == "spark":
         # img2dataset's own Spark path: one task per shard on the session's executors, whose
-        # Python workers get the polite proxy's address (this process's proxy variables)
+        # Python workers unpickle the policy downloader (laionbuild.web.policy_opener)
         from laionbuild.engine.spark import executor_environment, spark_session
 
         distributor, environment = "pyspark", executor_environment(spark_session(cfg.engine))

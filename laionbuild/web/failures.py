@@ -1,5 +1,5 @@
-"""Download failure reasons: img2dataset's raw error strings (urllib's, the resizer's, the polite
-proxy's) folded into a small set of funnel buckets, and which of them are worth re-trying.
+"""Download failure reasons: img2dataset's raw error strings (urllib's, the resizer's, the policy
+opener's) folded into a small set of funnel buckets, and which of them are worth re-trying.
 
 Transient: timeouts, connection errors, DNS errors, truncated bodies, HTTP 429 and 5xx — the
 server or the network may do better later. Permanent: 404 and other 4xx, not an image,
@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import re
 
-from laionbuild.web.politeness import PREFIX
+from laionbuild.web.url_policy import PREFIX
 
-REFUSED_HOP = "refused by URL policy: redirect or resolved address"
+REFUSED_HOP = "refused by URL policy: redirect or resolved address"  # a private/non-global address
+REFUSED_HOP_SCHEME = "refused by URL policy: redirect to a scheme other than http(s)"
+REFUSED_HOP_AMBIGUOUS = "refused by URL policy: ambiguous redirect (several Location or a URI header)"
+# what shards written before the policy opener (through the old polite proxy) carry
+OLD_PROXY_PREFIX = "laionbuild proxy:"
 TIMEOUT = "timeout"
 CONNECTION = "connection error"
 DNS = "dns error"
@@ -29,11 +33,22 @@ def classify(message: str | None) -> str:
     """The funnel bucket of one failed row's `error_message`."""
     msg = (message or "").strip()
     low = msg.lower()
+    if PREFIX in msg:
+        ours = msg.split(PREFIX, 1)[1].strip().rstrip(">")
+        if ours.startswith("refused"):
+            if "not http(s)" in ours:
+                return REFUSED_HOP_SCHEME
+            if "ambiguous" in ours:
+                return REFUSED_HOP_AMBIGUOUS
+            return REFUSED_HOP
+        if ours.startswith("dns"):
+            return DNS
+        return CONNECTION
     http = _HTTP.search(msg)
     if http:
         code, reason = int(http.group(1)), http.group(2)
-        if reason.startswith(PREFIX):
-            proxied = reason[len(PREFIX):].strip()
+        if reason.startswith(OLD_PROXY_PREFIX):
+            proxied = reason[len(OLD_PROXY_PREFIX):].strip()
             if proxied.startswith("refused"):
                 return REFUSED_HOP
             if proxied.startswith("timeout"):

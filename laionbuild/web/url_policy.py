@@ -1,44 +1,105 @@
 """URL policy for web sources: only http(s), and by default no URL whose host is, or resolves
-to, a loopback, private, link-local, multicast, reserved or unspecified address (a dataset
-build must not be a way into the builder's own network). `download.allow_private_urls=true`
-lifts the address rule (the demo and the tests serve images on 127.0.0.1).
+to, an address that is not globally routable: loopback, private, carrier-grade NAT
+(100.64.0.0/10), link-local, multicast, reserved, unspecified, documentation ranges, and the
+IPv6 forms that carry one of those IPv4 addresses (IPv4-mapped/-compatible, 6to4, Teredo,
+NAT64). A dataset build must not be a way into the builder's own network.
+`download.allow_private_urls=true` lifts the address rule (the demo and the tests serve images
+on 127.0.0.1).
 
-Hosts are resolved once each, in parallel; a host that does not resolve is left to the
-downloader, which reports it as its own failure."""
+Names are resolved with getaddrinfo, the answer kept in getaddrinfo's order (the order to
+connect in) and cached per process for `CACHE_TTL` seconds (a name that does not resolve for
+`NEGATIVE_TTL`); a transient failure (EAI_AGAIN) is retried. A host that does not resolve is
+left to the downloader, which reports it as its own failure."""
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
+# what the download's opener (laionbuild/web/policy_opener.py) puts before its own error messages
+PREFIX = "laionbuild policy:"
 REFUSED_SCHEME = "refused by URL policy: not http(s)"
 REFUSED_ADDRESS = "refused by URL policy: private, loopback, link-local or multicast address"
+CACHE_TTL = 300.0
+NEGATIVE_TTL = 30.0
+DNS_ATTEMPTS = 3
+DNS_RETRY_DELAY = 0.2
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries (and reaches, through a relay or translator)."""
+    out = []
+    if ip.ipv4_mapped:
+        out.append(ip.ipv4_mapped)
+    if ip.sixtofour:
+        out.append(ip.sixtofour)
+    if ip.teredo:
+        out.extend(ip.teredo)
+    if ip in _NAT64[0] or ip in _NAT64[1] or (ip in _COMPATIBLE and int(ip) > 1):
+        out.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return out
+
+
+def _forbidden_ip(ip) -> bool:
+    return (not ip.is_global or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
+            or ip.is_reserved or ip.is_unspecified)
 
 
 def _forbidden(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
-            or ip.is_unspecified)
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(ip)
+        if embedded:
+            return any(_forbidden_ip(v4) for v4 in embedded)
+    return _forbidden_ip(ip)
+
+
+_cache: dict[str, tuple[float, list[str]]] = {}
+_cache_lock = threading.Lock()
+
+
+def _lookup(host: str) -> list[str]:
+    """getaddrinfo's addresses for `host`, in its order, without duplicates; [] if it does not
+    resolve. Transient failures are retried."""
+    for attempt in range(DNS_ATTEMPTS):
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            if exc.errno == socket.EAI_AGAIN and attempt + 1 < DNS_ATTEMPTS:
+                time.sleep(DNS_RETRY_DELAY * 2 ** attempt)
+                continue
+            return []
+        except (UnicodeError, OSError):
+            return []
+        return list(dict.fromkeys(info[4][0] for info in infos))
+    return []
 
 
 def _resolve(host: str) -> list[str]:
-    try:
-        return sorted({info[4][0] for info in socket.getaddrinfo(host, None)})
-    except (socket.gaierror, UnicodeError, OSError):
-        return []
+    """Cached `_lookup`, thread-safe (two threads may both look a name up; the cache stays whole)."""
+    now = time.monotonic()
+    with _cache_lock:
+        hit = _cache.get(host)
+    if hit and hit[0] > now:
+        return hit[1]
+    addresses = _lookup(host)
+    with _cache_lock:
+        _cache[host] = (now + (CACHE_TTL if addresses else NEGATIVE_TTL), addresses)
+    return addresses
 
 
 def host_allowed(host: str, allow_private: bool) -> tuple[bool, list[str]]:
-    """(allowed, addresses) for one host: the polite proxy checks every hop with this and
-    connects to the address it checked. A host that does not resolve is allowed with no
-    addresses (the caller reports the DNS failure)."""
+    """(allowed, addresses) for one host: the download's opener checks every hop with this and
+    connects to the addresses it checked, in this order. A host that does not resolve is allowed
+    with no addresses (the caller reports the DNS failure)."""
     try:
-        ipaddress.ip_address(host.strip("[]"))
-        addresses = [host.strip("[]")]
+        addresses = [str(ipaddress.ip_address(host.strip("[]")))]
     except ValueError:
         addresses = _resolve(host)
     return allow_private or not any(_forbidden(a) for a in addresses), addresses

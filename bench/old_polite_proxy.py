@@ -1,4 +1,8 @@
-"""A polite forward proxy between img2dataset and the web.
+"""The polite forward proxy the download stage used before issue #19, kept for
+`bench/bench_download.py` to measure side by side with `laionbuild/web/policy_opener.py`. Not used
+by the stage (it could be bypassed: ftp:// redirects, URI headers, redirects inside TLS).
+
+A polite forward proxy between img2dataset and the web.
 
 img2dataset fetches with urllib, which honours `http_proxy`/`https_proxy`; the download stage
 points them at this proxy (a thread of the stage's process, on 127.0.0.1) for the duration of
