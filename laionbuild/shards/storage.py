@@ -7,9 +7,10 @@ there instead, so Spark executors on other machines can write them and the image
 through the driver's disk:
 
 - each part's shards go under `<shards_url>/part_N-<fingerprint>/`, the fingerprint being a hash
-  of the part's deduped metadata and every `download` setting but the speed knobs: one prefix per distinct input
-  of the stage, never written again once complete, so experiments never overwrite each other's
-  shards and an interrupted download resumes in the same prefix (img2dataset's incremental mode);
+  of the part's deduped metadata and every `download` setting but the speed knobs: one prefix
+  per distinct input of the stage, never written again once complete, so experiments never
+  overwrite each other's shards, a rebuild with more threads writes no second copy, and an
+  interrupted download resumes in the same prefix (img2dataset's incremental mode);
 - `data/images/part_N/` (the DVC output) keeps what the funnel, the report and the readers need:
   img2dataset's per-shard `.parquet` and `_stats.json`, `stats.json`, and `shards.json`, the
   manifest naming the prefix and each `.tar` with its size. The manifest is written last, in the
