@@ -127,15 +127,24 @@ def rows(schema: type, prefix: str = "") -> Iterator[Tuple[str, str, str, str, s
             yield from rows(value, f"{key}.NAME.")
 
 
+SPEED_NOTE = "**Speed only**: changes no output, so no stage reruns when it changes (not tracked by DVC)."
+
+
 def keys_table() -> str:
-    from laionbuild.recipe.schema import Config
+    from laionbuild.recipe.schema import SPEED_KNOBS, UNTRACKED_SECTIONS, Config
 
     out = [HEADER]
     section = None
     for key, kind, default, allowed, comment in rows(Config):
         if key.split(".")[0] != section:
             section = key.split(".")[0]
-            out += ["", f"## {section}", "", "| key | type | default | allowed | notes |", "|---|---|---|---|---|"]
+            out += ["", f"## {section}", ""]
+            if section in UNTRACKED_SECTIONS:
+                out += ["Not tracked by DVC: every engine gives the same outputs, so switching or tuning it reruns "
+                        "nothing.", ""]
+            out += ["| key | type | default | allowed | notes |", "|---|---|---|---|---|"]
+        if key in SPEED_KNOBS:
+            comment = f"{SPEED_NOTE} {comment}".strip()
         cells = [f"`{key}`", kind, default, allowed, comment]
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(out) + "\n"

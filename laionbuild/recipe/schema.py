@@ -217,8 +217,8 @@ class DownloadConfig:
     encode_format: EncodeFormat = "jpg"
     encode_quality: Annotated[int, Field(ge=0, le=100)] = 95
     number_sample_per_shard: PosInt = 10000
-    processes_count: PosInt = 2
-    thread_count: PosInt = 32
+    processes_count: PosInt = 2  # img2dataset processes
+    thread_count: PosInt = 32  # download threads per process
     timeout: PosInt = 10
     retries: NonNegInt = 0
     min_image_size: NonNegInt = 0
@@ -391,7 +391,7 @@ class IndexConfig:
     max_index_memory_usage: FaissMemory = "4G"
     current_memory_available: FaissMemory = "8G"
     max_index_query_time_ms: PosFloat = 10.0
-    nb_cores: Optional[PosInt] = None
+    nb_cores: Optional[PosInt] = None  # None: all cores
     # the index report (data/metrics/index.json): this many sampled text-embedding queries
     report_queries: NonNegInt = 1000
     report_seed: int = 0
@@ -425,6 +425,39 @@ Config = dataclass(dataclasses.make_dataclass(
 
 
 SECTIONS = tuple(Config.__dataclass_fields__)
+
+# Knobs that change how fast a stage runs, how much memory it takes or how hard it retries, and
+# never what it writes. dvc.yaml leaves them out of every stage's params (it lists the other keys
+# of these sections one by one; tests/test_speed_knobs.py checks that every other key of a
+# section a stage reads is listed), and no fingerprint hashes them (the download's work dir,
+# the shards_url prefix, the dataset card), so moving a build to a bigger machine reruns nothing.
+SPEED_KNOBS = frozenset({
+    "source.fetch_retries",  # a fetch gives the same file or fails the stage
+    "source.fetch_backoff_s",
+    "dedup.memory_limit",  # DuckDB spills (and picks more hash buckets) beyond it: same survivors
+    "dedup.bucket_rows",  # the first occurrence wins in every bucket layout
+    "download.processes_count",  # img2dataset's shards are cut from the input, not per process
+    "download.thread_count",
+    "embed.batch_size",
+    "embed.num_prepro_workers",
+    "embed.device",
+    "tag.faces.processes",  # shards tagged in parallel, each on its own
+    "index.nb_cores",
+})
+# `engine` as a whole is not a parameter either: both engines give the same rows (dvc.yaml).
+UNTRACKED_SECTIONS = ("engine",)
+
+
+def without_speed_knobs(raw: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """A copy of the recipe (or of its section at `prefix`, e.g. `download`) as plain data
+    without the speed knobs and the untracked sections: what decides the outputs."""
+    out = {}
+    for key, value in raw.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if path in SPEED_KNOBS or path in UNTRACKED_SECTIONS:
+            continue
+        out[key] = without_speed_knobs(value, path) if isinstance(value, dict) else value
+    return out
 
 
 def _nested(key: str, section: Any) -> Iterator[Problem]:

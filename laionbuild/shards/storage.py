@@ -7,9 +7,10 @@ there instead, so Spark executors on other machines can write them and the image
 through the driver's disk:
 
 - each part's shards go under `<shards_url>/part_N-<fingerprint>/`, the fingerprint being a hash
-  of the part's deduped metadata and every `download` setting: one prefix per distinct input
-  of the stage, never written again once complete, so experiments never overwrite each other's
-  shards and an interrupted download resumes in the same prefix (img2dataset's incremental mode);
+  of the part's deduped metadata and every `download` setting but the speed knobs: one prefix
+  per distinct input of the stage, never written again once complete, so experiments never
+  overwrite each other's shards, a rebuild with more threads writes no second copy, and an
+  interrupted download resumes in the same prefix (img2dataset's incremental mode);
 - `data/images/part_N/` (the DVC output) keeps what the funnel, the report and the readers need:
   img2dataset's per-shard `.parquet` and `_stats.json`, `stats.json`, and `shards.json`, the
   manifest naming the prefix and each `.tar` with its size. The manifest is written last, in the
@@ -193,9 +194,13 @@ def cat(url: str, attempts: int = 3) -> None:
 
 
 def prefix_fingerprint(cfg, metadata: Path) -> str:
-    """Names a part's prefix under download.shards_url: every download setting (retry rounds
-    included: they rewrite shards) and the input, so a complete prefix is never written again."""
+    """Names a part's prefix under download.shards_url: every download setting that changes the
+    shards (retry rounds included: they rewrite shards; not the speed knobs of
+    recipe.schema.SPEED_KNOBS) and the input, so a complete prefix is never written again."""
+    from laionbuild.recipe.schema import without_speed_knobs
+
     settings = dataclasses.asdict(cfg.download) if dataclasses.is_dataclass(cfg.download) else dict(cfg.download)
+    settings = without_speed_knobs(settings, "download")
     settings.pop("shards_url", None)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     digest.update(metadata.read_bytes())

@@ -1,7 +1,9 @@
 """card: the dataset card of a build, `data/card.md` (for people) and `data/card.json` (for
-tools): the full composed recipe, the source files with their sizes and md5s, the tool and model
-versions (and a warning when the weights are untrained), the funnel, the licence breakdown of the
-selected samples, the sample count, the git commit, and how to reproduce the build."""
+tools): the composed recipe (but the engine and the speed knobs, which change no output), the
+source files with their sizes and md5s, the tool and model versions (and a warning when the
+weights are untrained), the funnel, the licence breakdown of the selected samples, the sample
+count, the git commit, and how to reproduce the build. It depends on exactly what it prints, so
+switching the engine or a speed knob does not rerun it."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import yaml
 from laionbuild.project.atomic import atomic_write_text, read_json
 from laionbuild.project.layout import CARD_JSON, CARD_MD, FUNNEL, embed_dir, part_dir
 from laionbuild.project.outputs import licences
+from laionbuild.recipe.schema import without_speed_knobs
 
 TOOLS = ("laionbuild", "img2dataset", "clip-retrieval", "open_clip_torch", "autofaiss", "faiss-cpu", "torch",
          "dvc", "duckdb", "pyarrow", "hydra-core", "pyspark")
@@ -38,7 +41,9 @@ def _git() -> dict:
 
 
 def run(cfg) -> None:
-    recipe = yaml.safe_load(Path("params.yaml").read_text())
+    # what decides the outputs: the engine and the speed knobs (which change none, and which
+    # dvc.yaml does not track for this stage either) are left to params.yaml
+    recipe = without_speed_knobs(yaml.safe_load(Path("params.yaml").read_text()))
     funnel = read_json(FUNNEL)
     sources = []
     for part in cfg.subset.parts:
@@ -98,5 +103,8 @@ def markdown(card: dict) -> str:
                      + (" — UNTRAINED" if m.get("untrained") else ""))
     lines += ["", "## Tools", ""] + [f"- {t} {v}" for t, v in card["tools"].items() if v]
     lines += ["", "## Reproduce", "", "```bash"] + card["reproduce"] + ["```", "",
-              "## Recipe (params.yaml)", "", "```yaml", yaml.safe_dump(card["recipe"], sort_keys=False).rstrip(), "```", ""]
+              "## Recipe (params.yaml)", "",
+              "The engine and the speed-only settings (threads, batch sizes, memory caps), which change no "
+              "output, are not shown: they are in params.yaml.", "",
+              "```yaml", yaml.safe_dump(card["recipe"], sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)

@@ -51,8 +51,13 @@ log = logging.getLogger(__name__)
 
 
 def _fingerprint(cfg, metadata: Path) -> str:
+    """Names the part's work dir: the settings that change what is downloaded (not the speed
+    knobs, recipe.schema.SPEED_KNOBS: a build resumed with more threads resumes in place)."""
+    from laionbuild.recipe.schema import without_speed_knobs
+
     digest = hashlib.sha256()
-    digest.update(json.dumps([_i2d_settings(cfg), cfg.download.allow_private_urls], sort_keys=True).encode())
+    settings = without_speed_knobs(_i2d_settings(cfg), "download")
+    digest.update(json.dumps([settings, cfg.download.allow_private_urls], sort_keys=True).encode())
     digest.update(metadata.read_bytes())
     return digest.hexdigest()[:16]
 
