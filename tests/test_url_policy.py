@@ -4,6 +4,7 @@ download.allow_private_urls; refusals are their own funnel bucket and never reac
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 
@@ -43,11 +44,29 @@ from .imageserver import ImageServer, source_overrides, write_source
     ("https://[2002:5db8:d822::]/a.jpg", None),  # 6to4 of 93.184.216.34
     ("http://no-such-host.invalid/a.jpg", None),  # unresolvable: left to the downloader
 ])
-def test_refusals(url, reason):
+def test_refusals(url, reason, dns):
     assert refusals([url], allow_private=False) == [reason]
 
 
-def test_allow_private_lifts_only_the_address_rule():
+@pytest.fixture
+def dns(monkeypatch):
+    """The names these tests use answer the same on every machine (no DNS server, no /etc/hosts
+    entry needed): `localhost` is 127.0.0.1, `.invalid` names do not resolve, address literals
+    resolve to themselves."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == "localhost":
+            host = "127.0.0.1"
+        elif str(host).endswith(".invalid"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        kwargs["flags"] = kwargs.get("flags", 0) | socket.AI_NUMERICHOST
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def test_allow_private_lifts_only_the_address_rule(dns):
     urls = ["http://127.0.0.1/a.jpg", "http://localhost/b.jpg", "ftp://127.0.0.1/c.jpg"]
     assert refusals(urls, allow_private=True) == [None, None, REFUSED_SCHEME]
 
