@@ -33,10 +33,10 @@ import socketserver
 import threading
 import time
 from contextlib import contextmanager
-from email.utils import parsedate_to_datetime
 from urllib.parse import urljoin, urlsplit
 
 from laionbuild.environment import patched
+from laionbuild.web.policy_opener import retry_after
 from laionbuild.web.url_policy import host_allowed
 
 log = logging.getLogger(__name__)
@@ -80,20 +80,6 @@ class HostGate:
             if delay <= 0:
                 return
             time.sleep(min(delay, 0.5))
-
-
-def retry_after(value: str | None, default: float) -> float:
-    """Seconds from a Retry-After header (delta-seconds or HTTP date), else `default`."""
-    if not value:
-        return default
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return default
 
 
 class PoliteProxy:
@@ -226,12 +212,9 @@ class _Handler(socketserver.BaseRequestHandler):
         if parts.scheme != "http" or not parts.hostname:
             return self._fail(400, f"{PREFIX} not an absolute http URL")
         host = parts.hostname.lower()
-        allowed, addresses = proxy.check(host)
-        if not allowed:
-            proxy.count("refused")
-            return self._fail(403, REFUSED)
-        if not addresses:
-            return self._fail(502, f"{PREFIX} dns error: {host} does not resolve")
+        addresses = self._admitted(host)
+        if addresses is None:
+            return None
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         lines = [f"{method} {path} HTTP/1.1", f"Host: {parts.netloc}"]
         lines += [f"{k}: {v}" for k, v in fields if k.lower() not in HOP_BY_HOP and k.lower() != "host"]
@@ -255,16 +238,10 @@ class _Handler(socketserver.BaseRequestHandler):
                  attempt: int) -> bool:
         """One upstream request, relayed. False: backed off, try again."""
         proxy = self.owner
-        try:
-            upstream = socket.create_connection((address, parts.port or 80), timeout=proxy.timeout + 1)
-        except socket.timeout:
-            self._fail(504, f"{PREFIX} timeout")
-            return True
-        except OSError as exc:
-            self._fail(502, f"{PREFIX} connection error ({type(exc).__name__})")
-            return True
+        upstream = None
         try:
             try:
+                upstream = socket.create_connection((address, parts.port or 80), timeout=proxy.timeout + 1)
                 upstream.sendall(request)
                 head, rest = _read_head(upstream)
             except socket.timeout:
@@ -305,18 +282,29 @@ class _Handler(socketserver.BaseRequestHandler):
             # the truncation on; img2dataset reports it as it would without us
             return True
         finally:
-            upstream.close()
+            if upstream is not None:
+                upstream.close()
+
+    def _admitted(self, host: str) -> list | None:
+        """The addresses the URL policy allows for `host`; None when it is refused or does not
+        resolve (answered here)."""
+        allowed, addresses = self.owner.check(host)
+        if not allowed:
+            self.owner.count("refused")
+            self._fail(403, REFUSED)
+            return None
+        if not addresses:
+            self._fail(502, f"{PREFIX} dns error: {host} does not resolve")
+            return None
+        return addresses
 
     def _connect(self, target: str) -> None:
         proxy = self.owner
         host, _, port = target.rpartition(":")
         host = host.strip("[]").lower()
-        allowed, addresses = proxy.check(host)
-        if not allowed:
-            proxy.count("refused")
-            return self._fail(403, REFUSED)
-        if not addresses:
-            return self._fail(502, f"{PREFIX} dns error: {host} does not resolve")
+        addresses = self._admitted(host)
+        if addresses is None:
+            return None
         proxy.gate.wait_until_resumed(host)
         with proxy.gate.slot(host):
             proxy._enter(host)
