@@ -8,9 +8,10 @@
 2. The faces stage with the default offline detector (opencv_haar) on the downloaded shards:
    images/s with one process and with two (per core = one process).
 
-    .venv/bin/python bench/bench_download.py [--images 1000] [--repeat 2]
+3. The URL policy alone (bench/bench_policy.py, run at the end): CPU per request and requests/s
+   with 1 and 2 worker processes, beside direct fetches and the old central proxy.
 
-The policy's own cost per request and its capacity: bench/bench_policy.py.
+    .venv/bin/python bench/bench_download.py [--images 1000] [--repeat 2] [--policy-requests 2000]
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--policy-requests", type=int, default=2000,
+                        help="requests of the policy-only capacity test (bench_policy.py); 0: skip it")
     args = parser.parse_args()
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", NO_ALBUMENTATIONS_UPDATE="1",
                HF_HUB_OFFLINE="1")
@@ -134,6 +137,10 @@ def main() -> None:
         for processes, seconds in faces:
             print(f"  {processes} process(es)  {seconds:6.1f} s  {tagged / seconds:7.1f} img/s  "
                   f"{tagged / seconds / processes:7.1f} img/s per core")
+    if args.policy_requests:  # the URL policy's own cost and capacity, beside direct fetches and the old proxy
+        print("URL policy alone (bench/bench_policy.py):", flush=True)
+        subprocess.run([sys.executable, str(Path(__file__).with_name("bench_policy.py")),
+                        "--requests", str(args.policy_requests)], check=True)
 
 
 if __name__ == "__main__":
