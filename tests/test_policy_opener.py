@@ -9,8 +9,10 @@ import json
 import socket
 import tarfile
 import textwrap
+import time
 
 import pyarrow.parquet as pq
+import pytest
 
 from laionbuild.web import url_policy
 from laionbuild.web.failures import REFUSED_HOP, REFUSED_HOP_AMBIGUOUS, REFUSED_HOP_SCHEME, classify
@@ -152,3 +154,117 @@ def test_per_host_cap_holds_across_processes(tmp_path):
                for d in ("b", "c")]
         pool.map(_fetch_all, [(own[0], urls[:8]), (own[1], urls[8:])])
         assert web.too_many > 0 and max(web.peak.values()) > 2
+
+
+class _Answers:
+    """A server on 127.0.0.1 that answers every GET with `status` and `headers` (a body of
+    `body` bytes, sent at `rate` bytes/s when given), counting the requests."""
+
+    def __init__(self, status: int, headers: dict, body: int = 16, rate: float | None = None):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        owner = self
+        self.requests = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                owner.requests += 1
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(body))
+                self.end_headers()
+                for _ in range(body):
+                    try:
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    if rate:
+                        time.sleep(1 / rate)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/a.jpg"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _opener(tmp_path, **kw):
+    from laionbuild.web.policy_opener import Policy, build_opener
+
+    return build_opener(Policy(allow_private=True, state_dir=str(tmp_path / "hosts"), **kw))
+
+
+@pytest.mark.parametrize("retry_after", ["0", "-5", "Thu, 01 Jan 1970 00:00:00 GMT"])
+def test_a_zero_or_past_retry_after_backs_off_all_the_same(tmp_path, retry_after):
+    """A 429 whose Retry-After says "now" (or the past) gets the exponential back-off, not a busy loop."""
+    import urllib.error
+
+    server = _Answers(429, {"Retry-After": retry_after})
+    try:
+        opener = _opener(tmp_path, max_per_host=2, timeout=2, backoff_base=0.2)
+        with pytest.raises(urllib.error.HTTPError) as raised:
+            opener.open(server.url, timeout=2)
+        assert raised.value.code == 429
+        # 0.2 + 0.4 s of back-off fit the 1.2 s budget, 0.8 more does not: 3 requests (with the
+        # old arithmetic, hundreds)
+        assert 2 <= server.requests <= 4, server.requests
+    finally:
+        server.close()
+
+
+def test_a_long_retry_after_fails_later_requests_at_once_not_after_it(tmp_path):
+    """A host that asks for a day's pause is paused (politely) but costs later requests nothing:
+    they fail at once as transient `host paused`, which retry-failed re-attempts later."""
+    import urllib.error
+
+    from laionbuild.web.failures import HOST_PAUSED, classify, transient
+
+    server = _Answers(429, {"Retry-After": "100000"})
+    try:
+        opener = _opener(tmp_path, max_per_host=2, timeout=2, backoff_base=0.2)
+        with pytest.raises(urllib.error.HTTPError):
+            opener.open(server.url, timeout=2)
+        assert server.requests == 1
+        start = time.monotonic()
+        with pytest.raises(urllib.error.URLError) as raised:
+            opener.open(server.url, timeout=2)
+        assert time.monotonic() - start < 1 and server.requests == 1
+        assert classify(str(raised.value)) == HOST_PAUSED and transient(HOST_PAUSED)
+        with pytest.raises(urllib.error.HTTPError):  # inf / huge values do not overflow the pause
+            _opener(tmp_path / "other", max_per_host=2, timeout=2).open(
+                _Answers(429, {"Retry-After": "1e300"}).url, timeout=2)
+    finally:
+        server.close()
+
+
+def test_waiting_for_a_host_slot_ends_at_the_deadline(tmp_path):
+    """With every slot of a host held by a slow response, another request gives up at its
+    deadline (download.timeout) as transient `host busy`, instead of waiting for the slot."""
+    import urllib.error
+
+    from laionbuild.web.failures import HOST_BUSY, classify, transient
+
+    server = _Answers(200, {"Content-Type": "image/jpeg"}, body=30, rate=2)  # 15 s of body
+    try:
+        opener = _opener(tmp_path, max_per_host=1, timeout=1.5)
+        held = opener.open(server.url, timeout=5)  # holds the host's one slot until closed
+        start = time.monotonic()
+        with pytest.raises(urllib.error.URLError) as raised:
+            opener.open(server.url, timeout=1.5)
+        waited = time.monotonic() - start
+        assert 1.4 <= waited < 4, waited
+        assert classify(str(raised.value)) == HOST_BUSY and transient(HOST_BUSY)
+        held.close()
+        with opener.open(server.url, timeout=5) as again:  # the slot is free again
+            assert again.status == 200
+    finally:
+        server.close()

@@ -91,39 +91,6 @@ def _quote_url(url: str) -> str:
                    for piece in re.split(r"(\{[^{}]*\})", url) if piece)
 
 
-def storage_hosts(url: str | None) -> tuple[str, ...]:
-    """The hosts that writing to `url` talks to (the build's own storage, to which the image
-    hosts' rules do not apply; the download's policy opener applies to image fetches only): a custom endpoint (AWS_ENDPOINT_URL,
-    FSSPEC_S3_ENDPOINT_URL, fsspec's config), else the bucket's S3 hosts
-    (`BUCKET.s3[.REGION].amazonaws.com`, `s3[.REGION].amazonaws.com`) or `storage.googleapis.com`;
-    an http(s)/webhdfs URL's own host."""
-    from urllib.parse import urlsplit
-
-    if not url or not is_url(url):
-        return ()
-    scheme, host = url.split("://", 1)[0], urlsplit(url).hostname
-    hosts = []
-    endpoints = [os.environ.get(n) for n in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL")]
-    try:
-        import fsspec.config
-
-        endpoints.append(fsspec.config.conf.get("s3", {}).get("client_kwargs", {}).get("endpoint_url"))
-    except ImportError:
-        pass
-    endpoints = [urlsplit(e).hostname for e in endpoints if e and urlsplit(e).hostname]
-    if scheme in ("s3", "s3a"):
-        hosts += endpoints
-        if not endpoints and host:
-            regions = [r for r in (os.environ.get("AWS_REGION"), os.environ.get("AWS_DEFAULT_REGION")) if r]
-            for region in ["", *(f".{r}" for r in regions)]:
-                hosts += [f"{host}.s3{region}.amazonaws.com", f"s3{region}.amazonaws.com"]
-    elif scheme in ("gs", "gcs"):
-        hosts.append("storage.googleapis.com")
-    elif scheme in ("http", "https", "webhdfs", "hdfs") and host:
-        hosts.append(host)
-    return tuple(dict.fromkeys(hosts))
-
-
 @dataclass(frozen=True)
 class Shard:
     """One img2dataset shard of a downloaded part: the `.tar` at `location` (a local path or a

@@ -23,7 +23,9 @@ TRUNCATED = "truncated body"
 NOT_IMAGE = "not an image"
 OPTED_OUT = "opted out (X-Robots-Tag)"
 OTHER = "other error"
-TRANSIENT = {TIMEOUT, CONNECTION, DNS, TRUNCATED}
+HOST_BUSY = "host busy (per-host cap)"  # no slot of download.max_per_host came free in time
+HOST_PAUSED = "host paused (Retry-After)"  # the host asked for a pause beyond the request's deadline
+TRANSIENT = {TIMEOUT, CONNECTION, DNS, TRUNCATED, HOST_BUSY, HOST_PAUSED}
 # the resizer's and img2dataset's own messages, kept as they are
 KNOWN = {"image too small", "image area too large", "aspect ratio too large", "hash mismatch"}
 _HTTP = re.compile(r"HTTP Error (\d{3}): ?(.*)", re.S)
@@ -43,6 +45,10 @@ def classify(message: str | None) -> str:
             return REFUSED_HOP
         if ours.startswith("dns"):
             return DNS
+        if ours.startswith("host busy"):
+            return HOST_BUSY
+        if ours.startswith("host paused"):
+            return HOST_PAUSED
         return CONNECTION
     http = _HTTP.search(msg)
     if http:

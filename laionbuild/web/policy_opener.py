@@ -46,6 +46,15 @@ REFUSED_SCHEME = f"{PREFIX} refused by URL policy: not http(s)"
 REFUSED_ADDRESS = f"{PREFIX} refused by URL policy: private or non-global address"
 REFUSED_AMBIGUOUS = f"{PREFIX} refused by URL policy: ambiguous redirect (several Location or a URI header)"
 MAX_REDIRECTS = 10
+# a request gives up waiting for its host (a free slot, the end of a 429 pause) at the request's
+# deadline (download.timeout): a transient failure, re-attempted later like a 429
+HOST_BUSY = f"{PREFIX} host busy: every per-host slot held until the deadline"
+HOST_PAUSED = f"{PREFIX} host paused (429/503 Retry-After) beyond the deadline"
+# a server's Retry-After is honoured between these bounds: 0 or a past date does not turn the
+# back-off into a busy loop, and a pause of days (or inf) does not outlive the run's sense
+MIN_BACKOFF = 0.05
+MAX_PAUSE = 3600.0
+SLOT_POLL = 0.02
 # a host's first addresses get this long to connect before the next one is tried
 FALLBACK_CONNECT_TIMEOUT = 2.0
 
@@ -105,6 +114,17 @@ class _Slot:
     __del__ = close
 
 
+def _writable(folder: str) -> bool:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".probe-")
+        os.close(fd)
+        os.unlink(probe)
+        return True
+    except OSError:
+        return False
+
+
 class HostState:
     """Concurrency slots (one lock file per slot) and pauses (a file whose mtime is the end of
     the pause) for each host, under `state_dir`. Without a state dir: no cap, no shared pause."""
@@ -112,45 +132,46 @@ class HostState:
     def __init__(self, policy: Policy):
         self.policy = policy
         self.root = policy.state_dir
-        if self.root:
-            try:
-                os.makedirs(self.root, exist_ok=True)
-            except OSError:
-                # a Spark executor on another machine, where the stage's directory is not
-                # writable: the slots and pauses are this machine's, in its temporary directory
-                digest = hashlib.sha1(self.root.encode()).hexdigest()[:16]
-                self.root = os.path.join(tempfile.gettempdir(), f"laionbuild-hosts-{digest}")
-                os.makedirs(self.root, exist_ok=True)
+        if self.root and not _writable(self.root):
+            # a Spark executor on another machine, or as another user, where the stage's
+            # directory is missing or not writable: the slots and pauses are this machine's, in
+            # its temporary directory
+            digest = hashlib.sha1(self.root.encode()).hexdigest()[:16]
+            self.root = os.path.join(tempfile.gettempdir(), f"laionbuild-hosts-{digest}")
+            os.makedirs(self.root, exist_ok=True)
 
     def _path(self, host: str, suffix: str) -> str:
         return os.path.join(self.root, hashlib.sha1(host.encode()).hexdigest()[:20] + suffix)
 
-    def acquire(self, host: str) -> _Slot | None:
-        """One of the host's slots, held until released (or its descriptor closed), or None."""
+    def acquire(self, host: str, deadline: float) -> _Slot | None:
+        """One of the host's slots, held until released (or its descriptor closed), or None
+        without a cap. Every slot busy: polled until `deadline` (time.monotonic()), then HOST_BUSY."""
         n = self.policy.max_per_host
         if not n or not self.root:
             return None
         first = random.randrange(n)
-        for k in range(n):
-            fd = os.open(self._path(host, f".{(first + k) % n}.slot"), os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return _Slot(fd)
-            except BlockingIOError:
-                if k == n - 1:
-                    fcntl.flock(fd, fcntl.LOCK_EX)  # every slot busy: wait for this one
+        fds = [os.open(self._path(host, f".{(first + k) % n}.slot"), os.O_RDWR | os.O_CREAT, 0o600) for k in range(n)]
+        try:
+            while True:
+                for i, fd in enumerate(fds):
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue
+                    fds.pop(i)
                     return _Slot(fd)
+                if time.monotonic() >= deadline:
+                    raise urllib.error.URLError(HOST_BUSY)
+                time.sleep(SLOT_POLL * (0.5 + random.random()))
+        finally:
+            for fd in fds:
                 os.close(fd)
-            except BaseException:
-                os.close(fd)
-                raise
-        return None
 
     def pause(self, host: str, seconds: float) -> None:
         if not self.root:
             return
         path = self._path(host, ".pause")
-        until = time.time() + seconds
+        until = time.time() + min(seconds, MAX_PAUSE)
         try:
             if os.stat(path).st_mtime >= until:
                 return
@@ -158,7 +179,9 @@ class HostState:
             open(path, "ab").close()
         os.utime(path, (until, until))
 
-    def wait_until_resumed(self, host: str) -> None:
+    def wait_until_resumed(self, host: str, deadline: float) -> None:
+        """Wait for the end of the host's pause; HOST_PAUSED at once if it ends after `deadline`
+        (time.monotonic()): no thread sits out a long Retry-After."""
         if not self.root:
             return
         path = self._path(host, ".pause")
@@ -169,6 +192,8 @@ class HostState:
                 return
             if delay <= 0:
                 return
+            if time.monotonic() + delay > deadline:
+                raise urllib.error.URLError(HOST_PAUSED)
             time.sleep(min(delay, 0.5))
 
 
@@ -259,7 +284,8 @@ class PolicyHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
         now = time.monotonic()
         hit = self._checked.get(host)
         if hit is None or hit[0] < now:
-            hit = (now + url_policy.CACHE_TTL, self.policy.check(host))
+            answer = self.policy.check(host)
+            hit = (now + (url_policy.CACHE_TTL if answer[1] else url_policy.NEGATIVE_TTL), answer)
             self._checked[host] = hit
         return hit[1]
 
@@ -273,11 +299,12 @@ class PolicyHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
         if not addresses:
             raise urllib.error.URLError(f"{PREFIX} dns error: {host} does not resolve")
         connection = _connection(base, addresses)
-        deadline = time.monotonic() + self.policy.backoff_budget
+        start = time.monotonic()
+        deadline, give_up = start + self.policy.backoff_budget, start + self.policy.timeout
         attempt = 0
         while True:
-            self.state.wait_until_resumed(host)
-            slot = self.state.acquire(host)
+            self.state.wait_until_resumed(host, give_up)
+            slot = self.state.acquire(host, give_up)
             try:
                 response = self.do_open(connection, req, **kw)
             except BaseException:
@@ -286,7 +313,8 @@ class PolicyHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
                 raise
             status = response.status
             if status == 429 or (status == 503 and response.headers.get("Retry-After")):
-                delay = retry_after(response.headers.get("Retry-After"), self.policy.backoff_base * 2 ** attempt)
+                backoff = max(MIN_BACKOFF, self.policy.backoff_base * 2 ** attempt)
+                delay = min(MAX_PAUSE, max(backoff, retry_after(response.headers.get("Retry-After"), backoff)))
                 self.state.pause(host, delay)
                 if time.monotonic() + delay < deadline:
                     response.close()
@@ -341,8 +369,12 @@ def install(policy: Policy) -> None:
         urllib.request.install_opener(build_opener(policy, state))
         _installed = policy
         if state.root:
-            # how many processes fetched through the opener (the stage logs it; a test checks it)
-            open(os.path.join(state.root, f"installed.{socket.gethostname()}.{os.getpid()}"), "ab").close()
+            # how many processes fetched through the opener (the stage logs it; a test checks
+            # it); best effort: a marker that cannot be written must not fail the download
+            try:
+                open(os.path.join(state.root, f"installed.{socket.gethostname()}.{os.getpid()}"), "ab").close()
+            except OSError:
+                pass
 
 
 def installed_processes(policy: Policy) -> int:
