@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from laionbuild.recipe.schema import without_speed_knobs
+from laionbuild.recipe.schema import SPEED_KNOBS, without_speed_knobs
 
 from .conftest import FAST
 from .shared_demo import EXTRA, RECIPE, copy_of, shared_demo
@@ -226,7 +226,13 @@ def test_params_yaml_is_what_dvc_tracks(built):
     assert params["subset"]["parts"] == [0, 1]
     lock = yaml.safe_load((built / "dvc.lock").read_text())["stages"]
     assert set(lock["select"]["params"]["params.yaml"]) == {"subset", "select"}
-    assert set(lock["download@0"]["params"]["params.yaml"]) == {"download"}
+    # download: every key of its section but the speed knobs (recipe.schema.SPEED_KNOBS), with
+    # the values params.yaml holds
+    tracked = lock["download@0"]["params"]["params.yaml"]
+    expected = {f"download.{k}": v for k, v in params["download"].items()
+                if f"download.{k}" not in SPEED_KNOBS and not isinstance(v, dict)}
+    assert {k: v for k, v in tracked.items() if k in expected} == expected
+    assert all(k.startswith("download.") for k in tracked) and not SPEED_KNOBS & set(tracked)
 
 
 def test_query_by_image_and_text(built, tmp_path):
