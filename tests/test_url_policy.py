@@ -38,6 +38,9 @@ from .imageserver import ImageServer, source_overrides, write_source
     ("http://[::127.0.0.1]/a.jpg", REFUSED_ADDRESS),  # IPv4-compatible
     ("http://[2001:0:4136:e378:8000:63bf:f5ff:fffe]/a.jpg", REFUSED_ADDRESS),  # Teredo, client 10.0.0.1
     ("http://[fd00::1]/a.jpg", REFUSED_ADDRESS),  # unique local
+    ("http://[fec0::1]/a.jpg", REFUSED_ADDRESS),  # site-local (deprecated)
+    ("http://[64:ff9b:1::808:808]/a.jpg", REFUSED_ADDRESS),  # local-use NAT64: not global, whatever it carries
+    ("https://[64:ff9b::808:808]/a.jpg", None),  # well-known NAT64 of 8.8.8.8
     ("http://[fe80::1]/a.jpg", REFUSED_ADDRESS),
     ("https://93.184.216.34/a.jpg", None),
     ("https://[2606:4700::1111]/a.jpg", None),

@@ -30,6 +30,10 @@ DNS_ATTEMPTS = 3
 DNS_RETRY_DELAY = 0.2
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 _COMPATIBLE = ipaddress.ip_network("::/96")
+# public relays/translators to the IPv4 address they carry: such an address is as reachable as
+# that IPv4 address; any other IPv6 address that carries one (local-use NAT64, IPv4-compatible)
+# must also be global itself
+_TRANSLATORS = tuple(ipaddress.ip_network(n) for n in ("2002::/16", "2001::/32", "64:ff9b::/96", "::ffff:0:0/96"))
 
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
@@ -48,7 +52,7 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
 
 def _forbidden_ip(ip) -> bool:
     return (not ip.is_global or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
-            or ip.is_reserved or ip.is_unspecified)
+            or ip.is_reserved or ip.is_unspecified or getattr(ip, "is_site_local", False))
 
 
 def _forbidden(address: str) -> bool:
@@ -56,7 +60,10 @@ def _forbidden(address: str) -> bool:
     if isinstance(ip, ipaddress.IPv6Address):
         embedded = _embedded_ipv4(ip)
         if embedded:
-            return any(_forbidden_ip(v4) for v4 in embedded)
+            if any(_forbidden_ip(v4) for v4 in embedded):
+                return True
+            if any(ip in net for net in _TRANSLATORS):
+                return False
     return _forbidden_ip(ip)
 
 
