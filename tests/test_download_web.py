@@ -195,7 +195,7 @@ def test_without_torch_can_be_turned_off():
     import sys
 
     code = ("import importlib.util\n"
-            "from laionbuild import without_torch\n"
+            "from laionbuild.web import without_torch\n"
             "print(without_torch.enable())\n"
             "print(importlib.util.find_spec('torch') is not None)\n"  # pyspark probes it so: no error
             "import torch\n"
