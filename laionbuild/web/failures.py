@@ -31,6 +31,15 @@ KNOWN = {"image too small", "image area too large", "aspect ratio too large", "h
 _HTTP = re.compile(r"HTTP Error (\d{3}): ?(.*)", re.S)
 
 
+# what follows the prefix of the policy opener's (and the old proxy's) own error messages
+_OPENER_REASONS = (("dns", DNS), ("host busy", HOST_BUSY), ("host paused", HOST_PAUSED))
+_OLD_PROXY_REASONS = (("refused", REFUSED_HOP), ("timeout", TIMEOUT), ("dns", DNS))
+
+
+def _by_start(text: str, reasons) -> str:
+    return next((reason for start, reason in reasons if text.startswith(start)), CONNECTION)
+
+
 def classify(message: str | None) -> str:
     """The funnel bucket of one failed row's `error_message`."""
     msg = (message or "").strip()
@@ -43,25 +52,12 @@ def classify(message: str | None) -> str:
             if "ambiguous" in ours:
                 return REFUSED_HOP_AMBIGUOUS
             return REFUSED_HOP
-        if ours.startswith("dns"):
-            return DNS
-        if ours.startswith("host busy"):
-            return HOST_BUSY
-        if ours.startswith("host paused"):
-            return HOST_PAUSED
-        return CONNECTION
+        return _by_start(ours, _OPENER_REASONS)
     http = _HTTP.search(msg)
     if http:
         code, reason = int(http.group(1)), http.group(2)
         if reason.startswith(OLD_PROXY_PREFIX):
-            proxied = reason[len(OLD_PROXY_PREFIX):].strip()
-            if proxied.startswith("refused"):
-                return REFUSED_HOP
-            if proxied.startswith("timeout"):
-                return TIMEOUT
-            if proxied.startswith("dns"):
-                return DNS
-            return CONNECTION
+            return _by_start(reason[len(OLD_PROXY_PREFIX):].strip(), _OLD_PROXY_REASONS)
         return f"http {code}"
     if msg in KNOWN:
         return msg
