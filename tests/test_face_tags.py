@@ -15,6 +15,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 
 from .conftest import BIN, build_env
@@ -108,6 +109,14 @@ def test_faces_stage_killed_at_random_points_resumes_to_the_same_tags(project, t
             assert not list((project / "data/faces").glob("part_0/*.parquet"))  # nothing half-written in place
             assert _run_faces(project, kill_after=None) == 0
         assert pq.read_table(target).equals(reference)
+    # tag.faces.processes=1 tags every shard in the stage's own process (no pool): the same tags
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["tag"]["faces"]["processes"] > 1  # the runs above went through the pool
+    params["tag"]["faces"]["processes"] = 1
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    target.unlink()
+    assert _run_faces(project, kill_after=None) == 0
+    assert pq.read_table(target).equals(reference)
 
 
 def test_laion_face_20m_builds_end_to_end(project, tmp_path):
@@ -149,8 +158,8 @@ def tarfile_open(path):
 
 
 def test_faces_stage_runs_retinaface_from_a_configured_weights_file(project, tmp_path):
-    """tag.faces.detector=retinaface with tag.faces.weights: the stage's worker processes load the
-    weights through retina-face's own loader (random weights the test writes: the boxes are
+    """tag.faces.detector=retinaface with tag.faces.weights: the stage (one shard: in its own
+    process, no pool) loads the weights through retina-face's own loader (random weights the test writes: the boxes are
     noise, the loading path and the tag table are real)."""
     import torch
     from retinaface.model.retinaface_pth_model import RetinaFace

@@ -2,7 +2,8 @@
 face_max_score, face_boxes as JSON [[x, y, w, h, score], ...] in the stored image's pixels),
 detected on the downloaded shards (`tag.faces.detector`, see laionbuild/models/face_detectors.py).
 
-Shards are tagged in parallel, one process per shard (`tag.faces.processes`). Each finished
+Shards are tagged in parallel, one process per shard (`tag.faces.processes`; with one process or
+one shard to do, in the stage's own process: a spawned worker costs ≈2 s). Each finished
 shard's tags are written atomically to `data/.work/faces/part_N-<fingerprint>/`, so a killed run
 resumes with the shards it has not finished; the part is assembled in key order and moved into
 place only when every shard is done. With `detector: none` the table has the keys and no face
@@ -44,13 +45,18 @@ def _detector_for(settings: dict):
 
 
 def _init_worker(settings: dict) -> None:
+    """Make this process's detector, on one thread: one process per shard, each on one core, or
+    the processes fight over them (and the same threads whatever tag.faces.processes is, so the
+    same scores). torch is imported (≈1.5 s per process) only for the detectors that run on it,
+    not for OpenCV's Haar cascade."""
     global _detector
     import cv2
-    import torch
 
-    # one process per shard: each uses one core, or the processes fight over them
     cv2.setNumThreads(1)
-    torch.set_num_threads(1)
+    if settings["detector"] != "opencv_haar":
+        import torch
+
+        torch.set_num_threads(1)
     _detector = _detector_for(settings)
 
 
@@ -108,8 +114,13 @@ def run(cfg, part: int) -> None:
         work.mkdir(parents=True, exist_ok=True)
         targets = [work / f"{shard.name}.parquet" for shard in shards]
         todo = [(s.location, str(t)) for s, t in zip(shards, targets) if not t.exists()]
-        if todo:
-            with ProcessPoolExecutor(max_workers=min(f.processes, len(todo)), mp_context=get_context("spawn"),
+        workers = min(f.processes, len(todo))
+        if workers == 1:  # one shard to do, or tag.faces.processes=1: no pool to spawn (≈2 s per process)
+            _init_worker(settings)
+            for location, target in todo:
+                log.debug("tagged a shard of %d images", _tag_shard(location, target))
+        elif todo:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
                                      initializer=_init_worker, initargs=(settings,)) as pool:
                 for n in pool.map(_tag_shard, *zip(*todo)):
                     log.debug("tagged a shard of %d images", n)
