@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from .conftest import new_project
+from .shared_demo import RECIPE, copy_of, shared_demo
 
 GLOBAL = ["select", "assemble", "export", "index", "report", "card"]
 
@@ -24,15 +24,17 @@ def embeddings(project, parts):
     return [str(k) for k in keys], emb / np.linalg.norm(emb, axis=1, keepdims=True)
 
 
-def test_score_heads_and_near_duplicates_are_tags_and_rules(tmp_path):
+def test_score_heads_and_near_duplicates_are_tags_and_rules(tmp_path, tmp_path_factory):
     torch.manual_seed(0)
     head = torch.nn.Linear(32, 1)  # laionbuild-tiny's embed_dim
     torch.save(head.state_dict(), tmp_path / "aesthetic.pth")
-    project = new_project(tmp_path / "project")
-    base = ["subset.parts=[0,1]", "tag.near_dup.enabled=true",
+    # the session's demo build with new tag params: only the tags and what follows them run
+    project = copy_of(shared_demo(tmp_path_factory)[0], tmp_path / "project")
+    base = [*RECIPE, "tag.near_dup.enabled=true",
             f"+tag.heads.aesthetic_score={{kind:linear,path:{tmp_path / 'aesthetic.pth'}}}",
             f"+tag.heads.watermark_score={{kind:mlp,path:{tmp_path / 'missing.pth'}}}"]
-    project.build(*base)
+    tagged = project.build(*base)
+    assert sorted(tagged.ran) == sorted(["tag@0", "tag@1", "neardup", *GLOBAL])
 
     keys, emb = embeddings(project, [0, 1])
     tags = {r["key"]: r for p in (0, 1) for r in pq.read_table(project / f"data/tags/part_{p}/tags.parquet").to_pylist()}
