@@ -117,8 +117,13 @@ def stage_status() -> list[tuple[str, str, str]]:
     names = [f"{s}@{p}" if s in PER_PART_STAGES else s for s in STAGES
              for p in (cfg.subset.parts if s in PER_PART_STAGES else [None])]
     rows = [("inputs", "checked", f"on every build: {sum(len(c['inputs']) for c in checked.values())} files")]
+    params = yaml.safe_load(Path("params.yaml").read_text()) or {}
     for name in names[1:]:
         deleted, why = _why_stale(changed.get(name, []))
+        # a tracked section (`select`) names the keys of it that changed (`select.min_clip_similarity`)
+        was = lock.get(name, {}).get("params", {}).get("params.yaml", {})
+        why["params"] = [k for key in why["params"] for k in (_changed_keys(key, was.get(key), _at(params, key))
+                                                               or [key])]
         why["file"] = list(dict.fromkeys(files.get(name, []) + why["file"]))
         reason = "; ".join(f"{kind}: {', '.join(items)}" for kind, items in why.items() if items)
         if name not in lock:
@@ -155,3 +160,17 @@ def _why_stale(entries: list) -> tuple[bool, dict[str, list[str]]]:
                 else:
                     why["outs" if kind == "changed outs" else "deps"].append(path)
     return deleted, why
+
+
+def _at(raw: dict, key: str):
+    for name in key.split("."):
+        raw = raw.get(name) if isinstance(raw, dict) else None
+    return raw
+
+
+def _changed_keys(key: str, old, new) -> list[str]:
+    """The dotted keys under `key` whose values differ between two values of a section."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for name in sorted(set(old) | set(new))
+                for k in _changed_keys(f"{key}.{name}", old.get(name), new.get(name))]
+    return [] if old == new else [key]
