@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -55,15 +56,26 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
 
 
-def remote_fingerprint(url: str) -> dict:
-    """What the store at `url` says about the file's content, without reading it."""
+def remote_fingerprint(url: str, retries: int = 3, backoff: float = 1.0) -> dict:
+    """What the store at `url` says about the file's content, without reading it. A missing
+    file is recorded as missing (the stage that reads it says so); transient errors (5xx, 429,
+    timeouts) are retried with backoff, then fail the check naming the URL."""
     import fsspec
 
+    from laionbuild.metadata.transfer import _transient
+
     fs, path = fsspec.core.url_to_fs(url)
-    try:
-        info = fs.info(path)
-    except FileNotFoundError:
-        return {"missing": True}
+    for attempt in range(retries + 1):
+        try:
+            info = fs.info(path)
+            break
+        except FileNotFoundError:
+            return {"missing": True}
+        except Exception as exc:  # noqa: BLE001 - classified as transfer.fetch_file does
+            if not _transient(exc) or attempt == retries:
+                raise OSError(f"{url}: cannot check it ({exc!r}); the build's input check needs its size "
+                              "and ETag or modification time") from exc
+            time.sleep(backoff * 2**attempt)
     return {k: _plain(info[k]) for k in CONTENT_KEYS if info.get(k) is not None}
 
 
