@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from laionbuild.project.inputs import consumers, expected
@@ -31,8 +32,8 @@ class FolderServer:
     """Serves a folder on 127.0.0.1 as a store does: HEAD and GET with Range, an ETag (md5 of the
     bytes) and Last-Modified; counts GETs per path; `delay` seconds before each answer."""
 
-    def __init__(self, root: Path, delay: float = 0.0):
-        self.root, self.delay = root, delay
+    def __init__(self, root: Path, delay: float = 0.0, fail_first: int = 0):
+        self.root, self.delay, self.fail_first = root, delay, fail_first  # the first requests answer 503
         self.gets: Counter = Counter()
         server = self
 
@@ -45,8 +46,9 @@ class FolderServer:
             def _head(self) -> bytes | None:
                 time.sleep(server.delay)
                 path = server.root / self.path.lstrip("/")
-                if not path.is_file():
-                    self.send_response(404)
+                failing, server.fail_first = server.fail_first > 0, server.fail_first - 1
+                if failing or not path.is_file():
+                    self.send_response(503 if failing else 404)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return None
@@ -153,6 +155,23 @@ def test_the_check_is_concurrent_and_cheap_at_1112_parts(tmp_path, monkeypatch):
         hashlib.md5(b"part 7" * 100).hexdigest()
 
 
+def test_a_store_that_fails_is_retried_then_named_and_a_missing_file_is_recorded(tmp_path):
+    from laionbuild.project.inputs import remote_fingerprint
+
+    (tmp_path / "part.parquet").write_bytes(b"rows")
+    with FolderServer(tmp_path) as server:
+        url = f"{server.url}/part.parquet"
+        healthy = remote_fingerprint(url)
+        assert healthy["size"] == 4 and healthy["ETag"] == f'"{hashlib.md5(b"rows").hexdigest()}"'
+        server.fail_first = 3  # HEAD and GET answer 503, then HEAD once more: retried
+        assert remote_fingerprint(url, retries=2, backoff=0) == healthy
+        server.fail_first = 100
+        with pytest.raises(OSError, match=re.escape(url)):
+            remote_fingerprint(url, retries=2, backoff=0)
+        server.fail_first = 0
+        assert remote_fingerprint(f"{server.url}/gone.parquet", backoff=0) == {"missing": True}
+
+
 def test_republished_remote_parts_and_id_list_refetch_only_what_changed(tmp_path):
     store = tmp_path / "store"
     (store / "metadata").mkdir(parents=True)
@@ -204,7 +223,8 @@ def test_republished_remote_parts_and_id_list_refetch_only_what_changed(tmp_path
 
 def test_edited_part_head_weights_and_checkpoint_rerun_what_reads_them(tmp_path_factory):
     """On a copy of the shared demo build: a source part edited in place, a head whose weights
-    file appears after a build that skipped it, a local checkpoint rewritten in place."""
+    file appears after a build that skipped it, the face detector's cascade file edited, a local
+    checkpoint rewritten in place."""
     shared, _ = shared_demo(tmp_path_factory)
     project = copy_of(shared, tmp_path_factory.mktemp("inputs") / "project")
     funnel = yaml.safe_load((project / "data/metrics/funnel.json").read_text())
@@ -233,18 +253,30 @@ def test_edited_part_head_weights_and_checkpoint_rerun_what_reads_them(tmp_path_
     assert {"tag@0", "tag@1"} <= set(appeared.ran) and not {"embed@0", "download@0"} & set(appeared.ran)
     assert "brightness" in pq.read_schema(project / "data/tags/part_1/tags.parquet").names
 
+    from laionbuild.models.face_detectors import haar_cascade_path
+
+    cascade = project.path.parent / "cascade.xml"  # the face detector's weights (opencv_haar: a cascade)
+    shutil.copy(haar_cascade_path(), cascade)
+    faces = [f"tag.faces.weights={cascade}"]
+    assert {"faces@0", "faces@1"} <= set(project.build(*RECIPE, *head, *faces).ran)
+    declaration, rest = cascade.read_text().split("\n", 1)
+    cascade.write_text(f"{declaration}\n<!-- edited: another cascade -->\n{rest}")
+    assert project.status_reasons()["faces@1"] == ("stale", f"file: {cascade}")
+    edited_cascade = project.build(*RECIPE, *head, *faces)
+    assert {"faces@0", "faces@1"} <= set(edited_cascade.ran) and "download@0" not in edited_cascade.ran
+
     import torch
 
     checkpoint = project.path.parent / "tiny.pt"
     shutil.copy(next((project / "data/.work/models").glob("laionbuild-tiny-random-seed0.pt")), checkpoint)
     local = [o for o in FAST if not o.startswith("embed.pretrained=")] + [f"embed.pretrained={checkpoint}"]
-    project.laionbuild("build", *local, *RECIPE, *head)
+    project.laionbuild("build", *local, *RECIPE, *head, *faces)
     md5 = yaml.safe_load((project / "data/embed/part_0/model.json").read_text())["checkpoint_md5"]
     state = torch.load(checkpoint)
     state = {k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}
     torch.save(state, checkpoint)
     assert project.status_reasons()["embed@1"] == ("stale", f"file: {checkpoint}")
-    rewritten = project.laionbuild("build", *local, *RECIPE, *head)
+    rewritten = project.laionbuild("build", *local, *RECIPE, *head, *faces)
     assert {"embed@0", "embed@1", "tag@0"} <= set(rewritten.ran) and "download@0" not in rewritten.ran
     assert yaml.safe_load((project / "data/embed/part_0/model.json").read_text())["checkpoint_md5"] != md5
 

@@ -69,11 +69,13 @@ def remote_fingerprint(url: str, retries: int = 3, backoff: float = 1.0) -> dict
         try:
             info = fs.info(path)
             break
-        except FileNotFoundError:
-            return {"missing": True}
         except Exception as exc:  # noqa: BLE001 - classified as transfer.fetch_file does
-            if not _transient(exc) or attempt == retries:
-                raise OSError(f"{url}: cannot check it ({exc!r}); the build's input check needs its size "
+            # fsspec's http says FileNotFoundError for any failed HEAD and GET (a 503 too): its cause tells
+            cause = exc.__cause__ if isinstance(exc, FileNotFoundError) else exc
+            if isinstance(exc, FileNotFoundError) and (cause is None or not _transient(cause)):
+                return {"missing": True}
+            if not _transient(cause) or attempt == retries:
+                raise OSError(f"{url}: cannot check it ({cause!r}); the build's input check needs its size "
                               "and ETag or modification time") from exc
             time.sleep(backoff * 2**attempt)
     return {k: _plain(info[k]) for k in CONTENT_KEYS if info.get(k) is not None}
