@@ -129,7 +129,7 @@ def stage_status() -> list[tuple[str, str, str]]:
         why["params"] = [k for key in why["params"] for k in (_changed_keys(key, was.get(key), _at(params, key))
                                                                or [key])]
         why["file"] = list(dict.fromkeys(files.get(name, []) + why["file"]))
-        reason = "; ".join(f"{kind}: {', '.join(items)}" for kind, items in why.items() if items)
+        reason = "; ".join(f"{kind}: {_few(items)}" for kind, items in why.items() if items)
         if name not in lock:
             rows.append((name, "missing", ""))
         elif deleted:
@@ -164,6 +164,12 @@ def _why_stale(entries: list) -> tuple[bool, dict[str, list[str]]]:
                 else:
                     why["outs" if kind == "changed outs" else "deps"].append(path)
     return deleted, why
+
+
+def _few(items: list[str], shown: int = 3) -> str:
+    """`a, b, c` or `a, b, c and 106 more` (a folder's many images on one status line)."""
+    more = len(items) - shown
+    return ", ".join(items[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def _at(raw: dict, key: str):
