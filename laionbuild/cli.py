@@ -212,9 +212,9 @@ def cmd_projector(args) -> int:
 
 def cmd_status(args) -> int:
     rows = stage_status()
-    width = max(len(n) for n, _ in rows)
-    for name, state in rows:
-        print(f"{name:<{width}}  {state}")
+    width = max(len(n) for n, _, _ in rows)
+    for name, state, why in rows:
+        print(f"{name:<{width}}  {state}" + (f" ({why})" if why else ""))
     return 0
 
 
@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-per-build", type=int, help="at most this many points per build (evenly spaced)")
     p.set_defaults(func=cmd_projector)
 
-    p = sub.add_parser("status", help="per stage and part: built / stale / missing")
+    p = sub.add_parser("status", help="per stage and part: built / stale (file: PATH | params: KEY | deps: PATH) / "
+                                      "missing")
     p.set_defaults(func=cmd_status)
     return parser
 

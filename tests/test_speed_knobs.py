@@ -20,6 +20,7 @@ from .shared_demo import RECIPE, copy_of, shared_demo
 # The sections (or keys) each stage reads. dvc.yaml must track all their keys but the speed knobs,
 # so a result-changing key added to one of these sections later cannot go untracked.
 STAGE_READS = {
+    "inputs": [],  # reads source, subset, embed, tag but tracks none: it runs on every build (always_changed)
     "consolidate": ["source"],
     "fetch": ["source.base_url", "source.part_pattern", "source.files", "source.image_embeddings"],
     "prepare": ["source", "prepare"],

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,15 @@ from laionbuild.recipe.errors import InputError
 
 
 def local_copy(url: str) -> Path:
-    """The id list on local disk, fetched once (resumably) into data/.work/ids/."""
+    """The id list on local disk, fetched once per content (resumably) into data/.work/ids/: a
+    republished list (another ETag, size or modification time) is fetched again."""
     if Path(url).exists():
         return Path(url)
+    from laionbuild.project.inputs import remote_fingerprint
+
     name = url.rstrip("/").rsplit("/", 1)[-1]
-    directory = WORK / "ids" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    key = url + json.dumps(remote_fingerprint(url), sort_keys=True)
+    directory = WORK / "ids" / hashlib.sha256(key.encode()).hexdigest()[:16]
     path = directory / name
     if not path.exists():
         fetch_file(url, path, directory / f"{name}.partial")

@@ -1,7 +1,8 @@
 """Source metadata parts as the stages read them: the file format, the canonical columns (`key`,
 `url`, `caption` and whichever of sample_id/width/height/license/nsfw/similarity the source maps),
-the part's rows as SQL for either engine, its id-list entries, and the files of a `source.files`
-glob. prepare, consolidate and the report's examples read parts through here.
+the part's rows as SQL for either engine, its id-list entries, the files of a `source.files`
+glob, and where each part (and each of consolidate's inputs) comes from. prepare, consolidate
+and the report's examples read parts through here.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 
 from laionbuild.engine.sql import SqlDialect
 from laionbuild.metadata.rules import sql_string
+from laionbuild.project.layout import CONSOLIDATED
 from laionbuild.recipe.errors import InputError, MissingInputError
 
 
@@ -25,6 +27,36 @@ def source_files(cfg) -> list[str]:
     if not found:
         raise MissingInputError(f"no file matches source.files `{cfg.source.files}` in {cfg.source.base_url}")
     return [m if fs.protocol in ("file", ("file", "local")) else fs.unstrip_protocol(m) for m in found]
+
+
+def source_url(cfg, part: int) -> str:
+    """Where part N of the build comes from: a consolidated part, the N-th file of
+    `source.files`, or base_url + part_pattern."""
+    if cfg.source.consolidate_parts:
+        return str(CONSOLIDATED / f"part-{part:05d}.parquet")
+    if cfg.source.files:
+        files = source_files(cfg)
+        if part >= len(files):
+            raise MissingInputError(f"source.files `{cfg.source.files}` matches {len(files)} files in "
+                                    f"{cfg.source.base_url}; part {part} has none")
+        return files[part]
+    base = cfg.source.base_url.rstrip("/")
+    return f"{base}/{cfg.source.part_pattern.format(part=part)}"
+
+
+def image_embeddings_url(cfg, part: int) -> str | None:
+    """Where part N's precomputed image embeddings are (source.image_embeddings), or None."""
+    if not cfg.source.image_embeddings:
+        return None
+    return f"{cfg.source.base_url.rstrip('/')}/{cfg.source.image_embeddings.format(part=part)}"
+
+
+def input_urls(cfg) -> list[str]:
+    """Every source file, in part order: what consolidate reads."""
+    if cfg.source.files:
+        return source_files(cfg)
+    base = cfg.source.base_url.rstrip("/")
+    return [f"{base}/{cfg.source.part_pattern.format(part=p)}" for p in range(cfg.source.num_parts)]
 
 
 # canonical column -> predicate on its Arrow type, and what to call that type in an error

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.abc
 import importlib.util
 import logging
@@ -18,8 +17,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from laionbuild.project.atomic import atomic_file, atomic_write_text
-from laionbuild.project.files import digest
+from laionbuild.project.atomic import atomic_file
+from laionbuild.project.files import memo_digest
 from laionbuild.project.layout import WORK
 
 log = logging.getLogger(__name__)
@@ -76,15 +75,21 @@ class _RegisterOnImport(importlib.abc.MetaPathFinder):
 
 
 def _file_md5(path: Path) -> str:
-    """A checkpoint's md5, remembered in data/.work/md5/ by path, size and mtime (hashing a
-    ViT-L/14 checkpoint on every part costs seconds)."""
-    stat = path.stat()
-    memo = WORK / "md5" / (hashlib.md5(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest())
-    if memo.exists():
-        return memo.read_text().strip()
-    md5 = digest(path, "md5")
-    atomic_write_text(memo, md5)
-    return md5
+    """A checkpoint's md5, remembered by path, size and mtime (hashing a ViT-L/14 checkpoint on
+    every part costs seconds)."""
+    return memo_digest(path, "md5")
+
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def checkpoint_path(pretrained: str) -> Path | None:
+    """The local checkpoint `embed.pretrained` (or an extra model's) names, or None for an
+    open_clip tag or `random`: what `resolve` loads as a file, without importing open_clip."""
+    if pretrained == "random":
+        return None
+    local = Path(pretrained).expanduser()
+    return local if local.suffix in CHECKPOINT_SUFFIXES or local.exists() else None
 
 
 def random_checkpoint(architecture: str, seed: int) -> Path:
@@ -115,8 +120,8 @@ def resolve(embed_cfg) -> ResolvedModel:
                     "and the index are NOT meaningful. Use a pretrained tag or checkpoint for real builds.\n%s",
                     UNTRAINED_BANNER, architecture, embed_cfg.seed, UNTRAINED_BANNER)
         return ResolvedModel(f"open_clip:{architecture}/{checkpoint}", architecture, "random", str(checkpoint), True)
-    local = Path(pretrained).expanduser()
-    if local.suffix in (".pt", ".pth", ".bin", ".safetensors") or local.exists():
+    local = checkpoint_path(pretrained)
+    if local is not None:
         if not local.exists():
             raise FileNotFoundError(f"embed.pretrained: checkpoint {local} does not exist")
         local = local.resolve()

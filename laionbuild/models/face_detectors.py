@@ -177,6 +177,16 @@ class HaarDetector:
         return sort_faces(faces)
 
 
+def haar_cascade_path() -> Path:
+    """The frontal-face cascade shipped inside OpenCV (cv2.data.haarcascades), found without
+    importing cv2: the build's input check runs on every build and stays light."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("cv2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return Path(locations[0] if locations else ".") / "data" / HAAR_CASCADE
+
+
 # ---------------------------------------------------------------------------------------- RetinaFace
 
 

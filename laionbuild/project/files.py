@@ -1,4 +1,5 @@
-"""Small file helpers every tier uses: numbered files in their numeric order, and file digests."""
+"""Small file helpers every tier uses: numbered files in their numeric order, and file digests
+(memoised by path, size and mtime for the big files a build reads on every run)."""
 
 from __future__ import annotations
 
@@ -28,3 +29,23 @@ def digest(path: str | Path, algorithm: str = "md5") -> str:
     """Hex digest of a file's bytes, read in blocks (hashlib.file_digest)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def memo_digest(path: str | Path, algorithm: str = "md5") -> str:
+    """`digest(path)`, remembered in data/.work/<algorithm>/ by the file's resolved path, size
+    and mtime: hashing a ViT-L/14 checkpoint or a 1 GB source part on every build costs seconds,
+    a stat costs microseconds. A file rewritten in place gets a new mtime, so a new digest."""
+    from laionbuild.project.atomic import atomic_write_text
+    from laionbuild.project.layout import WORK
+
+    path = Path(path)
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
+    memo = WORK / algorithm / hashlib.md5(key).hexdigest()
+    try:
+        return memo.read_text().strip()
+    except OSError:
+        pass
+    value = digest(path, algorithm)
+    atomic_write_text(memo, value)
+    return value

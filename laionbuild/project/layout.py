@@ -16,6 +16,7 @@ DATA = Path("data")
 TMP = DATA / ".tmp"
 WORK = DATA / ".work"
 
+INPUTS = DATA / "inputs"  # fingerprints of the files stages read from outside DVC's sight (project/inputs.py)
 DEDUPED = DATA / "deduped"
 CONSOLIDATED = DATA / "consolidated"
 # stage -> directory under data/ holding one part_N/ per part (dedup is global but writes per part)
@@ -29,10 +30,11 @@ PART_DIRS = {
     "tag": DATA / "tags",
 }
 PER_PART_STAGES = ("fetch", "prepare", "download", "faces", "embed", "tag")
-GLOBAL_STAGES = ("consolidate", "dedup", "neardup", "select", "assemble", "export", "index", "report", "card")
-# pipeline order: consolidate, fetch, prepare, dedup, download, faces, embed, tag, neardup, select,
-# assemble, export, index, report, card
-STAGES = ("consolidate",) + PER_PART_STAGES[:2] + ("dedup",) + PER_PART_STAGES[2:] + GLOBAL_STAGES[2:]
+# `inputs` runs first on every build (always_changed): it only checks files, cheaply
+GLOBAL_STAGES = ("inputs", "consolidate", "dedup", "neardup", "select", "assemble", "export", "index", "report", "card")
+# pipeline order: inputs, consolidate, fetch, prepare, dedup, download, faces, embed, tag, neardup,
+# select, assemble, export, index, report, card
+STAGES = GLOBAL_STAGES[:2] + PER_PART_STAGES[:2] + ("dedup",) + PER_PART_STAGES[2:] + GLOBAL_STAGES[3:]
 
 NEARDUP = DATA / "neardup"
 SELECTED = DATA / "selected"

@@ -1,6 +1,6 @@
 """The dataset project as a DVC repo: running DVC from this environment, its Hydra
 integration, locks left by killed builds, workspace outputs of parts no longer in the recipe,
-and each stage's state (built / stale / missing)."""
+and each stage's state (built / stale / missing, and why)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from laionbuild.project.layout import PART_DIRS, PER_PART_STAGES, STAGES, part_of
+from laionbuild.project.layout import INPUTS, PART_DIRS, PER_PART_STAGES, STAGES, part_of
 from laionbuild.recipe.schema import load_params
 
 log = logging.getLogger("laionbuild")
@@ -94,9 +94,15 @@ def enable_dvc_hydra() -> None:
                 raise RuntimeError(f"dvc config {key} {value} failed")
 
 
-def stage_status() -> list[tuple[str, str]]:
-    """(stage name as DVC knows it, built|stale|missing) for every stage of params.yaml's recipe."""
+def stage_status() -> list[tuple[str, str, str]]:
+    """(stage name as DVC knows it, built|stale|missing, why) for every stage of params.yaml's
+    recipe. Why a stage is stale: `file: PATH` (a file it reads changed: seen by the last build's
+    `inputs` check, or by the same check run here, which writes nothing), `params: KEY` (a
+    recipe key it tracks), `deps: PATH` (an output of the stage before it). `inputs` itself
+    runs on every build and is listed with what it checks."""
     import yaml
+
+    from laionbuild.project.inputs import expected, pending
 
     cfg = load_params("params.yaml")
     lock = {}
@@ -106,19 +112,75 @@ def stage_status() -> list[tuple[str, str]]:
     if result.returncode != 0:
         raise RuntimeError(f"dvc status failed: {result.stderr.strip()}")
     changed = json.loads(result.stdout or "{}")
+    try:
+        checked = expected(cfg)
+        files = pending(cfg, checked)
+        inputs = ("inputs", "checked", f"on every build: {sum(len(c['inputs']) for c in checked.values())} files")
+    except OSError as exc:  # a store unreachable: the rest of the status still holds
+        files, inputs = {}, ("inputs", "not checked", str(exc))
     names = [f"{s}@{p}" if s in PER_PART_STAGES else s for s in STAGES
              for p in (cfg.subset.parts if s in PER_PART_STAGES else [None])]
-    rows = []
-    for name in names:
+    rows = [inputs]
+    params = yaml.safe_load(Path("params.yaml").read_text()) or {}
+    for name in names[1:]:
+        deleted, why = _why_stale(changed.get(name, []))
+        # a tracked section (`select`) names the keys of it that changed (`select.min_clip_similarity`)
+        was = lock.get(name, {}).get("params", {}).get("params.yaml", {})
+        why["params"] = [k for key in why["params"] for k in (_changed_keys(key, was.get(key), _at(params, key))
+                                                               or [key])]
+        why["file"] = list(dict.fromkeys(files.get(name, []) + why["file"]))
+        reason = "; ".join(f"{kind}: {_few(items)}" for kind, items in why.items() if items)
         if name not in lock:
-            state = "missing"
-        elif name in changed:
-            deleted = any(
-                isinstance(entry, dict) and any(v == "deleted" for d in entry.values() if isinstance(d, dict)
-                                                for v in d.values())
-                for entry in changed[name])
-            state = "missing" if deleted else "stale"
+            rows.append((name, "missing", ""))
+        elif deleted:
+            rows.append((name, "missing", reason))
+        elif reason:
+            rows.append((name, "stale", reason))
         else:
-            state = "built"
-        rows.append((name, state))
+            rows.append((name, "built", ""))
     return rows
+
+
+def _why_stale(entries: list) -> tuple[bool, dict[str, list[str]]]:
+    """(an output deleted?, {file|params|deps|outs: what changed}) from a stage's `dvc status
+    --json` entries; a changed fingerprint file (data/inputs/) is named by the files it records."""
+    from laionbuild.project.inputs import recorded
+
+    deleted, why = False, {"file": [], "params": [], "deps": [], "outs": []}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue  # "always changed"
+        for kind, items in entry.items():
+            if not isinstance(items, dict):
+                continue
+            for path, state in items.items():
+                if isinstance(state, dict):  # a params file: key -> modified/new/deleted
+                    why["params"] += list(state)
+                    continue
+                deleted = deleted or state == "deleted"
+                if path.startswith(f"{INPUTS.as_posix()}/"):
+                    content = recorded(path.removeprefix(f"{INPUTS.as_posix()}/")) or {}
+                    why["file"] += list(content.get("inputs", {})) or [path]
+                else:
+                    why["outs" if kind == "changed outs" else "deps"].append(path)
+    return deleted, why
+
+
+def _few(items: list[str], shown: int = 3) -> str:
+    """`a, b, c` or `a, b, c and 106 more` (a folder's many images on one status line)."""
+    more = len(items) - shown
+    return ", ".join(items[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
+def _at(raw: dict, key: str):
+    for name in key.split("."):
+        raw = raw.get(name) if isinstance(raw, dict) else None
+    return raw
+
+
+def _changed_keys(key: str, old, new) -> list[str]:
+    """The dotted keys under `key` whose values differ between two values of a section."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for name in sorted(set(old) | set(new))
+                for k in _changed_keys(f"{key}.{name}", old.get(name), new.get(name))]
+    return [] if old == new else [key]

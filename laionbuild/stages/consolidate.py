@@ -13,6 +13,7 @@ hash. Deterministic, balanced, and DuckDB spills when the input exceeds memory. 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 
@@ -20,19 +21,13 @@ import duckdb
 import pyarrow.parquet as pq
 
 from laionbuild.metadata.rules import sql_string
-from laionbuild.metadata.sources import canonical_columns, file_format, read_arrow, source_files
+from laionbuild.metadata.sources import canonical_columns, file_format, input_urls, read_arrow
 from laionbuild.metadata.transfer import fetch_file
 from laionbuild.project.atomic import atomic_dir, write_json
+from laionbuild.project.inputs import fingerprint
 from laionbuild.project.layout import CONSOLIDATED, TMP, WORK
 
 log = logging.getLogger(__name__)
-
-
-def input_urls(cfg) -> list[str]:
-    if cfg.source.files:
-        return source_files(cfg)
-    base = cfg.source.base_url.rstrip("/")
-    return [f"{base}/{cfg.source.part_pattern.format(part=p)}" for p in range(cfg.source.num_parts)]
 
 
 def run(cfg) -> None:
@@ -50,7 +45,9 @@ def run(cfg) -> None:
         staged, rows_in = [], 0
         for i, url in enumerate(urls):
             name = url.rstrip("/").rsplit("/", 1)[-1]
-            work = WORK / "consolidate" / hashlib.sha256(url.encode()).hexdigest()[:16]
+            # fetched once per content: a republished file (another fingerprint) is fetched again
+            key = url + json.dumps(fingerprint(url), sort_keys=True)
+            work = WORK / "consolidate" / hashlib.sha256(key.encode()).hexdigest()[:16]
             local = work / name
             if not local.exists():
                 fetch_file(url, local, work / f"{name}.partial", retries=s.fetch_retries, backoff=s.fetch_backoff_s)

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from laionbuild.project.atomic import atomic_dir, atomic_file
 from laionbuild.project.funnel import Counts
+from laionbuild.project.inputs import recorded
 from laionbuild.project.layout import KEY_COLUMN, WORK, part_dir
 from laionbuild.shards.storage import Shard, is_url, open_binary, part_shards
 
@@ -90,7 +91,9 @@ def _tag_shard(location: str, target: str) -> int:
 
 def _fingerprint(cfg, shards: list[Shard]) -> str:
     f = cfg.tag.faces
-    digest = hashlib.sha256(json.dumps([f.detector, f.weights, f.min_score, f.upscale]).encode())
+    # with what the detector resolved to and its weights' digest (the inputs stage's record)
+    digest = hashlib.sha256(json.dumps([f.detector, f.weights, f.min_score, f.upscale, recorded("faces.json")],
+                                       sort_keys=True).encode())
     for shard in shards:  # a URL's prefix is named by its content; a local file also by its mtime
         mtime = 0 if is_url(shard.location) else Path(shard.location).stat().st_mtime_ns
         digest.update(f"{shard.location}:{shard.size}:{mtime}".encode())
