@@ -224,3 +224,31 @@ def test_two_clones_building_at_once_write_one_prefix_once(s3, tmp_path, monkeyp
     assert written and set(written.values()) == {1}, written  # each shard object written once, by one writer
     for clone in clones:
         assert len(part_shards(clone / "data/images/part_0")) == len(manifests[0]["shards"])
+
+
+def test_gc_shards_keeps_a_prefix_being_written(s3, project):
+    """A prefix with a live lease (a download running, here or in another clone) is kept even by
+    `gc-shards --delete --incomplete`; one whose lease holder is dead is collected."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from laionbuild.shards import lease
+
+    from .conftest import S3_BUCKET
+
+    fs, _ = s3
+    base = f"{S3_BUCKET}/gc-lease"
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    for name, pid in (("part_0-00000000000000a1", os.getpid()), ("part_0-00000000000000d2", dead)):
+        fs.pipe(f"{base}/{name}/00000.tar", b"a shard being written")
+        holder = {"host": socket.gethostname(), "pid": pid, "heartbeat": time.time(), "owner": name[-2:]}
+        fs.pipe(f"{base}/{name}/{lease.lease_name(1)}", json.dumps(holder).encode())
+    listed = project.laionbuild("gc-shards", "--url", f"s3://{base}", "--delete", "--incomplete").output
+    assert f"part_0-00000000000000a1  kept: being written (lease of {socket.gethostname()} pid {os.getpid()}" in listed
+    assert "deleted 1 prefix" in listed
+    fs.invalidate_cache()
+    assert {p.split("/")[2] for p in fs.find(base)} == {"part_0-00000000000000a1"}

@@ -118,9 +118,14 @@ def cache_holds(paths: list[Path]) -> dict[Path, bool]:
     stages = (yaml.safe_load(Path("dvc.lock").read_text()) or {}).get("stages") or {}
     outs = {Path(o["path"]): o for entry in stages.values() for o in entry.get("outs") or []
             if str(o.get("md5", "")).endswith(".dir")}
+    from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
-    with Repo(".") as repo:
+    try:
+        repo = Repo(".")
+    except NotDvcRepoError:  # (a dvc.lock without .dvc/: no cache to hold anything)
+        return result
+    with repo:
         listings: dict[Path, list] = {}
         for path in paths:
             out_path = next((p for p in (path, *path.parents) if p in outs), None)
