@@ -220,7 +220,9 @@ def writer(prefix: str, complete: Callable[[], bool], describe: str = "") -> Ite
         stop.set()
         if beat.is_alive():
             beat.join()
-        _remove(prefix, join(filesystem(prefix)[1], lease_name(generation)))
+        path = join(filesystem(prefix)[1], lease_name(generation))
+        if (read(prefix, path) or {}).get("owner") == owner:  # (never another build's lease of that number)
+            _remove(prefix, path)
 
 
 def _body(record: dict) -> bytes:
@@ -240,7 +242,7 @@ def _heartbeat(lease: Lease, record: dict, stop: threading.Event) -> None:
                 _stop_writing()
                 return
             _overwrite(lease.prefix, name, _body(record))
-        except OSError as exc:  # the store unreachable for a while: retry at the next beat
+        except Exception as exc:  # the store unreachable for a while: retry at the next beat (never die silently)
             log.warning("%s: lease heartbeat failed (%s); retrying", lease.prefix, exc)
 
 
