@@ -33,8 +33,13 @@ def cmd_compose(args) -> int:
     if Path(args.output).resolve() != Path("params.yaml").resolve():
         print(f"wrote {args.output} (recipe={cfg.recipe.name}, parts={list(cfg.subset.parts)})")
         return 0  # not this project's build recipe: leave the workspace alone
-    for path in prune_stale_parts(list(cfg.subset.parts)):
+    removed, kept = prune_stale_parts(list(cfg.subset.parts))
+    for path in removed:
         log.info("removed %s from the workspace (part not in subset.parts; kept in DVC's cache)", path)
+    for path, target in kept:
+        print(f"kept {path} in {target}: part not in subset.parts, and DVC's cache does not hold it as it is "
+              f"(never committed); move it back with the part in subset.parts and `dvc commit` it, or delete it",
+              file=sys.stderr)
     print(f"wrote {args.output} (recipe={cfg.recipe.name}, parts={list(cfg.subset.parts)})")
     return 0
 

@@ -219,6 +219,7 @@ def test_adding_a_part_runs_only_that_part_and_global_stages(built):
     assert {d: tree_digest(built / "data" / d) for d in digests} == digests
     assert (built / "data/metrics/funnel.json").read_text() == funnel
     assert not (built / "data/images/part_2").exists()
+    assert not (built / "data/.kept").exists()  # every stage's part 2 output was in DVC's cache: removed, none kept
 
 
 def test_params_yaml_is_what_dvc_tracks(built):

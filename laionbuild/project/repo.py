@@ -1,6 +1,7 @@
 """The dataset project as a DVC repo: running DVC from this environment, its Hydra
-integration, locks left by killed builds, workspace outputs of parts no longer in the recipe,
-and each stage's state (built / stale / missing, and why)."""
+integration, locks left by killed builds, workspace outputs of parts no longer in the recipe
+(removed when DVC's cache holds them, kept aside otherwise), and each stage's state (built /
+stale / missing, and why)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from laionbuild.project.layout import INPUTS, PART_DIRS, PER_PART_STAGES, STAGES, part_of
+from laionbuild.project.layout import DATA, INPUTS, PART_DIRS, PER_PART_STAGES, STAGES, part_of
 from laionbuild.recipe.schema import load_params
 
 log = logging.getLogger("laionbuild")
@@ -68,21 +69,99 @@ def clear_dead_dvc_locks(dvc_dir: Path = Path(".dvc")) -> list[int]:
     return sorted(cleared)
 
 
-def prune_stale_parts(parts: list[int]) -> list[Path]:
-    """Remove workspace outputs of parts no longer in the recipe. They stay in DVC's cache (and
-    come back from it when the part is added again); removing them keeps the global stages'
-    directory dependencies equal to a build that never had the part, so DVC's run-cache can
-    restore their outputs instead of recomputing."""
-    removed = []
-    for directory in PART_DIRS.values():
-        if not directory.is_dir():
+KEPT = DATA / ".kept"  # outputs of dropped parts that DVC's cache does not hold (ignored by git and DVC)
+
+
+def prune_stale_parts(parts: list[int]) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """Take workspace outputs of parts no longer in the recipe out of the stage directories, so the
+    global stages' directory dependencies equal a build that never had the part and DVC's
+    run-cache can restore their outputs instead of recomputing. An output DVC's cache holds as it
+    is (dvc.lock's hash, its `.dir` listing and every file's object in the cache) is removed: it
+    comes back from the cache when the part is added again. Any other (built but never committed:
+    a build killed while DVC saved it, a stage run by hand, a file changed since) is moved to
+    `data/.kept/<dir>/part_N`, never deleted. Returns (removed, [(kept, where it went)])."""
+    stale = [child for directory in PART_DIRS.values() if directory.is_dir()
+             for child in sorted(directory.iterdir())
+             if (part := part_of(child)) is not None and part not in parts]
+    if not stale:
+        return [], []
+    held = cache_holds(stale)
+    removed, kept = [], []
+    for path in stale:
+        if held[path]:
+            shutil.rmtree(path)
+            removed.append(path)
             continue
-        for child in sorted(directory.iterdir()):
-            part = part_of(child)
-            if part is not None and part not in parts:
-                shutil.rmtree(child)
-                removed.append(child)
-    return removed
+        target = KEPT / path.relative_to(DATA)
+        for n in range(1, 1000):
+            if not target.exists():
+                break
+            target = KEPT / path.relative_to(DATA).with_name(f"{path.name}.{n}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        kept.append((path, target))
+    return removed, kept
+
+
+def cache_holds(paths: list[Path]) -> dict[Path, bool]:
+    """Whether DVC's cache holds each workspace directory exactly as it is, without hashing it:
+    the output of dvc.lock that records it (the directory itself, or a global output above it)
+    has its `.dir` listing in the cache, the directory holds the listed files and no others, and
+    each file is the cached object itself (a DVC link) or has, in DVC's state db (inode, mtime,
+    size -> md5, written when DVC hashed it), the listed hash, whose object is in the cache. A file
+    DVC never hashed as it is now counts as not held: deciding costs one stat and one state
+    lookup per file, never a read of the shards."""
+    import yaml
+
+    result = dict.fromkeys(paths, False)
+    if not Path("dvc.lock").exists():
+        return result
+    stages = (yaml.safe_load(Path("dvc.lock").read_text()) or {}).get("stages") or {}
+    outs = {Path(o["path"]): o for entry in stages.values() for o in entry.get("outs") or []
+            if str(o.get("md5", "")).endswith(".dir")}
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    try:
+        repo = Repo(".")
+    except NotDvcRepoError:  # (a dvc.lock without .dvc/: no cache to hold anything)
+        return result
+    with repo:
+        listings: dict[Path, list] = {}
+        for path in paths:
+            out_path = next((p for p in (path, *path.parents) if p in outs), None)
+            if out_path is None:
+                continue
+            out = outs[out_path]
+            odb = repo.cache.local if "hash" in out else repo.cache.legacy  # (DVC 2 lock entries: legacy layout)
+            if out_path not in listings:
+                try:
+                    listings[out_path] = json.loads(Path(odb.oid_to_path(out["md5"])).read_text())
+                except (OSError, ValueError):
+                    listings[out_path] = []
+            below = path.relative_to(out_path).as_posix()
+            start = "" if below == "." else below + "/"
+            recorded = {e["relpath"][len(start):]: e["md5"] for e in listings[out_path]
+                        if e.get("relpath", "").startswith(start)}
+            if recorded:
+                result[path] = _files_held(repo, odb, path, recorded)
+    return result
+
+
+def _files_held(repo, odb, path: Path, recorded: dict[str, str]) -> bool:
+    found = {f.relative_to(path).as_posix(): f for f in path.rglob("*") if f.is_file() or f.is_symlink()}
+    if set(found) != set(recorded):
+        return False
+    for name, file in found.items():
+        cached = odb.oid_to_path(recorded[name])
+        if not os.path.exists(cached):
+            return False
+        if os.path.samefile(file, cached):  # hardlink/symlink/reflink-less link types: the object itself
+            continue
+        _, hash_info = repo.state.get(os.path.abspath(file), repo.fs)
+        if hash_info is None or hash_info.value != recorded[name]:
+            return False
+    return True
 
 
 def enable_dvc_hydra() -> None:

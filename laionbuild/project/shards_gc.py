@@ -17,7 +17,8 @@ settings), whatever URL spelling or mount led to them: a name referenced anywher
 it, or the commit was built elsewhere and never fetched: it may name any prefix), in a shallow
 clone (history it cannot see), or while this project's DVC lock is held (a build running).
 Prefixes without `_laionbuild_complete.json` (a download killed before its commit, which the next
-build resumes, or one running) and `_scratch/` leftovers are kept unless `--incomplete`.
+build resumes, or one running) and `_scratch/` leftovers are kept unless `--incomplete`; one with a
+live lease (laionbuild/shards/lease.py: a download writing it, in any clone) is kept even then.
 Deleting removes the completion marker first and img2dataset's `*_stats.json` next (its resume
 skips a shard whose stats exist), so a half-deleted prefix is downloaded again, never taken as
 done; DVC run-cache entries whose manifest names a deleted prefix are dropped, so `dvc repro`
@@ -38,7 +39,8 @@ from pathlib import Path
 
 import yaml
 
-from laionbuild.shards.storage import COMPLETE, MANIFEST, filesystem
+from laionbuild.shards.lease import LEASE, live_holder
+from laionbuild.shards.storage import COMPLETE, MANIFEST, filesystem, join
 
 PREFIX = re.compile(r"^part_\d+-[0-9a-f]{16}(-retry-[0-9a-f]+)*$")  # (retry-failed copies: -retry-<uuid>)
 SCRATCH = "_scratch"
@@ -56,6 +58,7 @@ class Prefix:
     complete: bool
     referenced_by: list[str] = field(default_factory=list)
     size: int = 0
+    writing: str = ""  # the holder of a live lease (laionbuild/shards/lease.py): a download running
 
 
 def _name(url: str) -> str:
@@ -150,7 +153,11 @@ def scan(shards_url: str, refs: dict[str, set[str]]) -> list[Prefix]:
         if not files:
             return None
         complete = any(f.rsplit("/", 1)[-1] == COMPLETE for f in files)
-        return Prefix(name, path, complete, size=sum(int(i.get("size") or 0) for i in files.values()))
+        prefix = Prefix(name, path, complete, size=sum(int(i.get("size") or 0) for i in files.values()))
+        if not complete and any(LEASE.match(f.rsplit("/", 1)[-1]) for f in files):
+            holder = live_holder(join(shards_url, name))
+            prefix.writing = f"{holder.get('host')} pid {holder.get('pid')}" if holder else ""
+        return prefix
 
     found = []
     for entry in sorted(entries, key=lambda e: e["name"]):
@@ -238,6 +245,9 @@ def _collect(repo, shards_url: str, delete: bool, incomplete: bool, root: Path) 
         if p.referenced_by:
             more = len(p.referenced_by) - 3
             lines.append(f"  {p.name}  kept: {', '.join(p.referenced_by[:3])}{f', +{more}' if more > 0 else ''}")
+        elif p.writing:
+            lines.append(f"  {p.name}  kept: being written (lease of {p.writing}, a build running here or in "
+                         f"another clone)  {p.size / 1e6:.1f} MB")
         elif not p.complete and not incomplete:
             lines.append(f"  {p.name}  kept: incomplete (a killed download the next build resumes, or one "
                          f"running; --incomplete deletes it)  {p.size / 1e6:.1f} MB")

@@ -10,7 +10,8 @@ through the driver's disk:
   of the part's deduped metadata and every `download` setting but the speed knobs: one prefix
   per distinct input of the stage, never written again once complete, so experiments never
   overwrite each other's shards, a rebuild with more threads writes no second copy, and an
-  interrupted download resumes in the same prefix (img2dataset's incremental mode);
+  interrupted download resumes in the same prefix (img2dataset's incremental mode); one build at
+  a time writes a prefix, the others wait for it (laionbuild/shards/lease.py);
 - `data/images/part_N/` (the DVC output) keeps what the funnel, the report and the readers need:
   img2dataset's per-shard `.parquet` and `_stats.json`, `stats.json`, and `shards.json`, the
   manifest naming the prefix and each `.tar` with its size. The manifest is written last, in the

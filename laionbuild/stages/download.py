@@ -30,7 +30,7 @@ import tarfile
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -41,6 +41,7 @@ from laionbuild.project.atomic import atomic_dir, atomic_write_bytes, read_json,
 from laionbuild.project.funnel import Counts, load_stats
 from laionbuild.project.layout import KEY_COLUMN, TMP, WORK, part_dir
 from laionbuild.recipe.errors import MissingInputError
+from laionbuild.shards.lease import writer
 from laionbuild.shards.storage import COMPLETE, MANIFEST, filesystem, is_url, join, part_shards, shards_prefix
 from laionbuild.web.failures import classify, transient
 from laionbuild.web.local_server import serve_folder
@@ -218,6 +219,11 @@ def part_counts(attempted: int, refused: dict, shards: str) -> Counts:
 
 
 def run(cfg, part: int) -> None:
+    with ExitStack() as leases:  # (download.shards_url) held from before the download until the prefix is complete
+        _run(cfg, part, leases)
+
+
+def _run(cfg, part: int, leases: ExitStack) -> None:
     metadata_path = part_dir("dedup", part) / "metadata.parquet"
     if not cfg.download.enabled:  # an embeddings-only build: nothing to fetch, an empty part
         with atomic_dir(part_dir("download", part)) as out:
@@ -242,8 +248,12 @@ def run(cfg, part: int) -> None:
         input_path = work / "input.parquet"
         pq.write_table(fetch_table, input_path)
         # a prefix committed before (same input, same settings: a forced rerun, another
-        # experiment's) is taken as it is: never written again
-        complete = bool(url) and _exists(shards, COMPLETE)
+        # experiment's) is taken as it is: never written again; one another build is writing is
+        # waited for (laionbuild/shards/lease.py), so that one writer at a time writes a prefix
+        lease = None
+        if url and fetch_table.num_rows:
+            lease = leases.enter_context(writer(shards, lambda: _exists(shards, COMPLETE), describe=f"download@{part}"))
+        complete = bool(url) and (lease.complete if lease else _exists(shards, COMPLETE))
         if fetch_table.num_rows and not complete:
             _img2dataset(cfg, input_path, shards)
         stats_files = _glob(shards, "*_stats.json") if fetch_table.num_rows else []
@@ -260,6 +270,8 @@ def run(cfg, part: int) -> None:
 
     fetched = shards if fetch_table.num_rows else str(work / "none")
     counts = part_counts(table.num_rows, refused, fetched)
+    if lease and not lease.complete:
+        lease.check()  # still this build's prefix: nobody took it over while it looked dead
     with atomic_dir(part_dir("download", part)) as out:
         if url:
             _commit_manifest(shards, fetched, out)
