@@ -164,6 +164,6 @@ def test_a_recipe_of_ones_own_builds_and_dvc_exp_run_composes_the_same(repo):
     assert "Running stage 'select'" in run.output and "Running stage 'download@0'" not in run.output
     shown = json.loads(repo.run(sys.executable, "-m", "dvc", "exp", "show", "--json").output)
     params = next(rev["data"]["params"]["params.yaml"]["data"] for commit in shown for exp in commit.get("experiments") or []
-                  for rev in exp.get("revs", []) if rev.get("data", {}).get("name") == "mine-0.02")
+                  for rev in exp.get("revs", []) if (rev["data"].get("name") or exp.get("name")) == "mine-0.02")
     assert params == expected  # DVC's Hydra composition: this repo's conf/ first, the shipped groups after
     assert params["select"]["min_clip_similarity"] == 0.02 and params["recipe"]["name"] == "mine"
