@@ -131,7 +131,8 @@ def test_init_writes_only_what_a_user_edits(repo):
     for name in ("dvc.yaml", ".dvcignore", ".gitignore", "demo/metadata", "params.yaml", "README.md"):
         assert (repo / name).exists(), name
     assert (repo / "dvc.yaml").read_text() == (ROOT / "dvc.yaml").read_text()
-    assert yaml.safe_load((repo / "params.yaml").read_text())["recipe"]["name"] == "demo"
+    # composed from the wheel's conf/ through the search path: the checkout's demo recipe, key for key
+    assert yaml.safe_load((repo / "params.yaml").read_text()) == yaml.safe_load((ROOT / "params.yaml").read_text())
     assert repo.run("git", "status", "--porcelain").output.strip() == ""
 
 
@@ -167,3 +168,11 @@ def test_a_recipe_of_ones_own_builds_and_dvc_exp_run_composes_the_same(repo):
                   for rev in exp.get("revs", []) if (rev["data"].get("name") or exp.get("name")) == "mine-0.02")
     assert params == expected  # DVC's Hydra composition: this repo's conf/ first, the shipped groups after
     assert params["select"]["min_clip_similarity"] == 0.02 and params["recipe"]["name"] == "mine"
+
+
+def test_init_copy_conf_writes_a_frozen_copy_of_every_shipped_file(tmp_path):
+    Project(tmp_path).laionbuild("init", "--copy-conf", str(tmp_path / "ds"))
+    copied = sorted(str(p.relative_to(tmp_path / "ds" / "conf")) for p in (tmp_path / "ds/conf").rglob("*.yaml"))
+    assert copied == sorted(str(p.relative_to(ROOT / "conf")) for p in (ROOT / "conf").rglob("*.yaml"))
+    assert "laionbuild://" not in (tmp_path / "ds/conf/config.yaml").read_text()  # nothing searched outside it
+    assert yaml.safe_load((tmp_path / "ds/params.yaml").read_text()) == yaml.safe_load((ROOT / "params.yaml").read_text())
