@@ -73,10 +73,11 @@ def cmd_sweep(args) -> int:
 
 def cmd_init(args) -> int:
     from laionbuild.project.sweeps import init_project, run
+    from laionbuild.project.template import template_root
 
     target = Path(args.dir).resolve()
-    template = Path(__file__).resolve().parents[1]
-    init_project(target, template)
+    template = template_root()
+    init_project(target, template, copy_conf=args.copy_conf)
     run(["git", "init", "-q"], target)
     old = os.getcwd()
     os.chdir(target)
@@ -90,7 +91,7 @@ def cmd_init(args) -> int:
     run(["git", "add", "-A"], target)
     run(["git", "-c", "user.name=laionbuild", "-c", "user.email=laionbuild@localhost", "commit", "-qm",
          "laionbuild init: recipes (conf/), stage graph (dvc.yaml), composed demo recipe (params.yaml)"], target)
-    print(f"initialised a dataset repo in {target}: cd {target} && laionbuild build")
+    print(f"initialised a dataset repo in {target} (template: {template}): cd {target} && laionbuild build")
     return 0
 
 
@@ -251,8 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: on when stderr is a terminal)")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("init", help="scaffold a dataset repo (git + DVC, conf/, dvc.yaml, params.yaml)")
+    p = sub.add_parser("init", help="scaffold a dataset repo (git + DVC, conf/config.yaml over the shipped conf/, "
+                                    "dvc.yaml, params.yaml)")
     p.add_argument("dir")
+    p.add_argument("--copy-conf", action="store_true",
+                   help="copy every shipped group and recipe into conf/ (a frozen copy) instead of searching them "
+                        "after the repo's own conf/")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")

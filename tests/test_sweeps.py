@@ -37,7 +37,8 @@ def experiments(project: Project) -> dict[str, dict]:
 
 
 def test_init_scaffolds_a_dataset_repo(repo):
-    for name in ("conf/recipe/demo.yaml", "conf/config.yaml", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore",
+    assert sorted(p.name for p in (repo / "conf").iterdir()) == ["config.yaml"]  # the shipped conf/ is searched after it
+    for name in ("conf/config.yaml", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore",
                  "demo/metadata", ".dvc/config", "README.md"):
         assert (repo / name).exists(), name
     assert "enabled = true" in (repo / ".dvc/config").read_text()  # DVC's Hydra composition

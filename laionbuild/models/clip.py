@@ -92,11 +92,24 @@ def checkpoint_path(pretrained: str) -> Path | None:
     return local if local.suffix in CHECKPOINT_SUFFIXES or local.exists() else None
 
 
+def random_checkpoint_path(architecture: str, seed: int) -> Path:
+    """Where `embed.pretrained=random` weights are written, relative to the project root."""
+    return WORK / "models" / f"{architecture}-random-seed{seed}.pt"
+
+
+def clip_retrieval_model(spec) -> str:
+    """What clip-retrieval (`clip-retrieval back`, all_clip.load_clip) takes for an `embed`
+    model spec (model, pretrained, seed): `open_clip:ARCH/TAG`, or `open_clip:ARCH/CHECKPOINT`
+    with a relative path (from the project root) for `random` weights."""
+    pretrained = str(random_checkpoint_path(spec.model, spec.seed)) if spec.pretrained == "random" else spec.pretrained
+    return f"open_clip:{spec.model}/{pretrained}"
+
+
 def random_checkpoint(architecture: str, seed: int) -> Path:
     import open_clip
     import torch
 
-    path = (WORK / "models" / f"{architecture}-random-seed{seed}.pt").resolve()
+    path = random_checkpoint_path(architecture, seed).resolve()
     if not path.exists():
         torch.manual_seed(seed)
         model = open_clip.create_model(architecture, pretrained=None)

@@ -6,8 +6,12 @@
   Hydra composition (`hydra.enabled` in `.dvc/config`, conf/ and config.yaml: ours) writes each
   point's params.yaml and the stages validate it; DVC's cache and run-cache make the points share
   every stage their params do not touch, so a threshold sweep costs one build plus K selections.
-- `laionbuild init DIR` scaffolds a dataset repo of one's own (git + DVC with Hydra enabled, the
-  shipped conf/, dvc.yaml, params.yaml, the demo), committed.
+- `laionbuild init DIR` scaffolds a dataset repo of one's own (git + DVC with Hydra enabled),
+  committed: by default only what a user edits or DVC must find in the repo -- conf/config.yaml
+  (which searches the shipped conf/ after the repo's own: recipes of one's own need not copy
+  ours, and an upgrade of laionbuild brings its fixed and new groups), dvc.yaml, the ignore
+  files, the demo source, params.yaml; `--copy-conf` copies every shipped group and recipe
+  instead (a frozen copy, edited in place, that no upgrade touches).
 """
 
 from __future__ import annotations
@@ -18,9 +22,23 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from laionbuild.project.template import SHIPPED_CONF_SEARCHPATH, TEMPLATE_FILES
 from laionbuild.recipe.errors import RecipeError
 
-TEMPLATE_FILES = ("conf", "dvc.yaml", ".dvcignore", ".gitignore", "demo")
+# conf/config.yaml of a dataset repo `laionbuild init` writes (unless --copy-conf)
+OVERLAY_CONFIG = f"""\
+# Entry point for `laionbuild compose` and for DVC's Hydra composition (`dvc exp run -S ...`).
+# Recipes of your own: conf/recipe/NAME.yaml (groups: conf/<group>/NAME.yaml). This folder is
+# searched first, then the conf/ laionbuild ships ({SHIPPED_CONF_SEARCHPATH}: every shipped group and
+# recipe, not copied here), so a recipe can pick `/source: laion400m` and override a few values.
+# Pick the default recipe here or with `recipe=NAME`; override any key with `group.key=value`.
+defaults:
+  - recipe: demo
+  - _self_
+hydra:
+  searchpath:
+    - {SHIPPED_CONF_SEARCHPATH}
+"""
 
 
 def sweep_points(overrides: list[str]) -> tuple[list[list[str]], list[list[str]]]:
@@ -71,18 +89,24 @@ def copy_template(template: Path, target: Path, names) -> None:
             shutil.copy2(source, target / name)
 
 
-def init_project(target: Path, template: Path) -> None:
-    """Scaffold a dataset repo at `target` from the project files at `template`."""
+def init_project(target: Path, template: Path, copy_conf: bool = False) -> None:
+    """Scaffold a dataset repo at `target` from the project files at `template`: conf/config.yaml
+    over the shipped conf/ (or, `copy_conf`, a copy of all of it) and the other template files."""
     if target.exists() and any(target.iterdir()):
         raise RecipeError(f"init: {target} exists and is not empty")
-    missing = [n for n in TEMPLATE_FILES if not (template / n).exists()]
-    if missing:
-        raise RecipeError(f"init: the project template at {template} lacks {missing} (laionbuild must be installed "
-                          "from a source checkout: pip install -e .)")
-    copy_template(template, target, TEMPLATE_FILES)
+    copy_template(template, target, [n for n in TEMPLATE_FILES if copy_conf or n != "conf"])
+    if not copy_conf:
+        (target / "conf").mkdir()
+        (target / "conf" / "config.yaml").write_text(OVERLAY_CONFIG)
+    where = ("Recipes are in `conf/` (a copy of every shipped group and recipe)" if copy_conf else
+             "Your recipes go in `conf/recipe/NAME.yaml`; laionbuild's shipped groups and recipes are searched after "
+             "`conf/` (`hydra.searchpath` in `conf/config.yaml`), so a recipe of your own can pick them:\n\n"
+             "```yaml\n# @package _global_\ndefaults:\n  - demo          # the shipped conf/recipe/demo.yaml, extended\n"
+             "  - _self_\nrecipe:\n  name: mine\n"
+             "select:\n  min_clip_similarity: 0.0\n```\n\nthen `laionbuild build recipe=mine`")
     (target / "README.md").write_text(
         "# A laionbuild dataset repo\n\n"
-        "Recipes are in `conf/` (`conf/recipe/*.yaml`); `params.yaml` is the composed recipe DVC tracks.\n\n"
+        f"{where}. `params.yaml` is the composed recipe DVC tracks.\n\n"
         "```bash\nlaionbuild build                                   # the demo recipe\n"
         "laionbuild build recipe=laion400m source.base_url=/data/laion400m-meta subset.parts=[0,1]\n"
         "laionbuild build -m select.min_clip_similarity=0.26,0.28,0.30   # one DVC experiment per point\n"

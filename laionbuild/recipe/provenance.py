@@ -14,16 +14,21 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def defaults_files(conf_dir: Path, config_name: str, overrides: Sequence[str]) -> List[Tuple[Path, str]]:
-    """(file, package) of every config of the recipe in merge order (later files win). Call it
-    inside Hydra's initialize_config_dir."""
+def defaults_files(conf_dirs: Sequence[Path], config_name: str, overrides: Sequence[str]) -> List[Tuple[Path, str]]:
+    """(file, package) of every config of the recipe in merge order (later files win), each
+    found in the first of `conf_dirs` (Hydra's search path order) that has it. Call it inside
+    Hydra's initialize_config_dir."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
 
     loader = GlobalHydra.instance().config_loader()
     defaults = loader.compute_defaults_list(config_name, list(overrides), RunMode.RUN).defaults
-    files = [(conf_dir / f"{d.config_path}.yaml", d.package or "") for d in defaults if d.config_path]
-    return [(path, package) for path, package in files if path.is_file()]
+    files = []
+    for d in defaults:
+        found = [c / f"{d.config_path}.yaml" for c in conf_dirs if d.config_path and (c / f"{d.config_path}.yaml").is_file()]
+        if found:
+            files.append((found[0], d.package or ""))
+    return files
 
 
 def _depth_in(data: Any, path: List[str]) -> int:
@@ -41,13 +46,13 @@ def _shown(path: Path) -> str:
     return relative if not relative.startswith("..") else str(path)
 
 
-def composed_origin(overrides: Sequence[str], files: Sequence[Tuple[Path, str]], conf_dir: Path) -> Origin:
+def composed_origin(overrides: Sequence[str], files: Sequence[Tuple[Path, str]], conf_dirs: Sequence[Path]) -> Origin:
     import yaml
 
     def origin(key: str) -> Optional[str]:
         for override in reversed(list(overrides)):
             name = override_key(override)
-            if (conf_dir / name).is_dir():  # a group choice: the group's file says more
+            if any((c / name).is_dir() for c in conf_dirs):  # a group choice: the group's file says more
                 continue
             if key == name or key.startswith(f"{name}.") or name.startswith(f"{key}."):
                 return f"override `{override}`"

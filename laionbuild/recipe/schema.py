@@ -599,12 +599,16 @@ def to_yaml(cfg: Config) -> str:
 
 
 def compose(overrides: List[str], conf_dir: str | Path = "conf", config_name: str = "config") -> Config:
-    """Compose `conf/config.yaml` with Hydra override grammar, then validate."""
+    """Compose `conf/config.yaml` with Hydra override grammar, then validate. A dataset repo's
+    config.yaml lists the shipped conf/ in `hydra.searchpath` (`laionbuild://conf`): its own
+    groups and recipes are searched first, the shipped ones after."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
     from yaml import YAMLError
+
+    from laionbuild.project.template import shipped_conf
 
     conf_dir = Path(conf_dir).resolve()
     if not (conf_dir / f"{config_name}.yaml").exists():
@@ -613,12 +617,13 @@ def compose(overrides: List[str], conf_dir: str | Path = "conf", config_name: st
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             raw = hydra_compose(config_name=config_name, overrides=list(overrides))
-            files = defaults_files(conf_dir, config_name, overrides)
+            searched = [conf_dir, *([shipped_conf()] if shipped_conf() != conf_dir else [])]
+            files = defaults_files(searched, config_name, overrides)
     except YAMLError as exc:
         raise RecipeError(yaml_error_message(exc)) from None
     except (HydraException, OmegaConfBaseException) as exc:
         raise RecipeError(hydra_message(exc, where)) from None
-    return to_config(raw, where=where, origin=composed_origin(overrides, files, conf_dir))
+    return to_config(raw, where=where, origin=composed_origin(overrides, files, searched))
 
 
 def hydra_message(exc: Exception, where: str) -> str:

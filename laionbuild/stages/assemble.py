@@ -2,7 +2,8 @@
 key order):
 
 - `data/dataset/NNNNN.tar` webdataset shards (`KEY.jpg`, `KEY.txt`, `KEY.json` with key, url,
-  caption and tags) + `NNNNN.parquet` with the same metadata;
+  caption and tags) + `NNNNN.parquet` with the same metadata, and `shardindex.json` (the
+  shards and their sample counts, as `wids.ShardListDataset` reads them);
 - `data/embeddings/{img_emb,text_emb,metadata}/` in clip-retrieval's layout, rows aligned with
   the shards.
 
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from laionbuild.project.atomic import atomic_dir, read_json
+from laionbuild.project.atomic import atomic_dir, read_json, write_json
 from laionbuild.project.layout import DATASET, EMBEDDINGS, KEY_COLUMN, SELECTED, TMP, embed_dir, part_dir
 from laionbuild.project.outputs import selected_keys
 from laionbuild.recipe.errors import InputError
@@ -78,6 +79,7 @@ class _ShardWriter:
     def __init__(self, out: Path, per_shard: int):
         self.out, self.per_shard = out, per_shard
         self.shard, self.count, self.tar, self.rows = -1, 0, None, []
+        self.shards: list[dict] = []  # the wids shard index: url (relative to it), nsamples, filesize
 
     def _roll(self) -> None:
         self.close()
@@ -101,7 +103,14 @@ class _ShardWriter:
             frame["shard"] = self.shard
             frame.drop(columns=["tags"]).join(pd.json_normalize(frame["tags"])).to_parquet(
                 self.out / f"{self.shard:05d}.parquet", index=False)
+            name = f"{self.shard:05d}.tar"
+            self.shards.append({"url": name, "nsamples": self.count, "filesize": (self.out / name).stat().st_size})
             self.tar = None
+
+    def write_index(self, name: str) -> None:
+        """`shardindex.json`: the shards as wids reads them (`wids.ShardListDataset(path)`)."""
+        write_json(self.out / "shardindex.json", {"__kind__": "wids-shard-index-v1", "wids_version": 1,
+                                                  "name": name, "shardlist": self.shards})
 
 
 class _EmbeddingWriter:
@@ -212,6 +221,8 @@ def run(cfg) -> None:
                 arrays = {k: np.load(embed_dir(part, model) / k / f"{k}_0.npy", mmap_mode="r")[rows] for k in out.kinds}
                 out.add(arrays, frame.drop(columns=["part"]))
         writer.close()
+        if images_wanted:
+            writer.write_index(cfg.recipe.name)
         for out in embeddings.values():
             out.close()
         if not embeddings[None].rows:

@@ -1,5 +1,8 @@
 """index: autofaiss builds a kNN index over the selected image embeddings
-(`data/index/image.index`, loadable by `faiss.read_index`, + `image_infos.json`), then measures
+(`data/index/image.index`, loadable by `faiss.read_index`, + `image_infos.json`), beside the
+metadata of the indexed rows in id order (`metadata/`, linked from data/embeddings) and
+`indices.json`, so `clip-retrieval back --indices_paths data/index/indices.json` serves the
+folder as it is (run from the project root: its paths are relative to it); then measures
 it (`data/metrics/index.json`, DVC metrics): with `index.report_queries` of the selected
 samples' *text* embeddings as queries (text-to-image search, what `query` does), recall@1 (the
 index's top hit is the exact top hit) and recall@10 (share of the exact top 10 found in the
@@ -10,10 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 import uuid
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from laionbuild.project.atomic import atomic_dir, read_json, write_json
 from laionbuild.project.files import numbered
@@ -72,7 +77,33 @@ def _build(cfg, c, source, embeddings: str, distributed: dict) -> None:
         spec = cfg.embed.extra_models[c.model] if c.model else cfg.embed
         write_json(out / "model.json", {"embeddings": str(source), "name": c.model, "model": spec.model,
                                         "pretrained": spec.pretrained})
+        _clip_back_layout(cfg, source, out, spec)
         log.info("index: %s with %d vectors", type(index).__name__, index.ntotal)
+
+
+def _clip_back_layout(cfg, source, out, spec) -> None:
+    """`metadata/` (clip-retrieval back's metadata provider reads `<folder>/metadata/*.parquet`,
+    row i = index id i: data/embeddings' metadata, whose rows follow the image embeddings) and
+    `indices.json` (`clip-retrieval back --indices_paths`): hard links where the filesystem
+    allows (no second copy in the workspace; DVC's cache holds one object per content anyway)."""
+    from laionbuild.models.clip import clip_retrieval_model
+
+    (out / "metadata").mkdir()
+    files = numbered(source / "metadata", "metadata", ".parquet")
+    for path in files:
+        try:
+            os.link(path, out / "metadata" / path.name)
+        except OSError:
+            shutil.copy2(path, out / "metadata" / path.name)
+    columns = pq.read_schema(files[0]).names
+    write_json(out / "indices.json", {cfg.recipe.name: {
+        "indice_folder": str(INDEX),
+        "clip_model": clip_retrieval_model(spec),
+        "columns_to_return": columns,
+        "enable_mclip_option": False,  # multilingual CLIP exists for ViT-B/32 and ViT-L/14 only (from the HF hub)
+        "use_jit": False,
+        "provide_safety_model": False, "provide_violence_detector": False, "provide_aesthetic_embeddings": False,
+    }})
 
 
 def _files(kind: str, model: str | None = None) -> list:
