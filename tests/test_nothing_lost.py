@@ -252,3 +252,61 @@ def test_gc_shards_keeps_a_prefix_being_written(s3, project):
     assert "deleted 1 prefix" in listed
     fs.invalidate_cache()
     assert {p.split("/")[2] for p in fs.find(base)} == {"part_0-00000000000000a1"}
+
+
+def test_queued_experiments_run_at_once_write_one_prefix_once(s3, tmp_path, monkeypatch):
+    """`dvc exp run --queue` twice (two points sharing their download), `dvc queue start -j2`: both
+    experiments reach part 0's prefix at once (the test holds its lease until both wait for it);
+    one downloads, the other takes the complete prefix; each shard object is written once."""
+    import subprocess
+    import sys
+    import time
+
+    from laionbuild.recipe.schema import load_params
+    from laionbuild.shards import lease
+    from laionbuild.shards.storage import COMPLETE, shards_prefix
+
+    from .conftest import S3_BUCKET, Project, build_env
+
+    fs, _ = s3
+    Project(tmp_path).laionbuild("init", str(tmp_path / "ds"))
+    repo = Project(tmp_path / "ds")
+    common = [*FAST, "subset.parts=[0]", f"download.shards_url=s3://{S3_BUCKET}/queue"]
+    repo.laionbuild("build", "--stage", "dedup", *common)  # (the same dedup as the experiments': its prefix)
+    monkeypatch.chdir(repo.path)
+    prefix = shards_prefix(load_params("params.yaml"), 0)
+    repo.run("git", "checkout", "--", "params.yaml")
+    names = ["point-a", "point-b"]
+    for name, threshold in zip(names, ("0.0", "0.01")):
+        repo.dvc("exp", "run", "--queue", "-n", name, *[a for o in common for a in ("-S", o)],
+                 "-S", f"select.min_clip_similarity={threshold}", "download@0")
+
+    def logs(name: str) -> str:
+        return repo.dvc("queue", "logs", name, check=False).output
+
+    with lease.writer(prefix, lambda: False):
+        # (in the background: the queue's workers keep `dvc queue start`'s output open until they end)
+        subprocess.Popen([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=repo.path, env=build_env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait(120)
+        deadline = time.time() + 600
+        while not all("is being written by" in logs(n) for n in names):
+            assert time.time() < deadline, [logs(n)[-3000:] for n in names]
+            time.sleep(2)
+    deadline = time.time() + 600
+    while (status := repo.dvc("queue", "status").output) and ("Queued" in status or "Running" in status):
+        assert time.time() < deadline, status
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    texts = [logs(n) for n in names]
+    assert sum("taken as it is" in t for t in texts) == 1, texts  # one downloaded, one took its prefix
+
+    root = prefix.removeprefix("s3://")
+    assert [p for p in fs.ls(f"{S3_BUCKET}/queue", refresh=True)] == [root]
+    assert not any(lease.LEASE.match(p.rsplit("/", 1)[-1]) for p in fs.ls(root, refresh=True))
+    versions = fs.call_s3("list_object_versions", Bucket=S3_BUCKET, Prefix=root.split("/", 1)[1] + "/")
+    written: dict[str, int] = {}
+    for v in versions.get("Versions", []):
+        name = v["Key"].rsplit("/", 1)[-1]
+        if name.endswith((".tar", ".parquet", "_stats.json")) or name == COMPLETE:
+            written[name] = written.get(name, 0) + 1
+    assert COMPLETE in written and set(written.values()) == {1}, written
