@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from laionbuild.project.files import numbered
 from laionbuild.recipe.schema import SPEED_KNOBS, without_speed_knobs
 
 from .conftest import FAST
@@ -73,9 +74,9 @@ def test_outputs_users_rely_on(built):
     assert selected["key"].tolist() == keys
 
     emb_dir = built / "data/embeddings"
-    img = np.load(emb_dir / "img_emb/img_emb_0.npy")
-    text = np.load(emb_dir / "text_emb/text_emb_0.npy")
-    meta = pd.read_parquet(emb_dir / "metadata/metadata_0.parquet")
+    img = np.load(emb_dir / "img_emb/img_emb_000000.npy")
+    text = np.load(emb_dir / "text_emb/text_emb_000000.npy")
+    meta = pd.read_parquet(emb_dir / "metadata/metadata_000000.parquet")
     assert img.shape == text.shape == (len(keys), 32)  # laionbuild-tiny's embed_dim
     assert meta["key"].tolist() == keys
 
@@ -96,8 +97,8 @@ def test_outputs_users_rely_on(built):
 
 def test_index_report_is_measured_against_exact_search(built):
     report = json.loads((built / "data/metrics/index.json").read_text())
-    img = np.load(built / "data/embeddings/img_emb/img_emb_0.npy").astype("float32")
-    text = np.load(built / "data/embeddings/text_emb/text_emb_0.npy").astype("float32")
+    img = np.load(built / "data/embeddings/img_emb/img_emb_000000.npy").astype("float32")
+    text = np.load(built / "data/embeddings/text_emb/text_emb_000000.npy").astype("float32")
     assert report["vectors"] == len(img) and report["queries"] == len(text)  # fewer than 1000: all of them
     assert report["size_bytes"] == (built / "data/index/image.index").stat().st_size
     exact = faiss.IndexFlatIP(img.shape[1])
@@ -246,7 +247,7 @@ def test_query_by_image_and_text(built, tmp_path):
     found = _json_tail(built.laionbuild("query", "--image", str(tmp_path / "query.jpg"), "-k", "3", "--json").output)
     assert found[0]["key"] == first["key"] and found[0]["score"] > 0.99  # its own image embedding
 
-    text = np.load(built / "data/embeddings/text_emb/text_emb_0.npy").astype("float32")
+    text = np.load(built / "data/embeddings/text_emb/text_emb_000000.npy").astype("float32")
     keys = pd.concat([pd.read_parquet(p) for p in sorted((built / "data/embeddings/metadata").glob("*.parquet"))])["key"].tolist()
     i = keys.index(first["key"])
     out = built.laionbuild("query", "--text", first["caption"], "-k", "5", "--json").output
@@ -262,3 +263,30 @@ def _json_tail(output: str):
     """The JSON document at the end of a command's output (logs may come before it)."""
     start = output.rindex("\n[") + 1 if "\n[" in output else output.index("[")
     return json.loads(output[start:])
+
+
+def test_index_ids_are_dataset_rows_past_ten_embedding_files(built, tmp_path):
+    """autofaiss and clip-retrieval back read data/embeddings' files in name order, laionbuild's
+    readers in row order: with three rows per file (the demo then has over ten files) the two
+    must agree, or an index id names another sample (img_emb_10 sorts before img_emb_2)."""
+    built.build(*RECIPE, "assemble.embeddings_per_file=3")
+    files = sorted((built / "data/embeddings/img_emb").glob("*.npy"))
+    assert len(files) > 10
+    samples = read_dataset(built.path)
+    keys = pd.concat([pd.read_parquet(p) for p in sorted((built / "data/embeddings/metadata").glob("*.parquet"))])
+    assert keys["key"].tolist() == [s["key"] for s in samples]  # name order is dataset order
+    index = faiss.read_index(str(built / "data/index/image.index"))
+    img = np.concatenate([np.load(p) for p in numbered(files[0].parent, "img_emb", ".npy")]).astype("float32")  # row order
+    assert index.ntotal == len(samples)
+    scores, rows = index.search(img, 1)
+    # each row's hit is itself or a near-identical image's row (float16 embeddings: ties broken by rounding)
+    assert (scores[:, 0] >= (img * img).sum(axis=1) - 1e-3).all()
+    np.testing.assert_allclose(img[rows[:, 0]], img, atol=1e-2)
+    last = samples[-1]  # a sample in the last file
+    with tarfile.open(sorted((built / "data/dataset").glob("*.tar"))[-1]) as tar:
+        member = next(m for m in tar.getmembers() if m.name.startswith(last["key"] + ".") and m.name.endswith(".jpg"))
+        (tmp_path / "query.jpg").write_bytes(tar.extractfile(member).read())
+    found = _json_tail(built.laionbuild("query", "--image", str(tmp_path / "query.jpg"), "-k", "1", "--json").output)
+    assert found[0]["key"] == last["key"] and found[0]["score"] > 0.99
+    metrics = json.loads((built / "data/metrics/index.json").read_text())
+    assert metrics["recall_at_1"] > 0.9  # the report's exact search numbers rows as the index does

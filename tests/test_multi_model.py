@@ -68,8 +68,8 @@ def test_each_tag_uses_the_model_it_names(built5b):
 
 def test_index_is_over_the_model_it_names_and_query_uses_it(built5b, tmp_path):
     root = built5b.path
-    l14 = _load(root, "data/embeddings/models/vit_l_14/img_emb/img_emb_0.npy")
-    b32 = _load(root, "data/embeddings/img_emb/img_emb_0.npy")
+    l14 = _load(root, "data/embeddings/models/vit_l_14/img_emb/img_emb_000000.npy")
+    b32 = _load(root, "data/embeddings/img_emb/img_emb_000000.npy")
     assert l14.shape == b32.shape
     index = faiss.read_index(str(root / "data/index/image.index"))
     assert index.ntotal == len(l14)

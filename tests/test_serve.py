@@ -60,8 +60,8 @@ def server(built):
 @pytest.fixture(scope="module")
 def dataset(built):
     """The build's rows in index order: metadata (key, url, caption, tags) and image embeddings."""
-    meta = pd.read_parquet(built / "data/embeddings/metadata/metadata_0.parquet")
-    emb = np.load(built / "data/embeddings/img_emb/img_emb_0.npy").astype(np.float32)
+    meta = pd.read_parquet(built / "data/embeddings/metadata/metadata_000000.parquet")
+    emb = np.load(built / "data/embeddings/img_emb/img_emb_000000.npy").astype(np.float32)
     return meta, emb
 
 

@@ -113,9 +113,16 @@ class _ShardWriter:
                                                   "name": name, "shardlist": self.shards})
 
 
+FILE_NUMBER = 6  # digits: name order is number order up to a million files (10^12 rows at the default)
+
+
 class _EmbeddingWriter:
-    """Rows in dataset order -> clip-retrieval's layout (`img_emb/img_emb_N.npy`,
-    [`text_emb/text_emb_N.npy`,] `metadata/metadata_N.parquet`), `per_file` rows per file,
+    """Rows in dataset order -> clip-retrieval's layout (`img_emb/img_emb_NNNNNN.npy`,
+    [`text_emb/text_emb_NNNNNN.npy`,] `metadata/metadata_NNNNNN.parquet`), `per_file` rows per file,
+    numbered with a fixed width (FILE_NUMBER) so that name order is row order: autofaiss
+    (embedding_reader) and clip-retrieval back read the files sorted by name, and with `_10`
+    before `_2` the index's ids would point at other samples' metadata past ten files (10M
+    samples at the default 1M rows per file; LAION's own releases pad to 4 digits too).
     holding at most one file's rows (plus the part being added), whatever the build's size.
     Arrays keep their dtype (LAION's float16 stays float16)."""
 
@@ -140,9 +147,9 @@ class _EmbeddingWriter:
         meta = pd.concat(self.meta, ignore_index=True)
         for kind in self.kinds:
             data = np.concatenate(self.arrays[kind])
-            np.save(self.out / kind / f"{kind}_{self.files}.npy", data[:n])
+            np.save(self.out / kind / f"{kind}_{self.files:0{FILE_NUMBER}d}.npy", data[:n])
             self.arrays[kind] = [data[n:]]
-        meta.iloc[:n].to_parquet(self.out / "metadata" / f"metadata_{self.files}.parquet", index=False)
+        meta.iloc[:n].to_parquet(self.out / "metadata" / f"metadata_{self.files:0{FILE_NUMBER}d}.parquet", index=False)
         self.meta = [meta.iloc[n:]]
         self.files += 1
         self.rows += n

@@ -58,6 +58,7 @@ def _build(cfg, c, source, embeddings: str, distributed: dict) -> None:
     import faiss
     from autofaiss import build_index
 
+    _files("img_emb", c.model)  # name order is row order (checked before autofaiss numbers them)
     with atomic_dir(INDEX) as out:
         build_index(
             embeddings=embeddings,
@@ -107,7 +108,14 @@ def _clip_back_layout(cfg, source, out, spec) -> None:
 
 
 def _files(kind: str, model: str | None = None) -> list:
-    return numbered(embeddings_dir(model) / kind, kind, ".npy")
+    """The embedding files in row order, which must be their name order: autofaiss reads them
+    sorted by name, so an index id is a row number only when the two agree (assemble pads the
+    file numbers)."""
+    files = numbered(embeddings_dir(model) / kind, kind, ".npy")
+    if files != sorted(files, key=lambda p: p.name):
+        raise RuntimeError(f"{files[0].parent}: file names do not sort in row order ({files[0].name} ... "
+                           f"{files[-1].name}); autofaiss would number the rows otherwise: rebuild assemble")
+    return files
 
 
 def _rows(kind: str, wanted: np.ndarray, model: str | None = None) -> np.ndarray:
