@@ -130,6 +130,6 @@ def test_the_same_recipe_built_in_two_fresh_repos_is_identical(repo, tmp_path):
     for rel in ("raw", "prepared", "deduped", "selected", "dataset", "tags"):
         assert _digest(again.path, f"data/{rel}") == _digest(repo.path, f"data/{rel}"), rel
     for kind in ("img_emb", "text_emb"):
-        a = np.load(again / f"data/embeddings/{kind}/{kind}_0.npy")
-        b = np.load(repo / f"data/embeddings/{kind}/{kind}_0.npy")
+        a = np.load(again / f"data/embeddings/{kind}/{kind}_000000.npy")
+        b = np.load(repo / f"data/embeddings/{kind}/{kind}_000000.npy")
         np.testing.assert_allclose(a, b, atol=1e-5)
