@@ -215,12 +215,7 @@ def test_two_clones_building_at_once_write_one_prefix_once(s3, tmp_path, monkeyp
     names = {p.rsplit("/", 1)[-1] for p in fs.ls(root, refresh=True)}
     assert COMPLETE in names and not any(lease.LEASE.match(n) for n in names)
     assert [n for n in fs.ls(f"{S3_BUCKET}/concurrent", refresh=True)] == [root]  # one prefix
-    versions = fs.call_s3("list_object_versions", Bucket=S3_BUCKET, Prefix=root.split("/", 1)[1] + "/")
-    written: dict[str, int] = {}
-    for v in versions.get("Versions", []):
-        name = v["Key"].rsplit("/", 1)[-1]
-        if name.endswith((".tar", ".parquet", "_stats.json")) or name == COMPLETE:
-            written[name] = written.get(name, 0) + 1
+    written = _versions_written(fs, root)
     assert written and set(written.values()) == {1}, written  # each shard object written once, by one writer
     for clone in clones:
         assert len(part_shards(clone / "data/images/part_0")) == len(manifests[0]["shards"])
@@ -303,10 +298,21 @@ def test_queued_experiments_run_at_once_write_one_prefix_once(s3, tmp_path, monk
     root = prefix.removeprefix("s3://")
     assert [p for p in fs.ls(f"{S3_BUCKET}/queue", refresh=True)] == [root]
     assert not any(lease.LEASE.match(p.rsplit("/", 1)[-1]) for p in fs.ls(root, refresh=True))
+    written = _versions_written(fs, root)
+    assert COMPLETE in written and set(written.values()) == {1}, written
+
+
+def _versions_written(fs, root: str) -> dict[str, int]:
+    """Shard object (tar, parquet, stats, completion marker) under `root` -> how many versions of it
+    the versioned bucket holds: 1 each when one writer wrote the prefix."""
+    from laionbuild.shards.storage import COMPLETE
+
+    from .conftest import S3_BUCKET
+
     versions = fs.call_s3("list_object_versions", Bucket=S3_BUCKET, Prefix=root.split("/", 1)[1] + "/")
     written: dict[str, int] = {}
     for v in versions.get("Versions", []):
         name = v["Key"].rsplit("/", 1)[-1]
         if name.endswith((".tar", ".parquet", "_stats.json")) or name == COMPLETE:
             written[name] = written.get(name, 0) + 1
-    assert COMPLETE in written and set(written.values()) == {1}, written
+    return written
