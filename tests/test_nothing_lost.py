@@ -163,6 +163,154 @@ def test_exclusive_create_has_one_winner(s3, tmp_path):
         assert won.count(True) == 1, (prefix, won)
 
 
+def test_a_released_lease_keeps_its_number_and_only_its_owner_holds_it(s3, tmp_path, monkeypatch):
+    """A holder that fails (its prefix incomplete) leaves its lease marked released, so the next
+    writer takes it at once with the next number; a lease of one's own number but another owner
+    (the prefix deleted meanwhile, the number taken again) is not one's own: check() refuses, and
+    leaving does not touch it."""
+    import threading
+    import time
+
+    from laionbuild.shards import lease
+    from laionbuild.shards.storage import filesystem, join
+
+    monkeypatch.setattr(lease, "POLL_S", 0.1)
+    for prefix in _lease_prefixes(s3, tmp_path):
+        fs, root = filesystem(prefix)
+        with lease.writer(prefix, lambda: False) as first:
+            assert first.generation == 1
+        [(number, path)] = lease.leases(prefix).items()
+        assert number == 1 and lease.read(prefix, path)["released"] is True
+        assert lease.read(prefix, path)["owner"] == first.owner and lease.live_holder(prefix) is None
+
+        taken: list = []
+        taker = threading.Thread(target=lambda taken=taken, prefix=prefix: taken.append(_generation(lease, prefix)))
+        taker.start()
+        taker.join(10)  # (a live lease would keep it waiting: POLL_S after POLL_S)
+        assert taken == [2], (prefix, taken)  # the next number, never 1 again
+
+        with lease.writer(prefix, lambda: False) as held:
+            assert held.generation == 3
+            # the prefix's leases deleted (gc-shards, a user) and number 3 taken by another build
+            fs.rm(join(root, lease.lease_name(3)))
+            other = dict(owner="other-build", host="elsewhere", pid=1, heartbeat=time.time())
+            fs.pipe_file(join(root, lease.lease_name(3)), json.dumps(other).encode())
+            assert not held.holds()
+            try:
+                held.check()
+            except lease.LeaseLost as exc:
+                assert "took over" in str(exc)
+            else:
+                raise AssertionError("check() passed with another owner's lease of the same number")
+        assert lease.read(prefix, join(root, lease.lease_name(3))) == other, prefix  # left as the other wrote it
+
+
+def _generation(lease, prefix) -> int:
+    with lease.writer(prefix, lambda: False) as held:
+        return held.generation
+
+
+def _holder_script(prefix: str, **settings) -> str:
+    assigned = "".join(f"lease.{k} = {v!r}\n" for k, v in settings.items())
+    return ("import logging, subprocess, sys, time\nfrom laionbuild.shards import lease\nlogging.basicConfig()\n"
+            f"{assigned}with lease.writer({prefix!r}, lambda: False) as held:\n"
+            "    child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            "    print(held.generation, held.owner, child.pid, flush=True)\n    time.sleep(60)\n")
+
+
+def _assert_stopped(holder, child_pid: int) -> str:
+    import time
+
+    import psutil
+
+    assert holder.wait(30) == -9
+    deadline = time.time() + 5
+    while psutil.pid_exists(child_pid) and psutil.Process(child_pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.time() < deadline, "the holder's child still runs"
+        time.sleep(0.1)
+    return holder.stderr.read()
+
+
+def test_a_holder_stops_when_its_number_has_another_owner_or_it_cannot_renew(s3, tmp_path):
+    """At its heartbeat, a holder whose lease number now belongs to another owner stops at once
+    with its child processes; so does one whose store refuses every renewal for STALE_S / 2
+    (here a prefix made unreadable: a symbolic link to itself)."""
+    import subprocess
+    import sys
+    import time
+
+    from laionbuild.shards import lease
+    from laionbuild.shards.storage import filesystem, join
+
+    prefix = _lease_prefixes(s3, tmp_path)[2]  # (S3)
+    holder = subprocess.Popen([sys.executable, "-c", _holder_script(prefix, HEARTBEAT_S=0.2)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    generation, owner, child_pid = holder.stdout.readline().split()
+    fs, root = filesystem(prefix)
+    fs.pipe_file(join(root, lease.lease_name(int(generation))),
+                 json.dumps(dict(owner="reused-number", host="elsewhere", pid=1, heartbeat=time.time())).encode())
+    assert "taken over" in _assert_stopped(holder, int(child_pid))
+
+    local = tmp_path / "unreadable" / "part_0-00000000000000dd"
+    holder = subprocess.Popen([sys.executable, "-c", _holder_script(str(local), HEARTBEAT_S=0.1, STALE_S=2.0)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, _, child_pid = holder.stdout.readline().split()
+    local.rename(local.with_name("moved-away"))
+    local.symlink_to(local)  # every listing now fails: "Too many levels of symbolic links"
+    stderr = _assert_stopped(holder, int(child_pid))
+    assert "could not renew its lease for 1 s" in stderr and "retrying" in stderr, stderr
+
+
+def test_a_lease_created_in_a_race_s3_answers_409_or_a_bare_412_is_looked_at_again(tmp_path):
+    """Real S3 answers a conditional put racing another on the same key with 409
+    ConditionalRequestConflict, and S3-compatible stores often answer a lost one with a 412 that
+    does not name the condition; s3fs raises neither as FileExistsError. moto answers neither, so
+    a server on 127.0.0.1 answers each put as those stores do, and s3fs talks to it for real."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import s3fs
+
+    from laionbuild.shards import lease
+
+    from .conftest import environment
+
+    answers = [(409, "ConditionalRequestConflict"), (412, "PreconditionFailed")]
+    seen: list = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_PUT(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            seen.append((self.path, self.headers.get("If-None-Match")))
+            status, code = answers[len(seen) - 1]
+            body = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{code}</Message>"
+                    "</Error>").encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with environment(AWS_ENDPOINT_URL=f"http://127.0.0.1:{server.server_address[1]}", AWS_ACCESS_KEY_ID="test",
+                     AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1", AWS_MAX_ATTEMPTS="1"):
+            s3fs.S3FileSystem.clear_instance_cache()
+            for _ in answers:
+                assert lease._create("s3://race/part_0-00000000000000ee", lease.lease_name(1), b"{}") is False
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.shutdown()
+        server.server_close()
+    assert seen == [("/race/part_0-00000000000000ee/_laionbuild_lease-00000001", "*")] * 2
+
+
 def test_two_clones_building_at_once_write_one_prefix_once(s3, tmp_path, monkeypatch):
     """Two clones (two sweep points sharing their download) build part 0 on one shards_url at the
     same moment: one downloads, the other waits for it and takes the complete prefix; every shard

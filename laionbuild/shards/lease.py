@@ -9,19 +9,26 @@ writer's tar beside the other's parquet. Before writing, the download takes the 
   heartbeat time) that only one writer can create: an S3 conditional put (`If-None-Match: *`),
   a hard link on a local path or shared mount (atomic on NFS too), fsspec's `mode="create"` on
   other stores (as atomic as the store makes it). The holder rewrites it every HEARTBEAT_S, writes
-  the completion marker (`_laionbuild_complete.json`), then deletes it;
+  the completion marker (`_laionbuild_complete.json`), then deletes it (nobody writes a complete
+  prefix again); a holder that fails marks it released instead (rewritten with `released: true`),
+  so that the next writer takes the next number. The holder and `check()` compare the newest
+  lease's owner as well as its number, so a number taken again (a prefix deleted meanwhile) is
+  never mistaken for one's own;
 - a second writer waits (polling every POLL_S) until the prefix is complete, then takes it as it
-  is, downloading nothing; or until the lease is gone without the marker (the holder failed), or
-  stale: its holder is a dead process on this host, or its heartbeat is older than STALE_S (a
-  build killed on another machine; clocks are assumed within minutes of each other). It then
-  creates the next generation, which only one taker can, and resumes the download in the prefix
-  as a killed build's rerun does (img2dataset's incremental mode keeps the finished shards);
-- a holder that finds a later generation (it looked dead for STALE_S: a suspended machine, a long
-  network partition) stops at once, its download processes with it, so two writers never write
-  on; its build fails and says why.
+  is, downloading nothing; or until the lease is released without the marker (the holder failed),
+  or stale: its holder is a dead process on this host (same host name, boot and pid namespace),
+  or its heartbeat has not changed for STALE_S by the waiter's own clock (a build killed on
+  another machine; the two machines' clocks are never compared, except that a heartbeat stamped
+  more than 3 × STALE_S ago is stale at once). It then creates the next generation, which only
+  one taker can, and resumes the download in the prefix as a killed build's rerun does
+  (img2dataset's incremental mode keeps the finished shards);
+- a holder that finds the newest lease is not its own (a later generation, or its number taken
+  by another owner after the prefix was deleted: it looked dead for STALE_S, a suspended machine,
+  a long network partition), or that could not renew its lease for STALE_S / 2, stops at once,
+  its download processes with it, so two writers never write on; its build fails and says why.
 
-Cost per part: one listing, one conditional put and one delete more per download, and one put
-and one listing per HEARTBEAT_S while it runs; a waiting build one existence check per POLL_S.
+Cost per part: one listing, one conditional put, one read and one put more per download, and one
+listing, one read and one put per HEARTBEAT_S while it runs; a waiting build one existence check per POLL_S.
 `laionbuild gc-shards` keeps a prefix with a live lease even with `--incomplete`.
 """
 
@@ -89,17 +96,49 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def stale(holder: dict, now: float | None = None) -> bool:
-    """A lease whose holder is dead: a process gone from this host, or no heartbeat for STALE_S."""
-    if not holder or "heartbeat" not in holder:
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _this_machine() -> dict:
+    """Where a pid means this process table: containers often share a host name."""
+    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid_ns": _pid_namespace()}
+
+
+def _local(holder: dict) -> bool:
+    """The holder's pid is one of this process table: same host name, boot and pid namespace
+    (a lease written before boot_id/pid_ns were recorded is judged by its host name alone)."""
+    here = _this_machine()
+    return holder.get("host") == here["host"] and all(holder.get(k, here[k]) == here[k] for k in ("boot_id", "pid_ns"))
+
+
+def stale(holder: dict, now: float | None = None, unchanged_for: float = 0.0) -> bool:
+    """A lease nobody holds: released, its holder a dead process here, its heartbeat unchanged for
+    STALE_S as the caller observed it (`unchanged_for`, on the caller's own clock), or stamped
+    more than 3 × STALE_S ago (a lease abandoned long before anyone looked)."""
+    if not holder or "heartbeat" not in holder or holder.get("released"):
         return True
-    if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", 0))):
+    if _local(holder) and not _alive(int(holder.get("pid", 0))):
         return True
-    return (time.time() if now is None else now) - float(holder["heartbeat"]) > STALE_S
+    if unchanged_for > STALE_S:
+        return True
+    return (time.time() if now is None else now) - float(holder["heartbeat"]) > 3 * STALE_S
 
 
 def live_holder(prefix: str) -> dict | None:
-    """The holder of the prefix's newest lease while it is live (gc-shards), else None."""
+    """The holder of the prefix's newest lease while it is live (gc-shards), else None. (One look:
+    a heartbeat stamped within 3 × STALE_S counts as live.)"""
     found = leases(prefix)
     if not found:
         return None
@@ -126,8 +165,27 @@ def _create(prefix: str, name: str, data: bytes) -> bool:
     try:
         fs.pipe_file(f"{root.rstrip('/')}/{name}", data, mode="create")
         return True
-    except FileExistsError:
+    except FileExistsError:  # S3's 412 PreconditionFailed (If-None-Match): it exists
         return False
+    except OSError as exc:
+        if _lost_race(exc):
+            return False
+        raise
+
+
+# S3 answers a conditional put that races another on the same key with 409
+# ConditionalRequestConflict (the other may or may not win), and one that lost with 412
+# PreconditionFailed; s3fs raises the first as a plain OSError (EIO), and the second as
+# FileExistsError only when the answer names the If-None-Match condition (S3-compatible stores
+# often leave it out: then OSError EINVAL). Either way: look again.
+_RACE_CODES = {"ConditionalRequestConflict", "PreconditionFailed", "409", "412"}
+
+
+def _lost_race(exc: OSError) -> bool:
+    response = getattr(exc.__cause__, "response", None) or {}
+    code = str((response.get("Error") or {}).get("Code", ""))
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    return code in _RACE_CODES or status in (409, 412)
 
 
 def _overwrite(prefix: str, name: str, data: bytes) -> None:
@@ -165,8 +223,15 @@ class Lease:
         """Raise if the lease was taken over (call before marking the prefix complete)."""
         if self.lost:
             raise LeaseLost(self.lost)
-        if self.generation and max(leases(self.prefix), default=0) != self.generation:
+        if self.generation and not self.holds():
             raise LeaseLost(f"{self.prefix}: another build took over this prefix's lease; rerun the build")
+
+    def holds(self) -> bool:
+        """The prefix's newest lease is this one: its number and its owner (a number can be taken
+        again by another owner once the prefix was deleted)."""
+        found = leases(self.prefix)
+        top = max(found, default=0)
+        return top == self.generation and (read(self.prefix, found[top]) or {}).get("owner") == self.owner
 
 
 @contextmanager
@@ -175,6 +240,8 @@ def writer(prefix: str, complete: Callable[[], bool], describe: str = "") -> Ite
     Lease whose `complete` is True (nothing held) when the prefix is or becomes complete."""
     owner = uuid.uuid4().hex[:12]
     waited_on = None
+    seen: tuple | None = None  # (generation, owner, heartbeat) of the newest lease, and since when (monotonic)
+    seen_since = 0.0
     while True:
         if complete():
             if waited_on:
@@ -186,8 +253,11 @@ def writer(prefix: str, complete: Callable[[], bool], describe: str = "") -> Ite
         holder = read(prefix, found[top]) if top else None
         if top and holder is None:
             time.sleep(min(POLL_S, 1.0))
-            continue  # released between the listing and the read: look again
-        if top and not stale(holder):
+            continue  # taken over between the listing and the read: look again
+        state = (top, (holder or {}).get("owner"), (holder or {}).get("heartbeat"))
+        if state != seen:
+            seen, seen_since = state, time.monotonic()
+        if top and not stale(holder, unchanged_for=time.monotonic() - seen_since):
             who = f"{holder.get('host')} pid {holder.get('pid')} ({holder.get('owner')})"
             if who != waited_on:
                 log.warning("%s is being written by %s%s; waiting for it to finish", prefix, who,
@@ -196,11 +266,11 @@ def writer(prefix: str, complete: Callable[[], bool], describe: str = "") -> Ite
             time.sleep(POLL_S)
             continue
         generation = top + 1
-        record = {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "generation": generation,
+        record = {"owner": owner, **_this_machine(), "pid": os.getpid(), "generation": generation,
                   "started": time.time(), "describe": describe}
         if not _create(prefix, lease_name(generation), _body(record)):
             continue  # another writer took it first: look again
-        if top:
+        if top and not holder.get("released"):
             log.warning("%s: took over the lease of %s (dead, or no heartbeat for %.0f s)", prefix,
                         f"{holder.get('host')} pid {holder.get('pid')}" if holder else "an unreadable lease", STALE_S)
         for old, path in found.items():
@@ -220,9 +290,15 @@ def writer(prefix: str, complete: Callable[[], bool], describe: str = "") -> Ite
         stop.set()
         if beat.is_alive():
             beat.join()
-        path = join(filesystem(prefix)[1], lease_name(generation))
-        if (read(prefix, path) or {}).get("owner") == owner:  # (never another build's lease of that number)
-            _remove(prefix, path)
+        try:
+            path = join(filesystem(prefix)[1], lease_name(generation))
+            if (read(prefix, path) or {}).get("owner") == owner:  # (never another build's lease of that number)
+                if complete():  # nobody writes a complete prefix again: leave it clean
+                    _remove(prefix, path)
+                else:  # released, not deleted: the next writer takes the next number, not this one
+                    _overwrite(prefix, lease_name(generation), _body(dict(record, released=True)))
+        except Exception as exc:  # (never hide the build's own error) the lease goes stale by itself
+            log.warning("%s: could not release the lease (%s); it is taken over once stale", prefix, exc)
 
 
 def _body(record: dict) -> bytes:
@@ -231,19 +307,29 @@ def _body(record: dict) -> bytes:
 
 def _heartbeat(lease: Lease, record: dict, stop: threading.Event) -> None:
     name = lease_name(lease.generation)
+    renewed = time.monotonic()
     while not stop.wait(HEARTBEAT_S):
         try:
-            found = leases(lease.prefix)
-            if max(found, default=0) != lease.generation or lease.generation not in found:
-                lease.lost = (f"{lease.prefix}: this build's lease was taken over or removed while it wrote (it "
-                              f"looked dead for {STALE_S:.0f} s, or gc-shards --incomplete deleted the prefix); "
-                              "stopped so that two builds never write one prefix: rerun the build")
-                log.error("%s", lease.lost)
-                _stop_writing()
+            if not lease.holds():
+                _lose(lease, f"{lease.prefix}: this build's lease was taken over or removed while it wrote (it "
+                             f"looked dead for {STALE_S:.0f} s, or gc-shards --incomplete deleted the prefix); "
+                             "stopped so that two builds never write one prefix: rerun the build")
                 return
             _overwrite(lease.prefix, name, _body(record))
+            renewed = time.monotonic()
         except Exception as exc:  # the store unreachable for a while: retry at the next beat (never die silently)
+            if time.monotonic() - renewed > STALE_S / 2:
+                # another build may judge the lease stale soon: stop before it could take over
+                _lose(lease, f"{lease.prefix}: this build could not renew its lease for {STALE_S / 2:.0f} s "
+                             f"({exc}); stopped so that two builds never write one prefix: rerun the build")
+                return
             log.warning("%s: lease heartbeat failed (%s); retrying", lease.prefix, exc)
+
+
+def _lose(lease: Lease, why: str) -> None:
+    lease.lost = why
+    log.error("%s", why)
+    _stop_writing()
 
 
 def _stop_writing() -> None:
