@@ -3,13 +3,25 @@ package data in laionbuild/_template/, copied there at build time: the source tr
 at its root, where a checkout's DVC and Hydra read them (laionbuild.project.template). Every
 other setting is in pyproject.toml."""
 
+import ast
 import shutil
 from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-TEMPLATE_FILES = ("conf", "dvc.yaml", ".dvcignore", ".gitignore", "demo")  # = laionbuild.project.template
+
+def _template_files() -> tuple:
+    """TEMPLATE_FILES of laionbuild/project/template.py, the one list of them (read, not
+    imported: the package's dependencies need not be installed to build it)."""
+    source = Path(__file__).resolve().parent / "laionbuild" / "project" / "template.py"
+    for node in ast.parse(source.read_text()).body:
+        if isinstance(node, ast.Assign) and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["TEMPLATE_FILES"]:
+            return ast.literal_eval(node.value)
+    raise RuntimeError(f"{source}: no TEMPLATE_FILES = (...) assignment")
+
+
+TEMPLATE_FILES = _template_files()
 
 
 class build_py_with_template(build_py):

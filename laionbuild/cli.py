@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from laionbuild.project.atomic import atomic_write_text
-from laionbuild.project.layout import STAGES
+from laionbuild.project.layout import OUTPUT_LAYOUTS, STAGES
 from laionbuild.project.repo import clear_dead_dvc_locks, dvc_env, enable_dvc_hydra, prune_stale_parts, run_dvc, stage_status
 from laionbuild.recipe.errors import LaionbuildError
 from laionbuild.recipe.schema import RecipeError, compose, load_params, to_yaml
@@ -123,6 +123,12 @@ def cmd_build(args) -> int:
 def cmd_stage(args) -> int:
     from laionbuild.stages import run_stage
 
+    wanted, writes = args.layout, OUTPUT_LAYOUTS.get(args.name)
+    if writes is not None and wanted != writes:
+        raise LaionbuildError(
+            f"dvc.yaml calls `laionbuild stage {args.name}` for output layout {wanted or 1}, and this laionbuild "
+            f"writes layout {writes}: take dvc.yaml's `{args.name}` entry from the shipped one (`cmd: laionbuild "
+            f"stage {args.name} --layout {writes}`; docs/stages.md), so that DVC rebuilds it and what follows")
     cfg = load_params(args.params)
     if args.name in TORCH_FREE_STAGES and without_torch.enable():
         log.info("stage %s runs without torch, in this process and those it spawns (img2dataset needs none; "
@@ -264,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=STAGES)
     p.add_argument("--part", type=int, help="part id, for per-part stages")
     p.add_argument("--params", default="params.yaml")
+    p.add_argument("--layout", type=int, help="the output layout dvc.yaml was written for (assemble: 2); a stage "
+                                              "refuses another, so an old dvc.yaml never keeps outputs of an old layout")
     p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser("retry-failed", help="re-attempt transient download failures (timeouts, connection "

@@ -290,3 +290,23 @@ def test_index_ids_are_dataset_rows_past_ten_embedding_files(built, tmp_path):
     assert found[0]["key"] == last["key"] and found[0]["score"] > 0.99
     metrics = json.loads((built / "data/metrics/index.json").read_text())
     assert metrics["recall_at_1"] > 0.9  # the report's exact search numbers rows as the index does
+
+
+def test_a_dvc_yaml_of_an_old_output_layout_is_refused_and_rebuilds_what_changed(built):
+    """assemble's output layout (six-digit embedding file numbers) is in its dvc.yaml cmd
+    (`--layout 2`): DVC sees an old project's assemble as changed, its run-cache cannot restore
+    the old layout, and the old cmd itself is refused with the line to take."""
+    from laionbuild.project.layout import OUTPUT_LAYOUTS
+
+    shipped = (built / "dvc.yaml").read_text()
+    new_cmd = f"cmd: laionbuild stage assemble --layout {OUTPUT_LAYOUTS['assemble']}"
+    assert new_cmd in shipped
+    (built / "dvc.yaml").write_text(shipped.replace(new_cmd, "cmd: laionbuild stage assemble"))
+    try:
+        assert "changed command" in built.dvc("status", "assemble").output
+        old = built.laionbuild("stage", "assemble", check=False)
+        assert old.returncode == 2 and f"`cmd: laionbuild stage assemble --layout {OUTPUT_LAYOUTS['assemble']}`" \
+            in old.output, old.output
+    finally:
+        (built / "dvc.yaml").write_text(shipped)
+    assert "changed command" not in built.dvc("status", "assemble").output

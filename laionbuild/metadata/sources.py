@@ -20,22 +20,31 @@ from laionbuild.project.layout import CONSOLIDATED
 from laionbuild.recipe.errors import InputError, MissingInputError
 
 
-def source_files(cfg) -> list[str]:
-    """Every file of the source matching `source.files` (a glob inside base_url), sorted."""
+def source_listing(cfg) -> dict[str, dict]:
+    """{url: what the listing says about it (size, and ETag etc. where the store lists them)}
+    for every file of the source matching `source.files` (a glob inside base_url), sorted: one
+    listing of the folder (per folder level of the glob), whatever the number of parts."""
     fs, base = fsspec.core.url_to_fs(cfg.source.base_url)
-    found = sorted(fs.glob(f"{base.rstrip('/')}/{cfg.source.files}"))
+    found = fs.glob(f"{base.rstrip('/')}/{cfg.source.files}", detail=True)
     if not found:
         raise MissingInputError(f"no file matches source.files `{cfg.source.files}` in {cfg.source.base_url}")
-    return [m if fs.protocol in ("file", ("file", "local")) else fs.unstrip_protocol(m) for m in found]
+    local = fs.protocol in ("file", ("file", "local"))
+    return {(m if local else fs.unstrip_protocol(m)): found[m] for m in sorted(found)}
 
 
-def source_url(cfg, part: int) -> str:
+def source_files(cfg) -> list[str]:
+    """Every file of the source matching `source.files`, sorted."""
+    return list(source_listing(cfg))
+
+
+def source_url(cfg, part: int, files: list[str] | None = None) -> str:
     """Where part N of the build comes from: a consolidated part, the N-th file of
-    `source.files`, or base_url + part_pattern."""
+    `source.files` (`files`: that list, when the caller listed it once for many parts), or
+    base_url + part_pattern."""
     if cfg.source.consolidate_parts:
         return str(CONSOLIDATED / f"part-{part:05d}.parquet")
     if cfg.source.files:
-        files = source_files(cfg)
+        files = source_files(cfg) if files is None else files
         if part >= len(files):
             raise MissingInputError(f"source.files `{cfg.source.files}` matches {len(files)} files in "
                                     f"{cfg.source.base_url}; part {part} has none")

@@ -21,7 +21,8 @@ A local file's fingerprint is its size and md5, the md5 remembered by path, size
 (`files.memo_digest`), so a no-op check costs a stat per file; a remote file's (http(s), s3,
 gs, hf, any fsspec URL) is what the store says about it without reading it: size plus ETag /
 Last-Modified / Content-MD5 / md5Hash / generation / version id, whichever it gives (one HEAD or
-metadata request per file, many at once). A file is rewritten only when its fingerprint
+metadata request per file, many at once; for `source.files`, the folder's one listing where it
+names the content, as S3's and the Hub's do). A file is rewritten only when its fingerprint
 changes, so an unchanged input keeps its md5 and its consumers stay built; since the files are
 per part, a republished part refetches that part only.
 """
@@ -29,6 +30,7 @@ per part, a republished part refetches that part only.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +40,8 @@ from typing import Any
 from laionbuild.project.atomic import atomic_write_text
 from laionbuild.project.files import memo_digest
 from laionbuild.project.layout import INPUTS
+
+log = logging.getLogger(__name__)
 
 # what a store's `info` says about a file's content (fsspec's http: ETag, Content-MD5, Digest,
 # Last-Modified; s3fs: ETag, LastModified, VersionId; gcsfs: md5Hash, crc32c, generation;
@@ -78,7 +82,19 @@ def remote_fingerprint(url: str, retries: int = 3, backoff: float = 1.0) -> dict
                 raise OSError(f"{url}: cannot check it ({cause!r}); the build's input check needs its size "
                               "and ETag or modification time") from exc
             time.sleep(backoff * 2**attempt)
-    return {k: _plain(info[k]) for k in CONTENT_KEYS if info.get(k) is not None}
+    found = {k: _plain(info[k]) for k in CONTENT_KEYS if info.get(k) is not None}
+    if not found:
+        log.warning("%s: the store says nothing about this file's content (no size, ETag, modification time or "
+                    "checksum): a new version of it is not seen, so its stage is not rebuilt; put it where a "
+                    "store that says so serves it, or on a local path", url)
+    return found
+
+
+def _listed_fingerprint(info: dict) -> dict | None:
+    """A remote file's fingerprint from what its folder's listing says, when that names the
+    content (an ETag, checksum or version, not only a size); else None (a HEAD is needed)."""
+    found = {k: _plain(info[k]) for k in CONTENT_KEYS if info.get(k) is not None}
+    return found if set(found) - {"size", "mtime", "last_modified", "LastModified"} else None
 
 
 def local_fingerprint(path: str | Path) -> dict:
@@ -135,21 +151,26 @@ def _local_server_files(cfg) -> list[str]:
 
 def expected(cfg) -> dict[str, dict]:
     """{fingerprint file under data/inputs/: its content} for this recipe, checked now."""
-    from laionbuild.metadata.sources import image_embeddings_url, input_urls, source_url
+    from laionbuild.metadata.sources import image_embeddings_url, input_urls, source_listing, source_url
     from laionbuild.models.clip import checkpoint_path
 
     s = cfg.source
     groups: dict[str, list[str]] = {}
     extra: dict[str, dict] = {}
+    # source.files: the folder is listed once (not once per part: 1,112 listings at 1,112 parts),
+    # and where the listing says what a HEAD would (S3's ETag, HF's blob id), no HEAD is sent
+    listing = source_listing(cfg) if s.files else {}
+    listed = {u: fp for u, info in listing.items() if is_remote(u) and (fp := _listed_fingerprint(info))}
     if s.consolidate_parts:  # fetch@N then reads data/consolidated, which DVC tracks
-        groups["consolidate.json"] = input_urls(cfg)
+        groups["consolidate.json"] = list(listing) if s.files else input_urls(cfg)
         for part in cfg.subset.parts:
             groups[f"source/part_{part}.json"] = []
     else:
         groups["consolidate.json"] = []
+        files = list(listing) if s.files else None
         for part in cfg.subset.parts:
-            groups[f"source/part_{part}.json"] = [u for u in (source_url(cfg, part), image_embeddings_url(cfg, part))
-                                                  if u]
+            groups[f"source/part_{part}.json"] = [u for u in (source_url(cfg, part, files),
+                                                              image_embeddings_url(cfg, part)) if u]
     groups["ids.json"] = [s.ids_url] if s.ids_url else []
     groups["local_server.json"] = _local_server_files(cfg)
     extra["faces.json"], groups["faces.json"] = _faces(cfg)
@@ -157,7 +178,7 @@ def expected(cfg) -> dict[str, dict]:
     models += [spec.pretrained for spec in cfg.embed.extra_models.values()]
     groups["models.json"] = [str(p) for p in map(checkpoint_path, models) if p is not None]
     groups["heads.json"] = [str(Path(head.path).expanduser()) for head in cfg.tag.heads.values()]
-    found = _fingerprints([u for urls in groups.values() for u in urls])
+    found = listed | _fingerprints([u for urls in groups.values() for u in urls if u not in listed])
     return {name: {**extra.get(name, {}), "inputs": {u: found[u] for u in urls}} for name, urls in groups.items()}
 
 

@@ -36,6 +36,12 @@ GLOBAL_STAGES = ("inputs", "consolidate", "dedup", "neardup", "select", "assembl
 # select, assemble, export, index, report, card
 STAGES = GLOBAL_STAGES[:2] + PER_PART_STAGES[:2] + ("dedup",) + PER_PART_STAGES[2:] + GLOBAL_STAGES[3:]
 
+# Stages whose outputs changed layout in a way their inputs and params do not show: dvc.yaml
+# calls them with `--layout N`, so a new layout changes the stage's cmd and DVC reruns it (and
+# its run-cache, keyed by cmd too, never restores an output of the old layout). 2: assemble's
+# data/embeddings files numbered with six digits (autofaiss reads them in name order).
+OUTPUT_LAYOUTS = {"assemble": 2}
+
 NEARDUP = DATA / "neardup"
 SELECTED = DATA / "selected"
 DATASET = DATA / "dataset"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from laionbuild.recipe.errors import RecipeError
 
-TEMPLATE_FILES = ("conf", "dvc.yaml", ".dvcignore", ".gitignore", "demo")
+TEMPLATE_FILES = ("conf", "dvc.yaml", ".dvcignore", ".gitignore", "demo")  # (setup.py reads this line too)
 PACKAGED = Path(__file__).resolve().parents[1] / "_template"
 CHECKOUT = Path(__file__).resolve().parents[2]
 # `hydra.searchpath` entry of a dataset repo's conf/config.yaml: the shipped conf/, searched

@@ -114,7 +114,9 @@ def _files(kind: str, model: str | None = None) -> list:
     files = numbered(embeddings_dir(model) / kind, kind, ".npy")
     if files != sorted(files, key=lambda p: p.name):
         raise RuntimeError(f"{files[0].parent}: file names do not sort in row order ({files[0].name} ... "
-                           f"{files[-1].name}); autofaiss would number the rows otherwise: rebuild assemble")
+                           f"{files[-1].name}); autofaiss would number the rows otherwise: rebuild assemble and what follows "
+                           "(`dvc repro --force --no-run-cache assemble` and `laionbuild build`; dvc.yaml's assemble "
+                           "cmd should read `laionbuild stage assemble --layout 2`)")
     return files
 
 
