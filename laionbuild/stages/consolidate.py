@@ -24,7 +24,7 @@ from laionbuild.metadata.rules import sql_string
 from laionbuild.metadata.sources import canonical_columns, file_format, input_urls, read_arrow
 from laionbuild.metadata.transfer import fetch_file
 from laionbuild.project.atomic import atomic_dir, write_json
-from laionbuild.project.inputs import fingerprint
+from laionbuild.project.inputs import fingerprint, recorded
 from laionbuild.project.layout import CONSOLIDATED, TMP, WORK
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,13 @@ def run(cfg) -> None:
         columns = dict(s.columns)
         aliases = {k: list(v) for k, v in s.column_aliases.items()}
         staged, rows_in = [], 0
+        # the fingerprints the inputs stage recorded (this stage's dependency): no second metadata
+        # request per file; one is sent only for a file that check did not see
+        checked = (recorded("consolidate.json") or {}).get("inputs", {})
         for i, url in enumerate(urls):
             name = url.rstrip("/").rsplit("/", 1)[-1]
             # fetched once per content: a republished file (another fingerprint) is fetched again
-            key = url + json.dumps(fingerprint(url), sort_keys=True)
+            key = url + json.dumps(checked.get(url) or fingerprint(url), sort_keys=True)
             work = WORK / "consolidate" / hashlib.sha256(key.encode()).hexdigest()[:16]
             local = work / name
             if not local.exists():
