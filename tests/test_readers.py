@@ -123,3 +123,66 @@ def test_webdataset_and_wids_read_the_shards(built):
         sample = dataset[i]
         assert sample["__key__"] == keys[i] and sample[".txt"] == sample[".json"]["caption"]
         assert sample[".jpg"].size[0] > 0
+
+
+def _dataset_members(project) -> list[dict]:
+    """data/dataset's tars as webdataset samples: {__key__, ext: bytes}, in shard order."""
+    import tarfile
+
+    samples: list[dict] = []
+    for shard in sorted((project / "data/dataset").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, _, ext = member.name.partition(".")
+                if not samples or samples[-1]["__key__"] != key:
+                    samples.append({"__key__": key})
+                samples[-1][ext] = tar.extractfile(member).read()
+    return samples
+
+
+def test_read_gives_the_selection_byte_for_byte_as_assemble_writes_it(built):
+    import laionbuild
+
+    samples = list(laionbuild.read(built.path))
+    assert [s["__key__"] for s in samples] == dataset_keys(built)
+    assert samples == _dataset_members(built)  # every member, its bytes and its order
+
+
+def test_a_selected_point_is_read_before_it_is_materialised(built, tmp_path):
+    """A threshold change built only up to `select`: data/dataset still holds the old point,
+    `laionbuild.read` the new one, straight from the download's shards (also through a
+    webdataset pipeline); materialising it then writes exactly what was read."""
+    import webdataset as wds
+
+    import laionbuild
+
+    from .shared_demo import RECIPE, copy_of
+
+    project = copy_of(built, tmp_path / "point")
+    before = _dataset_members(project)
+    sims = sorted(json.loads(s["json"])["tags"]["clip_similarity"] for s in before)
+    threshold = sims[len(sims) // 2]
+    selected = project.build(*RECIPE, f"select.min_clip_similarity={threshold!r}", "--stage", "select")
+    assert selected.ran == ["select"], selected.ran
+    assert _dataset_members(project) == before  # nothing materialised
+    point = list(laionbuild.read(project.path))
+    assert [s["__key__"] for s in point] == dataset_keys(project) and 0 < len(point) < len(before)
+    assert all(json.loads(s["json"])["tags"]["clip_similarity"] >= threshold - 1e-6 for s in point)
+    decoded = list(wds.DataPipeline(lambda: laionbuild.read(project.path), wds.decode("pil"),
+                                    wds.to_tuple("__key__", "jpg", "txt")))
+    assert [k for k, _, _ in decoded] == [s["__key__"] for s in point] and decoded[0][1].size[0] > 0
+
+    project.build(*RECIPE, f"select.min_clip_similarity={threshold!r}")
+    assert _dataset_members(project) == point
+
+
+def test_read_refuses_a_build_without_a_selection(tmp_path):
+    import laionbuild
+    from laionbuild.recipe.errors import InputError
+
+    from .conftest import FAST, new_project
+
+    project = new_project(tmp_path / "empty")
+    project.laionbuild("compose", *FAST)
+    with pytest.raises(InputError, match="build up to the selection first"):
+        laionbuild.read(project.path)

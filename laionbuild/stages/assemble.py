@@ -15,8 +15,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import tempfile
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +22,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from laionbuild.project.atomic import atomic_dir, read_json, write_json
-from laionbuild.project.layout import DATASET, EMBEDDINGS, KEY_COLUMN, SELECTED, TMP, embed_dir, part_dir
+from laionbuild.project.layout import DATASET, EMBEDDINGS, KEY_COLUMN, SELECTED, embed_dir, part_dir
 from laionbuild.project.outputs import selected_keys
 from laionbuild.recipe.errors import InputError
-from laionbuild.shards.storage import filesystem, is_url, part_shards
-
-TAG_COLUMNS_SKIP = {"key", "part"}
+from laionbuild.shards.samples import part_rows, part_samples
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -38,41 +34,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.mtime = 0
     info.mode = 0o644
     tar.addfile(info, io.BytesIO(data))
-
-
-def _tmp_root() -> str:
-    TMP.mkdir(parents=True, exist_ok=True)
-    return str(TMP)
-
-
-@contextmanager
-def downloaded_images(part: int):
-    """key -> (image bytes loader, extension) over a part's img2dataset shards, which store
-    samples in completion order, not input order."""
-    with ExitStack() as stack:
-        found: dict[str, tuple] = {}
-        local = None
-        for shard in part_shards(part_dir("download", part)):
-            path = shard.location
-            if is_url(path):  # under download.shards_url: one sequential read of each tar into a
-                # local copy (for the part's duration), not a ranged request per image
-                if local is None:
-                    local = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=_tmp_root())))
-                path = str(local / f"{shard.name}.tar")
-                fs, remote = filesystem(shard.location)
-                fs.get(remote, path)
-            tar = stack.enter_context(tarfile.open(path))
-            members: dict[str, dict[str, tarfile.TarInfo]] = {}
-            for member in tar.getmembers():
-                stem, _, ext = member.name.partition(".")
-                members.setdefault(stem, {})[ext] = member
-            for files in members.values():
-                image_ext = next((e for e in ("jpg", "png", "webp") if e in files), None)
-                if image_ext is None or "json" not in files:
-                    continue
-                key = json.loads(tar.extractfile(files["json"]).read())[KEY_COLUMN]
-                found[key] = (tar, files[image_ext], image_ext)
-        yield found
 
 
 class _ShardWriter:
@@ -87,13 +48,15 @@ class _ShardWriter:
         self.tar = tarfile.open(self.out / f"{self.shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT)
         self.count, self.rows = 0, []
 
-    def add(self, key: str, image: bytes, ext: str, caption: str, meta: dict) -> None:
+    def add(self, sample: dict) -> None:
+        """A webdataset sample (laionbuild/shards/samples.py): its members in its order."""
         if self.tar is None or self.count >= self.per_shard:
             self._roll()
-        _add(self.tar, f"{key}.{ext}", image)
-        _add(self.tar, f"{key}.txt", caption.encode())
-        _add(self.tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-        self.rows.append(meta)
+        key = sample["__key__"]
+        for ext, data in sample.items():
+            if ext != "__key__":
+                _add(self.tar, f"{key}.{ext}", data)
+        self.rows.append(json.loads(sample["json"]))
         self.count += 1
 
     def close(self) -> None:
@@ -182,16 +145,6 @@ class _ParquetShards:
             self._flush(self.buffered)
 
 
-def _part_rows(part: int, keys: list[str]) -> pd.DataFrame:
-    """The selected rows of a part with url, caption and tags, in `keys` order (vectorised)."""
-    prepared = pq.read_table(part_dir("dedup", part) / "metadata.parquet", columns=["key", "url", "caption"])
-    tags = pq.read_table(part_dir("tag", part) / "tags.parquet").drop_columns(["part"])
-    frame = pd.DataFrame({"key": keys}).merge(prepared.to_pandas(), on="key", how="left")
-    frame = frame.merge(tags.to_pandas(), on="key", how="left")
-    frame.insert(1, "part", part)
-    return frame
-
-
 def run(cfg) -> None:
     selected = pq.ParquetFile(SELECTED / "selected.parquet")
     images_wanted = cfg.download.enabled
@@ -211,17 +164,10 @@ def run(cfg) -> None:
             emb_meta = pd.read_parquet(part_dir("embed", part) / "metadata" / "metadata_0.parquet", columns=[KEY_COLUMN])
             row_of = pd.Series(np.arange(len(emb_meta)), index=emb_meta[KEY_COLUMN].astype(str))
             rows = row_of.loc[keys].to_numpy()
-            frame = _part_rows(part, keys)
-            if images_wanted:
-                tag_names = [c for c in frame.columns if c not in TAG_COLUMNS_SKIP | {"url", "caption"}]
-                with downloaded_images(part) as images:
-                    for record in frame.to_dict("records"):
-                        key = record["key"]
-                        tar, member, ext = images[key]
-                        tag_values = {c: _plain(record[c]) for c in tag_names}
-                        meta = {"key": key, "part": part, "url": record["url"], "caption": record["caption"],
-                                "tags": tag_values}
-                        writer.add(key, tar.extractfile(member).read(), ext, record["caption"], meta)
+            frame = part_rows(part, keys)
+            if images_wanted:  # (the samples laionbuild.read gives, written as they are)
+                for sample in part_samples(part, frame):
+                    writer.add(sample)
             else:
                 writer.add(frame)
             for model, out in embeddings.items():
@@ -243,10 +189,3 @@ def run(cfg) -> None:
             + "".join(f"models/{name}/: the same rows embedded by {spec.model} ({spec.pretrained}).\n"
                       for name, spec in cfg.embed.extra_models.items()))
 
-
-def _plain(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    return value
