@@ -11,8 +11,16 @@ import sys
 from pathlib import Path
 
 from laionbuild.project.atomic import atomic_write_text
-from laionbuild.project.layout import OUTPUT_LAYOUTS, STAGES
-from laionbuild.project.repo import clear_dead_dvc_locks, dvc_env, enable_dvc_hydra, prune_stale_parts, run_dvc, stage_status
+from laionbuild.project.layout import STAGES, output_layout_error
+from laionbuild.project.repo import (
+    check_output_layouts,
+    clear_dead_dvc_locks,
+    dvc_env,
+    enable_dvc_hydra,
+    prune_stale_parts,
+    run_dvc,
+    stage_status,
+)
 from laionbuild.recipe.errors import LaionbuildError
 from laionbuild.recipe.schema import RecipeError, compose, load_params, to_yaml
 from laionbuild.web import without_torch
@@ -96,6 +104,7 @@ def cmd_init(args) -> int:
 
 
 def cmd_build(args) -> int:
+    check_output_layouts()  # (an up-to-date stage of an old layout would never run to refuse it)
     if args.multirun:
         return cmd_sweep(args)
     cmd_compose(args)
@@ -123,12 +132,8 @@ def cmd_build(args) -> int:
 def cmd_stage(args) -> int:
     from laionbuild.stages import run_stage
 
-    wanted, writes = args.layout, OUTPUT_LAYOUTS.get(args.name)
-    if writes is not None and wanted != writes:
-        raise LaionbuildError(
-            f"dvc.yaml calls `laionbuild stage {args.name}` for output layout {wanted or 1}, and this laionbuild "
-            f"writes layout {writes}: take dvc.yaml's `{args.name}` entry from the shipped one (`cmd: laionbuild "
-            f"stage {args.name} --layout {writes}`; docs/stages.md), so that DVC rebuilds it and what follows")
+    if wrong := output_layout_error(args.name, args.layout):
+        raise LaionbuildError(wrong)
     cfg = load_params(args.params)
     if args.name in TORCH_FREE_STAGES and without_torch.enable():
         log.info("stage %s runs without torch, in this process and those it spawns (img2dataset needs none; "
@@ -223,6 +228,7 @@ def cmd_projector(args) -> int:
 
 
 def cmd_status(args) -> int:
+    check_output_layouts()
     rows = stage_status()
     width = max(len(n) for n, _, _ in rows)
     for name, state, why in rows:

@@ -295,7 +295,8 @@ def test_index_ids_are_dataset_rows_past_ten_embedding_files(built, tmp_path):
 def test_a_dvc_yaml_of_an_old_output_layout_is_refused_and_rebuilds_what_changed(built):
     """assemble's output layout (six-digit embedding file numbers) is in its dvc.yaml cmd
     (`--layout 2`): DVC sees an old project's assemble as changed, its run-cache cannot restore
-    the old layout, and the old cmd itself is refused with the line to take."""
+    the old layout, and a dvc.yaml with the old cmd is refused, naming the line to take, by the
+    stage and by `build` and `status` (a dataset repo keeps its dvc.yaml across upgrades)."""
     from laionbuild.project.layout import OUTPUT_LAYOUTS
 
     shipped = (built / "dvc.yaml").read_text()
@@ -304,9 +305,13 @@ def test_a_dvc_yaml_of_an_old_output_layout_is_refused_and_rebuilds_what_changed
     (built / "dvc.yaml").write_text(shipped.replace(new_cmd, "cmd: laionbuild stage assemble"))
     try:
         assert "changed command" in built.dvc("status", "assemble").output
-        old = built.laionbuild("stage", "assemble", check=False)
-        assert old.returncode == 2 and f"`cmd: laionbuild stage assemble --layout {OUTPUT_LAYOUTS['assemble']}`" \
-            in old.output, old.output
+        line = f"`cmd: laionbuild stage assemble --layout {OUTPUT_LAYOUTS['assemble']}`"
+        # the stage itself, and build and status before DVC runs anything (an up-to-date assemble
+        # of the old layout would never run to refuse it)
+        for refused in (built.laionbuild("stage", "assemble", check=False), built.build(*RECIPE, check=False),
+                        built.laionbuild("status", check=False)):
+            assert refused.returncode == 2 and line in refused.output and "Running stage" not in refused.output, \
+                refused.output[-2000:]
     finally:
         (built / "dvc.yaml").write_text(shipped)
     assert "changed command" not in built.dvc("status", "assemble").output

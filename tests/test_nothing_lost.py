@@ -104,6 +104,7 @@ def test_stale_leases_are_taken_over_and_a_taken_over_writer_stops(s3, tmp_path,
     from laionbuild.shards.storage import filesystem, join
 
     monkeypatch.setattr(lease, "POLL_S", 0.1)
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.2)  # (an old stamp counts once seen unchanged for two beats)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
     host = socket.gethostname()
@@ -203,6 +204,48 @@ def test_a_released_lease_keeps_its_number_and_only_its_owner_holds_it(s3, tmp_p
             else:
                 raise AssertionError("check() passed with another owner's lease of the same number")
         assert lease.read(prefix, join(root, lease.lease_name(3))) == other, prefix  # left as the other wrote it
+
+
+def test_staleness_is_judged_on_the_waiters_clock_and_this_machines_process_table(s3, tmp_path, monkeypatch):
+    """A holder whose clock runs an hour ahead is taken over only once the waiter has seen its
+    heartbeat unchanged for STALE_S on its own clock; a dead pid counts as dead only in this
+    machine's process table (same host name, boot and pid namespace) and for the process that
+    wrote the lease (its start time), not for a later one that got the same number."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from laionbuild.shards import lease
+    from laionbuild.shards.storage import filesystem, join
+
+    monkeypatch.setattr(lease, "POLL_S", 0.1)
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(lease, "STALE_S", 1.0)
+    for prefix in _lease_prefixes(s3, tmp_path):
+        fs, root = filesystem(prefix)
+        fs.makedirs(root, exist_ok=True)
+        ahead = dict(owner="clock-ahead", host="elsewhere", pid=1, heartbeat=time.time() + 3600)
+        fs.pipe_file(join(root, lease.lease_name(1)), json.dumps(ahead).encode())
+        assert not lease.stale(ahead, unchanged_for=0.5)  # (seen unchanged for less than STALE_S)
+        taken: list = []
+        taker = threading.Thread(target=lambda taken=taken, prefix=prefix: taken.append(_generation(lease, prefix)))
+        taker.start()
+        taker.join(15)
+        assert taken == [2], (prefix, taken)
+
+    here = lease._this_machine()
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                  text=True).stdout)
+    beat = time.time()
+    assert lease.stale(dict(here, pid=dead_pid, heartbeat=beat), unchanged_for=0)
+    other_namespace = dict(here, pid_ns="pid:[1]" if here["pid_ns"] != "pid:[1]" else "pid:[2]")
+    assert not lease.stale(dict(other_namespace, pid=dead_pid, heartbeat=beat), unchanged_for=0)
+    assert not lease.stale(dict(here, boot_id="another-boot", pid=dead_pid, heartbeat=beat), unchanged_for=0)
+    started = lease._started()
+    assert not lease.stale(dict(here, pid=os.getpid(), pid_started=started, heartbeat=beat), unchanged_for=0)
+    assert lease.stale(dict(here, pid=os.getpid(), pid_started=started - 100, heartbeat=beat), unchanged_for=0)
 
 
 def _generation(lease, prefix) -> int:

@@ -82,12 +82,7 @@ def remote_fingerprint(url: str, retries: int = 3, backoff: float = 1.0) -> dict
                 raise OSError(f"{url}: cannot check it ({cause!r}); the build's input check needs its size "
                               "and ETag or modification time") from exc
             time.sleep(backoff * 2**attempt)
-    found = {k: _plain(info[k]) for k in CONTENT_KEYS if info.get(k) is not None}
-    if not found:
-        log.warning("%s: the store says nothing about this file's content (no size, ETag, modification time or "
-                    "checksum): a new version of it is not seen, so its stage is not rebuilt; put it where a "
-                    "store that says so serves it, or on a local path", url)
-    return found
+    return {k: _plain(info[k]) for k in CONTENT_KEYS if info.get(k) is not None}
 
 
 def _listed_fingerprint(info: dict) -> dict | None:
@@ -179,7 +174,26 @@ def expected(cfg) -> dict[str, dict]:
     groups["models.json"] = [str(p) for p in map(checkpoint_path, models) if p is not None]
     groups["heads.json"] = [str(Path(head.path).expanduser()) for head in cfg.tag.heads.values()]
     found = listed | _fingerprints([u for urls in groups.values() for u in urls if u not in listed])
-    return {name: {**extra.get(name, {}), "inputs": {u: found[u] for u in urls}} for name, urls in groups.items()}
+    blind = [u for u, fp in found.items() if not fp]
+    if blind:
+        log.warning("%d input files: the store says nothing about their content (no size, ETag, modification time "
+                    "or checksum), e.g. %s: a new version is not seen, so what reads it is not rebuilt; serve them "
+                    "from a store that says so, or from a local path", len(blind), blind[0])
+    files = {name: {**extra.get(name, {}), "inputs": {u: found[u] for u in urls}} for name, urls in groups.items()}
+    return {name: _settled(name, content) for name, content in files.items()}
+
+
+def _settled(name: str, content: dict) -> dict:
+    """`content` with each file's fingerprint as last recorded where the new one says the same
+    with fewer keys (a folder listing instead of a HEAD: S3's listing has no VersionId), so a
+    change of how a file is checked does not refetch what did not change."""
+    old = (recorded(name) or {}).get("inputs") or {}
+    inputs = dict(content["inputs"])
+    for url, new in inputs.items():
+        before = old.get(url)
+        if before and new and new != before and "missing" not in new and all(before.get(k) == v for k, v in new.items()):
+            inputs[url] = before
+    return {**content, "inputs": inputs}
 
 
 def _text(content: dict) -> str:

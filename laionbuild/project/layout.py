@@ -42,6 +42,17 @@ STAGES = GLOBAL_STAGES[:2] + PER_PART_STAGES[:2] + ("dedup",) + PER_PART_STAGES[
 # data/embeddings files numbered with six digits (autofaiss reads them in name order).
 OUTPUT_LAYOUTS = {"assemble": 2}
 
+
+def output_layout_error(stage: str, found: int | None) -> str | None:
+    """What is wrong with a dvc.yaml whose `stage` cmd asks for output layout `found` (None: no
+    --layout), or None when it asks for the one this laionbuild writes."""
+    writes = OUTPUT_LAYOUTS.get(stage)
+    if writes is None or found == writes:
+        return None
+    return (f"dvc.yaml runs `{stage}` for output layout {found or 1}, and this laionbuild writes layout {writes}: "
+            f"take dvc.yaml's `{stage}` entry from the shipped one (`cmd: laionbuild stage {stage} --layout {writes}`; "
+            "docs/stages.md), so that DVC rebuilds it and what follows")
+
 NEARDUP = DATA / "neardup"
 SELECTED = DATA / "selected"
 DATASET = DATA / "dataset"

@@ -263,3 +263,27 @@ def _changed_keys(key: str, old, new) -> list[str]:
         return [k for name in sorted(set(old) | set(new))
                 for k in _changed_keys(f"{key}.{name}", old.get(name), new.get(name))]
     return [] if old == new else [key]
+
+
+def check_output_layouts(dvc_yaml: Path = Path("dvc.yaml")) -> None:
+    """Refuse a dvc.yaml whose stages ask for another output layout than this laionbuild writes
+    (`--layout N` in their cmd; project/layout.py OUTPUT_LAYOUTS): a dataset repo keeps its own
+    dvc.yaml across upgrades, and DVC would never run an up-to-date stage, so its outputs of the
+    old layout (data/embeddings named so that autofaiss numbers rows otherwise) would stay."""
+    import re
+
+    import yaml
+
+    from laionbuild.project.layout import OUTPUT_LAYOUTS, output_layout_error
+    from laionbuild.recipe.errors import LaionbuildError
+
+    if not dvc_yaml.exists():
+        return
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}
+    for name in OUTPUT_LAYOUTS:
+        if name not in stages:
+            continue
+        cmd = stages[name].get("cmd", "") if isinstance(stages[name], dict) else ""
+        found = re.search(r"--layout[ =](\d+)", " ".join(cmd) if isinstance(cmd, list) else str(cmd))
+        if wrong := output_layout_error(name, int(found.group(1)) if found else None):
+            raise LaionbuildError(f"{dvc_yaml.resolve()}: {wrong}")

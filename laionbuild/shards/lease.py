@@ -25,11 +25,17 @@ writer's tar beside the other's parquet. Before writing, the download takes the 
 - a holder that finds the newest lease is not its own (a later generation, or its number taken
   by another owner after the prefix was deleted: it looked dead for STALE_S, a suspended machine,
   a long network partition), or that could not renew its lease for STALE_S / 2, stops at once,
-  its download processes with it, so two writers never write on; its build fails and says why.
+  its download processes with it; its build fails and says why. A watchdog thread enforces the
+  STALE_S / 2 deadline even while a store call hangs.
 
-Cost per part: one listing, one conditional put, one read and one put more per download, and one
-listing, one read and one put per HEARTBEAT_S while it runs; a waiting build one existence check per POLL_S.
-`laionbuild gc-shards` keeps a prefix with a live lease even with `--incomplete`.
+Cost per part: a listing, a conditional put and a listing more per download, a marker check, a
+read and a delete (or a put, marking it released) at its end, and a listing, a read and a put per
+HEARTBEAT_S while it runs; a waiting build a marker check, a listing and a read per POLL_S.
+What is left: a holder that wakes from a long stall (suspended, partitioned) may write for up to
+one HEARTBEAT_S before its heartbeat or watchdog sees the lease gone (the watchdog stops it at
+once when the sleep itself exceeded STALE_S / 2); a conditional renewal (S3 If-Match) would
+narrow that to one request. `laionbuild gc-shards` keeps a prefix with a live lease even with
+`--incomplete` (it looks once: a stamp within 3 × STALE_S is live).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import signal
 import socket
@@ -56,6 +63,7 @@ LEASE = re.compile(r"^_laionbuild_lease-(\d+)$")  # (not *.json: img2dataset's r
 HEARTBEAT_S = 30.0
 STALE_S = 600.0
 POLL_S = 5.0
+MAX_LOST_RACES = 50  # conditional creates refused in a row, with no lease there: the store cannot do them
 
 
 class LeaseLost(RuntimeError):
@@ -87,13 +95,30 @@ def read(prefix: str, path: str) -> dict | None:
         return {}  # (never written half: a put and a link are whole) unreadable: stale
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, started: float | None = None) -> bool:
+    """Process `pid` runs here (and, given its recorded start time, is that process, not a later
+    one that took the same number)."""
     import psutil
 
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        process = psutil.Process(pid)
+        if started is not None and abs(process.create_time() - float(started)) > 1.0:
+            return False
+        return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def _started() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def _clock() -> float:
+    """Seconds on a clock that neither jumps with the wall clock nor stops while the machine
+    sleeps (CLOCK_BOOTTIME where there is one): a holder suspended for an hour sees the hour."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic()
 
 
 def _boot_id() -> str:
@@ -123,17 +148,20 @@ def _local(holder: dict) -> bool:
     return holder.get("host") == here["host"] and all(holder.get(k, here[k]) == here[k] for k in ("boot_id", "pid_ns"))
 
 
-def stale(holder: dict, now: float | None = None, unchanged_for: float = 0.0) -> bool:
-    """A lease nobody holds: released, its holder a dead process here, its heartbeat unchanged for
-    STALE_S as the caller observed it (`unchanged_for`, on the caller's own clock), or stamped
-    more than 3 × STALE_S ago (a lease abandoned long before anyone looked)."""
+def stale(holder: dict, now: float | None = None, unchanged_for: float | None = None) -> bool:
+    """A lease nobody holds: released, its holder a dead process here, or its heartbeat unchanged
+    for STALE_S as the caller observed it (`unchanged_for`, on the caller's own clock). A stamp
+    more than 3 × STALE_S old (a lease abandoned long before anyone looked) counts once the
+    caller saw it unchanged for two heartbeats (so a clock 30 minutes off alone never makes a
+    live holder stale), or at once for a caller that looks only once (`unchanged_for` None)."""
     if not holder or "heartbeat" not in holder or holder.get("released"):
         return True
-    if _local(holder) and not _alive(int(holder.get("pid", 0))):
+    if _local(holder) and not _alive(int(holder.get("pid", 0)), holder.get("pid_started")):
         return True
-    if unchanged_for > STALE_S:
+    if unchanged_for is not None and unchanged_for > STALE_S:
         return True
-    return (time.time() if now is None else now) - float(holder["heartbeat"]) > 3 * STALE_S
+    old = (time.time() if now is None else now) - float(holder["heartbeat"]) > 3 * STALE_S
+    return old and (unchanged_for is None or unchanged_for > 2 * HEARTBEAT_S)
 
 
 def live_holder(prefix: str) -> dict | None:
@@ -218,6 +246,8 @@ class Lease:
     generation: int = 0
     owner: str = ""
     lost: str | None = None
+    renewed: float = 0.0  # (_clock) when the last successful heartbeat round began
+    failure: str = ""  # the last heartbeat error
 
     def check(self) -> None:
         """Raise if the lease was taken over (call before marking the prefix complete)."""
@@ -240,8 +270,9 @@ def writer(prefix: str, complete: Callable[[], bool], describe: str = "") -> Ite
     Lease whose `complete` is True (nothing held) when the prefix is or becomes complete."""
     owner = uuid.uuid4().hex[:12]
     waited_on = None
-    seen: tuple | None = None  # (generation, owner, heartbeat) of the newest lease, and since when (monotonic)
+    seen: tuple | None = None  # (generation, owner, heartbeat) of the newest lease, and since when (_clock)
     seen_since = 0.0
+    lost_races = 0
     while True:
         if complete():
             if waited_on:
@@ -256,8 +287,8 @@ def writer(prefix: str, complete: Callable[[], bool], describe: str = "") -> Ite
             continue  # taken over between the listing and the read: look again
         state = (top, (holder or {}).get("owner"), (holder or {}).get("heartbeat"))
         if state != seen:
-            seen, seen_since = state, time.monotonic()
-        if top and not stale(holder, unchanged_for=time.monotonic() - seen_since):
+            seen, seen_since = state, _clock()
+        if top and not stale(holder, unchanged_for=_clock() - seen_since):
             who = f"{holder.get('host')} pid {holder.get('pid')} ({holder.get('owner')})"
             if who != waited_on:
                 log.warning("%s is being written by %s%s; waiting for it to finish", prefix, who,
@@ -266,10 +297,19 @@ def writer(prefix: str, complete: Callable[[], bool], describe: str = "") -> Ite
             time.sleep(POLL_S)
             continue
         generation = top + 1
-        record = {"owner": owner, **_this_machine(), "pid": os.getpid(), "generation": generation,
-                  "started": time.time(), "describe": describe}
+        record = {"owner": owner, **_this_machine(), "pid": os.getpid(), "pid_started": _started(),
+                  "generation": generation, "started": time.time(), "describe": describe}
         if not _create(prefix, lease_name(generation), _body(record)):
-            continue  # another writer took it first: look again
+            lost_races += 1  # another writer took it first: look again, after a random pause so that
+            if lost_races >= MAX_LOST_RACES and not leases(prefix):  # two takers do not collide in step
+                raise RuntimeError(f"{prefix}: the store refused {lost_races} conditional creates of a lease in a "
+                                   "row with no lease there (it answers 409/412 to every If-None-Match put?); "
+                                   "put download.shards_url on a store with conditional writes")
+            time.sleep(random.uniform(0.1, min(POLL_S, 1.0)))
+            continue
+        if max(leases(prefix), default=0) != generation:  # (our listing was old: a later number exists)
+            _remove(prefix, join(filesystem(prefix)[1], lease_name(generation)))
+            continue
         if top and not holder.get("released"):
             log.warning("%s: took over the lease of %s (dead, or no heartbeat for %.0f s)", prefix,
                         f"{holder.get('host')} pid {holder.get('pid')}" if holder else "an unreadable lease", STALE_S)
@@ -278,18 +318,23 @@ def writer(prefix: str, complete: Callable[[], bool], describe: str = "") -> Ite
                 _remove(prefix, path)
         break
     lease = Lease(prefix, False, generation, owner)
+    lease.renewed = _clock()
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(lease, record, stop), daemon=True, name="shards-lease")
+    watch = threading.Thread(target=_watchdog, args=(lease, stop), daemon=True, name="shards-lease-watchdog")
     try:
         if complete():  # completed by the holder that released just before our lease
             lease.complete = True
         else:
             beat.start()
+            watch.start()
         yield lease
     finally:
         stop.set()
+        if watch.is_alive():
+            watch.join()
         if beat.is_alive():
-            beat.join()
+            beat.join(timeout=HEARTBEAT_S)  # (a store call may hang: the release below goes on)
         try:
             path = join(filesystem(prefix)[1], lease_name(generation))
             if (read(prefix, path) or {}).get("owner") == owner:  # (never another build's lease of that number)
@@ -307,8 +352,8 @@ def _body(record: dict) -> bytes:
 
 def _heartbeat(lease: Lease, record: dict, stop: threading.Event) -> None:
     name = lease_name(lease.generation)
-    renewed = time.monotonic()
     while not stop.wait(HEARTBEAT_S):
+        began = _clock()
         try:
             if not lease.holds():
                 _lose(lease, f"{lease.prefix}: this build's lease was taken over or removed while it wrote (it "
@@ -316,14 +361,22 @@ def _heartbeat(lease: Lease, record: dict, stop: threading.Event) -> None:
                              "stopped so that two builds never write one prefix: rerun the build")
                 return
             _overwrite(lease.prefix, name, _body(record))
-            renewed = time.monotonic()
+            lease.renewed = began  # (the round's start: the stamp it wrote is no newer)
         except Exception as exc:  # the store unreachable for a while: retry at the next beat (never die silently)
-            if time.monotonic() - renewed > STALE_S / 2:
-                # another build may judge the lease stale soon: stop before it could take over
-                _lose(lease, f"{lease.prefix}: this build could not renew its lease for {STALE_S / 2:.0f} s "
-                             f"({exc}); stopped so that two builds never write one prefix: rerun the build")
-                return
+            lease.failure = str(exc)
             log.warning("%s: lease heartbeat failed (%s); retrying", lease.prefix, exc)
+
+
+def _watchdog(lease: Lease, stop: threading.Event) -> None:
+    """Stop the holder once its lease went unrenewed for STALE_S / 2, whether the store's calls
+    fail or hang (retries and timeouts can hold one call for minutes), before another build could
+    judge it stale and take over; a machine that slept past that stops as it wakes."""
+    while not stop.wait(min(1.0, HEARTBEAT_S)):
+        if _clock() - lease.renewed > STALE_S / 2 and not stop.is_set():
+            _lose(lease, f"{lease.prefix}: this build could not renew its lease for {STALE_S / 2:.0f} s "
+                         f"({lease.failure or 'the store did not answer'}); stopped so that two builds never "
+                         "write one prefix: rerun the build")
+            return
 
 
 def _lose(lease: Lease, why: str) -> None:
