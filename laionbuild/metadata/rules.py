@@ -55,6 +55,8 @@ def metadata_rules(cfg, columns: set[str], dialect: SqlDialect = DUCKDB) -> list
     out: list[Rule] = [("has_url", _has_url(dialect))]
     if cfg.source.ids_url:
         out.append(("ids", "_in_ids"))
+    for entry in p.blocklists:  # metadata/blocklists.py adds the `_blocked_<name>` columns
+        out.append((f"blocklist_{entry.name}", f"NOT _blocked_{entry.name}"))
     if "nsfw" in columns and (p.nsfw.drop or p.nsfw.drop_missing):
         dropped = ", ".join(sql_string(v) for v in p.nsfw.drop) or "NULL"
         # explicit NULL handling: `nsfw NOT IN (...)` alone would silently drop missing tags

@@ -149,6 +149,30 @@ class NsfwPolicy:
     drop_missing: bool = False
 
 
+BlocklistMatch = Literal["url_md5", "url_sha256", "sample_id"]
+ListName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+UNSET = ("", "???")  # a required path a recipe leaves to the user (`???`: Hydra's missing value)
+
+
+@dataclass
+class BlocklistEntry:
+    """One hash list of prepare.blocklists (laionbuild/metadata/blocklists.py, docs/safety.md)."""
+
+    name: ListName = "blocklist"  # the funnel step is `blocklist_<name>`
+    # a local path (relative to the project) or any fsspec URL: .txt (one entry a line), .csv
+    # (header row), .parquet; .txt/.csv may be gzip'd (.gz)
+    path: str = ""
+    # url_md5 / url_sha256: hex digest of the source row's exact URL string (UTF-8 bytes, not
+    # normalised), any case; sample_id: the source's id column (source.columns.sample_id)
+    match: BlocklistMatch = "url_md5"
+    column: Optional[str] = None  # .csv/.parquet: the column holding the entries; None: the only column
+
+    def problems(self) -> Iterator[Problem]:
+        if self.path in UNSET:
+            yield ("path", self.path, f"the `{self.name}` hash list must be given: its local path or fsspec URL, e.g. "
+                   f"prepare.blocklists.{{i}}.path=/lists/{self.name}.txt (docs/safety.md)")
+
+
 @dataclass
 class PrepareConfig:
     """Per-part metadata filters, applied in this order (after source.ids_url); each is counted."""
@@ -166,8 +190,17 @@ class PrepareConfig:
     # adds a `language` column. None: no language filter.
     languages: Optional[List[str]] = None
     min_language_score: Probability = 0.0  # normalised probability of the detected language
+    # Hash lists whose matching rows are dropped (Re-LAION's link removal), each its own funnel
+    # step `blocklist_<name>`, right after has_url (and source.ids_url). docs/safety.md
+    blocklists: List[BlocklistEntry] = field(default_factory=list)
 
     def problems(self) -> Iterator[Problem]:
+        names = [entry.name for entry in self.blocklists]
+        for i, entry in enumerate(self.blocklists):
+            for key, value, message in entry.problems():
+                yield f"blocklists.{i}.{key}", value, message.replace("{i}", str(i))
+            if names.index(entry.name) != i:
+                yield f"blocklists.{i}.name", entry.name, "is the name of an earlier list: give each list its own name"
         if self.languages is not None and not self.languages:
             yield "languages", self.languages, "use null for no language filter, not []"
         for low, high in (("min_caption_chars", "max_caption_chars"), ("min_caption_words", "max_caption_words")):
@@ -412,6 +445,9 @@ class EngineConfig:
     # buffering row groups per thread: on 2 cores 1 thread is as fast and halves peak memory;
     # raise it on many cores for speed
     write_threads: PosInt = 1
+    # local only: DuckDB memory cap for prepare's blocklist joins (prepare.blocklists); beyond it
+    # DuckDB spills to data/.tmp. Speed only: the same rows are dropped whatever it is
+    join_memory_limit: DuckdbMemory = "2GB"
 
 
 # the recipe's sections, in pipeline order: one config group (conf/<section>/) each
