@@ -97,6 +97,9 @@ def tag_rules(select_cfg) -> list[tuple[str, str]]:
         out.append((f"max_{name}", f"{quote(name)} <= {float(value)!r}"))
     if select_cfg.max_near_dup_similarity is not None:
         out.append(("max_near_dup_similarity", f"near_dup_similarity < {float(select_cfg.max_near_dup_similarity)!r}"))
+    if (unsafe := select_cfg.unsafe_keywords) is not None:  # metadata/keywords.py adds `_unsafe_keyword`
+        out.append(("unsafe_keywords", f"NOT (coalesce({quote(unsafe.score)} > {float(unsafe.above)!r}, false) "
+                                       "AND coalesce(_unsafe_keyword, false))"))
     return out
 
 

@@ -103,7 +103,7 @@ def storage(c: Config) -> Iterator[Problem]:
 
 
 def safety(c: Config) -> Iterator[Problem]:
-    """prepare.blocklists: what they read (docs/safety.md)."""
+    """prepare.blocklists and select.unsafe_keywords: what they read (docs/safety.md)."""
     from laionbuild.metadata.blocklists import problems
 
     yield from problems(c)

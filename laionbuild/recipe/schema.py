@@ -382,6 +382,25 @@ class TagConfig:
 
 
 @dataclass
+class UnsafeKeywords:
+    """Re-LAION's research rule: drop samples whose unsafe score is above `above` AND whose
+    caption holds a keyword of the list (docs/safety.md)."""
+
+    # a tag column (a tag.heads score, e.g. nsfw_score) or a column of the prepared metadata
+    # (e.g. the source's punsafe)
+    score: str = "nsfw_score"
+    above: float = 0.95  # strictly above
+    # local path or fsspec URL of the keyword file: one keyword or phrase a line (UTF-8; blank
+    # lines and lines starting with # are skipped), matched as whole words, case-insensitively
+    keywords: str = ""
+
+    def problems(self) -> Iterator[Problem]:
+        if self.keywords in UNSET:
+            yield ("keywords", self.keywords, "the keyword list must be given: its local path or fsspec URL, e.g. "
+                   "select.unsafe_keywords.keywords=/lists/keywords.txt (docs/safety.md)")
+
+
+@dataclass
 class SelectConfig:
     # Keep samples whose CLIP image-text cosine is >= this (None: no CLIP rule).
     min_clip_similarity: Optional[Cosine] = None
@@ -394,6 +413,12 @@ class SelectConfig:
     # Score-head tags (tag.heads): keep samples whose score is >= / <= these, per tag column.
     min_scores: Dict[str, float] = field(default_factory=dict)
     max_scores: Dict[str, float] = field(default_factory=dict)
+    # Drop samples scoring above a threshold whose caption has a listed keyword (Re-LAION research)
+    unsafe_keywords: Optional[UnsafeKeywords] = None
+
+    def problems(self) -> Iterator[Problem]:
+        if self.unsafe_keywords is not None:
+            yield from _nested("unsafe_keywords", self.unsafe_keywords)
 
 
 @dataclass

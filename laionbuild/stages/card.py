@@ -82,14 +82,18 @@ def run(cfg) -> None:
 
 
 def _safety_lists(cfg) -> list[dict]:
-    """prepare.blocklists, each with the fingerprint
-    the inputs check recorded (data/inputs/blocklists.json): size and md5 of a
+    """prepare.blocklists and select.unsafe_keywords' keyword file, each with the fingerprint
+    the inputs check recorded (data/inputs/blocklists.json, keywords.json): size and md5 of a
     local file, what the store says (ETag...) of a remote one."""
     from laionbuild.project.inputs import recorded
 
     lists = ((recorded("blocklists.json") or {}).get("inputs") or {})
     out = [{"name": e.name, "use": f"prepare.blocklists ({e.match})", "path": e.path, "content": lists.get(e.path)}
            for e in cfg.prepare.blocklists]
+    if (rule := cfg.select.unsafe_keywords) is not None:
+        recorded_keywords = ((recorded("keywords.json") or {}).get("inputs") or {})
+        out.append({"name": "keywords", "use": f"select.unsafe_keywords ({rule.score} > {rule.above})",
+                    "path": rule.keywords, "content": recorded_keywords.get(rule.keywords)})
     return out
 
 

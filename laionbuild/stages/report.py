@@ -320,6 +320,13 @@ def _select_sections(cfg, con, result: dict, images: ShardImages) -> list[dict]:
 
     active = tag_rules(cfg.select)
     relation = "tags"
+    if cfg.select.unsafe_keywords is not None:  # + the captions' keyword matches (metadata/keywords.py)
+        from laionbuild.metadata.keywords import apply
+
+        columns = [name for name, in con.execute("SELECT column_name FROM (DESCRIBE tags)").fetchall()]
+        relation = "keyword_tags"
+        apply(con, cfg, "tags", relation, [part_dir("dedup", p) / "metadata.parquet" for p in cfg.subset.parts],
+              columns)
     columns = [name for name, in con.execute(f"SELECT column_name FROM (DESCRIBE {relation})").fetchall()]
     sections = []
     previous = "tagged"
