@@ -54,7 +54,7 @@ def problems(c: Config) -> Iterator[Problem]:
         yield ("prepare.blocklists", [e.name for e in lists], "engine=spark does not apply hash lists: build with "
                "engine=local (prepare runs in DuckDB in-process; every other stage gives the same rows either way)")
     for i, entry in enumerate(lists):
-        if NEEDS_COLUMN[entry.match] not in c.source.columns:
+        if entry.match in NEEDS_COLUMN and NEEDS_COLUMN[entry.match] not in c.source.columns:
             yield (f"prepare.blocklists.{i}.match", entry.match, f"needs the source's `{NEEDS_COLUMN[entry.match]}` "
                    f"column: map source.columns.{NEEDS_COLUMN[entry.match]} (e.g. SAMPLE_ID), or use url_md5/url_sha256")
         suffix = _suffix(entry.path)

@@ -149,7 +149,8 @@ class NsfwPolicy:
     drop_missing: bool = False
 
 
-BlocklistMatch = Literal["url_md5", "url_sha256", "sample_id"]
+# image_md5 / image_sha256 (lists of image hashes, matched after the download) are refused: not implemented yet
+BlocklistMatch = Literal["url_md5", "url_sha256", "sample_id", "image_md5", "image_sha256"]
 ListName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 UNSET = ("", "???")  # a required path a recipe leaves to the user (`???`: Hydra's missing value)
 
@@ -163,11 +164,16 @@ class BlocklistEntry:
     # (header row), .parquet; .txt/.csv may be gzip'd (.gz)
     path: str = ""
     # url_md5 / url_sha256: hex digest of the source row's exact URL string (UTF-8 bytes, not
-    # normalised), any case; sample_id: the source's id column (source.columns.sample_id)
+    # normalised), any case; sample_id: the source's id column (source.columns.sample_id);
+    # image_md5 / image_sha256: refused, not implemented yet
     match: BlocklistMatch = "url_md5"
     column: Optional[str] = None  # .csv/.parquet: the column holding the entries; None: the only column
 
     def problems(self) -> Iterator[Problem]:
+        if self.match.startswith("image_"):
+            yield ("match", self.match, "image-hash lists (matched after the download against "
+                   "download.compute_hash) are not implemented yet: only url_md5, url_sha256 and sample_id lists "
+                   "are applied (docs/safety.md)")
         if self.path in UNSET:
             yield ("path", self.path, f"the `{self.name}` hash list must be given: its local path or fsspec URL, e.g. "
                    f"prepare.blocklists.{{i}}.path=/lists/{self.name}.txt (docs/safety.md)")
