@@ -182,3 +182,36 @@ def test_a_list_that_cannot_be_read_or_matched_is_refused_naming_its_file(projec
     message = str(info.value)
     assert str(folder / name) in message and want in message and "\n" not in message, message
     assert not (project / "data/prepared/part_0").exists()
+
+
+def test_a_remote_list_is_read_once_per_version(project, parts, tmp_path):
+    """A list behind an fsspec URL (HTTP here) is copied once per version (its fingerprint in
+    data/inputs/blocklists.json) and gives the same rows as the local file."""
+    from laionbuild.web.local_server import serve_folder
+
+    directory, data = parts
+    folder = tmp_path / "served"
+    folder.mkdir()
+    first = [md5(r["URL"]) for r in data[0][:40:4]]
+    with gzip.open(folder / "iwf.txt.gz", "wt") as f:
+        f.write("\n".join(first) + "\n")
+    recipe = ["recipe=laion400m", f"source.base_url={directory}", "source.num_parts=2", "subset.parts=[0]",
+              "prepare.nsfw.drop=[]"]
+
+    def kept() -> list[str]:
+        return pq.read_table(project / "data/prepared/part_0/metadata.parquet").column("url").to_pylist()
+
+    with serve_folder(folder) as url:
+        entry = f"prepare.blocklists=[{{name: iwf, path: '{url}/iwf.txt.gz', match: url_md5}}]"
+        project.build_in_process(*recipe, entry, until="prepare")
+        assert [u for u in kept() if md5(u) in first] == [] and len(kept()) == 120 - sum(
+            md5(r["URL"]) in first for r in data[0])
+        copies = list((project / "data/.work/blocklists").rglob("iwf.txt.gz"))
+        assert len(copies) == 1
+        more = first + [md5(u) for u in kept()[:5]]  # a new version: one more copy, more rows dropped
+        with gzip.open(folder / "iwf.txt.gz", "wt") as f:
+            f.write("\n".join(more) + "\n")
+        before = len(kept())
+        project.build_in_process(*recipe, entry, until="prepare")
+        assert len(kept()) == sum(md5(r["URL"]) not in more for r in data[0]) <= before - 5
+        assert len(list((project / "data/.work/blocklists").rglob("iwf.txt.gz"))) == 2
