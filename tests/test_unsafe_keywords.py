@@ -64,6 +64,16 @@ def test_keywords_and_score_drop_exactly_the_matching_samples_and_an_edit_reruns
     card = (project / "data/card.md").read_text()
     assert "## Safety lists" in card and str(keywords) in card
 
+    # the score a tag column (clip_similarity, in data/tags) rather than a metadata column
+    tags = pd.concat([pd.read_parquet(project / f"data/tags/part_{p}/tags.parquet") for p in (0, 1)]).set_index("key")
+    median = float(tags.loc[before, "clip_similarity"].median())
+    tagged = [f"select.unsafe_keywords={{score: clip_similarity, above: {median!r}, keywords: '{keywords}'}}"]
+    assert "select" in project.build(*RECIPE, *tagged).ran
+    captions = meta.set_index("key")["caption"]
+    words = [*words, "cameraman"]
+    assert selected(project) == [k for k in before if not (tags.loc[k, "clip_similarity"] > median
+                                                          and python_match(words, captions[k]))] != before
+
 
 def test_the_pattern_matches_whole_words_in_any_case():
     import duckdb
