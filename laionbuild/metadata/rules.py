@@ -55,6 +55,8 @@ def metadata_rules(cfg, columns: set[str], dialect: SqlDialect = DUCKDB) -> list
     out: list[Rule] = [("has_url", _has_url(dialect))]
     if cfg.source.ids_url:
         out.append(("ids", "_in_ids"))
+    for entry in p.blocklists:  # metadata/blocklists.py adds the `_blocked_<name>` columns
+        out.append((f"blocklist_{entry.name}", f"NOT _blocked_{entry.name}"))
     if "nsfw" in columns and (p.nsfw.drop or p.nsfw.drop_missing):
         dropped = ", ".join(sql_string(v) for v in p.nsfw.drop) or "NULL"
         # explicit NULL handling: `nsfw NOT IN (...)` alone would silently drop missing tags
@@ -95,6 +97,9 @@ def tag_rules(select_cfg) -> list[tuple[str, str]]:
         out.append((f"max_{name}", f"{quote(name)} <= {float(value)!r}"))
     if select_cfg.max_near_dup_similarity is not None:
         out.append(("max_near_dup_similarity", f"near_dup_similarity < {float(select_cfg.max_near_dup_similarity)!r}"))
+    if (unsafe := select_cfg.unsafe_keywords) is not None:  # metadata/keywords.py adds `_unsafe_keyword`
+        out.append(("unsafe_keywords", f"NOT (coalesce({quote(unsafe.score)} > {float(unsafe.above)!r}, false) "
+                                       "AND coalesce(_unsafe_keyword, false))"))
     return out
 
 

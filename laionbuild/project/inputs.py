@@ -16,6 +16,8 @@ dependency:
                                        opencv_haar) and that detector's weights or cascade file
     models.json          embed@N       local checkpoints (embed.pretrained, embed.extra_models.*.pretrained)
     heads.json           tag@N         tag.heads weights files (a missing file is recorded as missing)
+    blocklists.json      prepare@N     prepare.blocklists hash lists (and card, which names them)
+    keywords.json        select        select.unsafe_keywords.keywords (and report, card)
 
 A local file's fingerprint is its size and md5, the md5 remembered by path, size and mtime
 (`files.memo_digest`), so a no-op check costs a stat per file; a remote file's (http(s), s3,
@@ -173,6 +175,10 @@ def expected(cfg) -> dict[str, dict]:
     models += [spec.pretrained for spec in cfg.embed.extra_models.values()]
     groups["models.json"] = [str(p) for p in map(checkpoint_path, models) if p is not None]
     groups["heads.json"] = [str(Path(head.path).expanduser()) for head in cfg.tag.heads.values()]
+    # the safety lists (docs/safety.md): prepare.blocklists, select.unsafe_keywords.keywords
+    groups["blocklists.json"] = [entry.path for entry in cfg.prepare.blocklists]
+    keywords = cfg.select.unsafe_keywords
+    groups["keywords.json"] = [keywords.keywords] if keywords is not None else []
     found = listed | _fingerprints([u for urls in groups.values() for u in urls if u not in listed])
     blind = [u for u, fp in found.items() if not fp]
     if blind:
@@ -232,9 +238,11 @@ def consumers(name: str, parts: list[int]) -> list[str]:
         return [f"fetch@{m.group(1)}"]
     if name == "consolidate.json":
         return ["consolidate"]
+    if name == "keywords.json":
+        return ["select", "report", "card"]
     stage = {"ids.json": "prepare", "local_server.json": "download", "faces.json": "faces",
-             "models.json": "embed", "heads.json": "tag"}[name]
-    return [f"{stage}@{p}" for p in parts]
+             "models.json": "embed", "heads.json": "tag", "blocklists.json": "prepare"}[name]
+    return [f"{stage}@{p}" for p in parts] + (["card"] if name == "blocklists.json" else [])
 
 
 def changes(old: dict | None, new: dict) -> list[str]:

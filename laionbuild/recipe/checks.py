@@ -102,7 +102,14 @@ def storage(c: Config) -> Iterator[Problem]:
         yield "download.shards_url", url, str(exc)
 
 
-CHECKS = (sections, parts, columns, images, model_names, tags, languages, storage)
+def safety(c: Config) -> Iterator[Problem]:
+    """prepare.blocklists and select.unsafe_keywords: what they read (docs/safety.md)."""
+    from laionbuild.metadata.blocklists import problems
+
+    yield from problems(c)
+
+
+CHECKS = (sections, parts, columns, images, model_names, tags, languages, storage, safety)
 
 
 def problems(c: Config) -> Iterator[Problem]:

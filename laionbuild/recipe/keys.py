@@ -125,6 +125,12 @@ def rows(schema: type, prefix: str = "") -> Iterator[Tuple[str, str, str, str, s
         value = typing.get_args(tp)[1] if typing.get_origin(tp) in (dict, Dict) else None
         if value is not None and dataclasses.is_dataclass(value):
             yield from rows(value, f"{key}.NAME.")
+        origin = typing.get_origin(tp)
+        entries = [a for a in typing.get_args(tp) if isinstance(a, type) and dataclasses.is_dataclass(a)]
+        if entries and origin in (list, List):  # a list of sections: each entry's keys
+            yield from rows(entries[0], f"{key}.N.")
+        elif entries and origin is typing.Union:  # an optional section (null: off)
+            yield from rows(entries[0], f"{key}.")
 
 
 SPEED_NOTE = "**Speed only**: changes no output, so no stage reruns when it changes (not tracked by DVC)."

@@ -149,6 +149,36 @@ class NsfwPolicy:
     drop_missing: bool = False
 
 
+# image_md5 / image_sha256 (lists of image hashes, matched after the download) are refused: not implemented yet
+BlocklistMatch = Literal["url_md5", "url_sha256", "sample_id", "image_md5", "image_sha256"]
+ListName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+UNSET = ("", "???")  # a required path a recipe leaves to the user (`???`: Hydra's missing value)
+
+
+@dataclass
+class BlocklistEntry:
+    """One hash list of prepare.blocklists (laionbuild/metadata/blocklists.py, docs/safety.md)."""
+
+    name: ListName = "blocklist"  # the funnel step is `blocklist_<name>`
+    # a local path (relative to the project) or any fsspec URL: .txt (one entry a line), .csv
+    # (header row), .parquet; .txt/.csv may be gzip'd (.gz)
+    path: str = ""
+    # url_md5 / url_sha256: hex digest of the source row's exact URL string (UTF-8 bytes, not
+    # normalised), any case; sample_id: the source's id column (source.columns.sample_id);
+    # image_md5 / image_sha256: refused, not implemented yet
+    match: BlocklistMatch = "url_md5"
+    column: Optional[str] = None  # .csv/.parquet: the column holding the entries; None: the only column
+
+    def problems(self) -> Iterator[Problem]:
+        if self.match.startswith("image_"):
+            yield ("match", self.match, "image-hash lists (matched after the download against "
+                   "download.compute_hash) are not implemented yet: only url_md5, url_sha256 and sample_id lists "
+                   "are applied (docs/safety.md)")
+        if self.path in UNSET:
+            yield ("path", self.path, f"the `{self.name}` hash list must be given: its local path or fsspec URL, e.g. "
+                   f"prepare.blocklists.{{i}}.path=/lists/{self.name}.txt (docs/safety.md)")
+
+
 @dataclass
 class PrepareConfig:
     """Per-part metadata filters, applied in this order (after source.ids_url); each is counted."""
@@ -166,8 +196,17 @@ class PrepareConfig:
     # adds a `language` column. None: no language filter.
     languages: Optional[List[str]] = None
     min_language_score: Probability = 0.0  # normalised probability of the detected language
+    # Hash lists whose matching rows are dropped (Re-LAION's link removal), each its own funnel
+    # step `blocklist_<name>`, right after has_url (and source.ids_url). docs/safety.md
+    blocklists: List[BlocklistEntry] = field(default_factory=list)
 
     def problems(self) -> Iterator[Problem]:
+        names = [entry.name for entry in self.blocklists]
+        for i, entry in enumerate(self.blocklists):
+            for key, value, message in entry.problems():
+                yield f"blocklists.{i}.{key}", value, message.replace("{i}", str(i))
+            if names.index(entry.name) != i:
+                yield f"blocklists.{i}.name", entry.name, "is the name of an earlier list: give each list its own name"
         if self.languages is not None and not self.languages:
             yield "languages", self.languages, "use null for no language filter, not []"
         for low, high in (("min_caption_chars", "max_caption_chars"), ("min_caption_words", "max_caption_words")):
@@ -349,6 +388,25 @@ class TagConfig:
 
 
 @dataclass
+class UnsafeKeywords:
+    """Re-LAION's research rule: drop samples whose unsafe score is above `above` AND whose
+    caption holds a keyword of the list (docs/safety.md)."""
+
+    # a tag column (a tag.heads score, e.g. nsfw_score) or a column of the prepared metadata
+    # (e.g. the source's punsafe)
+    score: str = "nsfw_score"
+    above: float = 0.95  # strictly above
+    # local path or fsspec URL of the keyword file: one keyword or phrase a line (UTF-8; blank
+    # lines and lines starting with # are skipped), matched as whole words, case-insensitively
+    keywords: str = ""
+
+    def problems(self) -> Iterator[Problem]:
+        if self.keywords in UNSET:
+            yield ("keywords", self.keywords, "the keyword list must be given: its local path or fsspec URL, e.g. "
+                   "select.unsafe_keywords.keywords=/lists/keywords.txt (docs/safety.md)")
+
+
+@dataclass
 class SelectConfig:
     # Keep samples whose CLIP image-text cosine is >= this (None: no CLIP rule).
     min_clip_similarity: Optional[Cosine] = None
@@ -361,6 +419,12 @@ class SelectConfig:
     # Score-head tags (tag.heads): keep samples whose score is >= / <= these, per tag column.
     min_scores: Dict[str, float] = field(default_factory=dict)
     max_scores: Dict[str, float] = field(default_factory=dict)
+    # Drop samples scoring above a threshold whose caption has a listed keyword (Re-LAION research)
+    unsafe_keywords: Optional[UnsafeKeywords] = None
+
+    def problems(self) -> Iterator[Problem]:
+        if self.unsafe_keywords is not None:
+            yield from _nested("unsafe_keywords", self.unsafe_keywords)
 
 
 @dataclass
@@ -412,6 +476,9 @@ class EngineConfig:
     # buffering row groups per thread: on 2 cores 1 thread is as fast and halves peak memory;
     # raise it on many cores for speed
     write_threads: PosInt = 1
+    # local only: DuckDB memory cap for prepare's blocklist joins (prepare.blocklists); beyond it
+    # DuckDB spills to data/.tmp. Speed only: the same rows are dropped whatever it is
+    join_memory_limit: DuckdbMemory = "2GB"
 
 
 # the recipe's sections, in pipeline order: one config group (conf/<section>/) each

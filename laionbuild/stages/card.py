@@ -58,6 +58,7 @@ def run(cfg) -> None:
     for name in cfg.embed.extra_models:
         models[f"embed.extra_models.{name}"] = read_json(embed_dir(first, name) / "model.json")
     untrained = any(m.get("untrained") for m in models.values())
+    safety = _safety_lists(cfg)
     git = _git()
     card = {
         "name": cfg.recipe.name,
@@ -71,12 +72,35 @@ def run(cfg) -> None:
         "models": models,
         "funnel": {k: v for k, v in funnel.items() if k != "parts"},
         "licences": licences(cfg),
+        "safety_lists": safety,
         "reproduce": [f"git clone <this repo> && cd <it> && git checkout {git['commit'] or '<commit>'}",
                       "dvc pull            # the build's outputs from its DVC remote, byte-identical",
                       "laionbuild build    # or rebuild them from the sources (params.yaml is the recipe)"],
     }
     atomic_write_text(CARD_JSON, json.dumps(card, indent=2, sort_keys=True, default=str) + "\n")
     atomic_write_text(CARD_MD, markdown(card))
+
+
+def _safety_lists(cfg) -> list[dict]:
+    """prepare.blocklists and select.unsafe_keywords' keyword file, each with the fingerprint
+    the inputs check recorded (data/inputs/blocklists.json, keywords.json): size and md5 of a
+    local file, what the store says (ETag...) of a remote one."""
+    from laionbuild.project.inputs import recorded
+
+    lists = ((recorded("blocklists.json") or {}).get("inputs") or {})
+    out = [{"name": e.name, "use": f"prepare.blocklists ({e.match})", "path": e.path, "content": lists.get(e.path)}
+           for e in cfg.prepare.blocklists]
+    if (rule := cfg.select.unsafe_keywords) is not None:
+        recorded_keywords = ((recorded("keywords.json") or {}).get("inputs") or {})
+        out.append({"name": "keywords", "use": f"select.unsafe_keywords ({rule.score} > {rule.above})",
+                    "path": rule.keywords, "content": recorded_keywords.get(rule.keywords)})
+    return out
+
+
+def _content(fp: dict | None) -> str:
+    if not fp:
+        return "not checked"
+    return ", ".join(f"{k} `{v}`" for k, v in sorted(fp.items()))
 
 
 def markdown(card: dict) -> str:
@@ -91,6 +115,9 @@ def markdown(card: dict) -> str:
     lines += [f"| {k} | {v} |" for k, v in card["funnel"].items() if isinstance(v, (int, float))]
     lines += ["", "## Licences of the selected samples", "", "| licence | samples |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in card["licences"].items()]
+    if card["safety_lists"]:
+        lines += ["", "## Safety lists", "", "| list | used by | file | content |", "| --- | --- | --- | --- |"]
+        lines += [f"| {s['name']} | {s['use']} | {s['path']} | {_content(s['content'])} |" for s in card["safety_lists"]]
     lines += ["", "## Sources", "", "| part | file | bytes | md5 |", "| --- | --- | --- | --- |"]
     for s in card["sources"]:
         lines.append(f"| {s['part']} | {s['url']} | {s['size']} | `{s['md5']}` |")

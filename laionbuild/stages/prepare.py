@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from laionbuild.engine.spark import spark_session, spark_to_arrow
 from laionbuild.engine.sql import DUCKDB, SPARK, SqlDialect
+from laionbuild.metadata import blocklists
 from laionbuild.metadata.rules import count, metadata_rules, sql_string, where
 from laionbuild.metadata.sources import canonical_columns, duckdb_source, effective_source, part_ids, rows_sql, source_schema
 from laionbuild.project.atomic import atomic_dir, read_json
@@ -42,8 +43,8 @@ def run(cfg, part: int) -> None:
     engine = _run_spark if cfg.engine.name == "spark" else _run_duckdb
     counts = Counts()
     with atomic_dir(part_dir("prepare", part)) as out:
-        engine(cfg, part, path, arrow, ids, pairs, counts, out / "metadata.parquet")
-        counts.save(out)
+        extra = engine(cfg, part, path, arrow, ids, pairs, counts, out / "metadata.parquet") or {}
+        counts.save(out, **extra)
     log.info("prepared part %d (%s engine): %s", part, cfg.engine.name, dict(counts.values))
 
 
@@ -51,22 +52,28 @@ def _output_columns(cfg, pairs, dialect: SqlDialect) -> str:
     return ", ".join(["key"] + [dialect.quote(dst) for _, dst in pairs] + (["language"] if cfg.prepare.languages else []))
 
 
-def _run_duckdb(cfg, part, path, arrow, ids, pairs, counts, target: Path) -> None:
+def _run_duckdb(cfg, part, path, arrow, ids, pairs, counts, target: Path) -> dict | None:
+    extra = None
     con = duckdb_source(cfg, path, arrow, ids)
     # a table, not a view, when a UDF is involved: the language is detected once, not per scan
     kind = "TABLE" if cfg.prepare.languages else "VIEW"
-    con.execute(f"CREATE TEMP {kind} rows AS {rows_sql(cfg, part, pairs, DUCKDB)}")
+    lists = cfg.prepare.blocklists
+    con.execute(f"CREATE TEMP {kind} {'canonical_rows' if lists else 'rows'} AS {rows_sql(cfg, part, pairs, DUCKDB)}")
+    if lists:  # + a `_blocked_<name>` column per hash list (metadata/blocklists.py)
+        extra = {"blocklists": blocklists.apply(con, cfg, "canonical_rows", "rows", part)}
     active = metadata_rules(cfg, set(cfg.source.columns), DUCKDB)
     try:
         count(lambda sql: con.execute(sql).fetchone(), "rows", active, counts, rows_name="rows_in")
         # DuckDB keeps source order through scans, projections and filters (its documented
-        # order preservation), so only the id-list join needs a sort, which holds the part in memory
-        order = " ORDER BY _row" if ids is not None else ""
+        # order preservation), so only the id-list and blocklist joins need a sort, which holds
+        # the part in memory
+        order = " ORDER BY _row" if ids is not None or lists else ""
         con.execute(f"SET threads = {int(cfg.engine.write_threads)}")
         con.execute(f"""COPY (SELECT {_output_columns(cfg, pairs, DUCKDB)} FROM rows WHERE {where(active)}{order})
                         TO {sql_string(target)} (FORMAT parquet)""")
     except duckdb.Error as exc:
         raise InputError(f"{path}: {str(exc).splitlines()[0]}") from None
+    return extra
 
 
 def _run_spark(cfg, part, path, arrow, ids, pairs, counts, target: Path) -> None:

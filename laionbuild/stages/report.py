@@ -208,7 +208,10 @@ def _prepare_sections(cfg, result: dict, images: ShardImages) -> list[dict]:
         schema, _, arrow = source_schema(path, fmt)
         pairs = canonical_columns(schema, columns, path, aliases)
         con = duckdb_source(cfg, path, arrow, part_ids(cfg, part, pairs, schema), limit=SCAN_ROWS)
-        con.execute(f"CREATE TEMP TABLE part_rows AS {rows_sql(cfg, part, pairs, DUCKDB)}")
+        # a blocklisted link is never shown: its rule drops no example here (and, never
+        # downloaded, it is no kept example either)
+        unblocked = "".join(f", false AS _blocked_{entry.name}" for entry in cfg.prepare.blocklists)
+        con.execute(f"CREATE TEMP TABLE part_rows AS SELECT *{unblocked} FROM ({rows_sql(cfg, part, pairs, DUCKDB)})")
         con.register("downloaded", pa.table({"key": [k for k in images.keys() if k.startswith(f"{part:05d}")]}))
         has_images = con.execute("SELECT count(*) FROM downloaded").fetchone()[0] > 0
         names = [dst for _, dst in pairs] + (["language"] if cfg.prepare.languages else [])
@@ -316,15 +319,23 @@ def _select_sections(cfg, con, result: dict, images: ShardImages) -> list[dict]:
     """One section per select rule, over the tag tables: both kept and dropped were downloaded."""
 
     active = tag_rules(cfg.select)
-    columns = [name for name, in con.execute("SELECT column_name FROM (DESCRIBE tags)").fetchall()]
+    relation = "tags"
+    if cfg.select.unsafe_keywords is not None:  # + the captions' keyword matches (metadata/keywords.py)
+        from laionbuild.metadata.keywords import apply
+
+        columns = [name for name, in con.execute("SELECT column_name FROM (DESCRIBE tags)").fetchall()]
+        relation = "keyword_tags"
+        apply(con, cfg, "tags", relation, [part_dir("dedup", p) / "metadata.parquet" for p in cfg.subset.parts],
+              columns)
+    columns = [name for name, in con.execute(f"SELECT column_name FROM (DESCRIBE {relation})").fetchall()]
     sections = []
     previous = "tagged"
     for i, (name, predicate) in enumerate(active):
         used = _used(predicate, columns)
         shown = ", ".join(DUCKDB.quote(c) for c in dict.fromkeys(["key", *used]))
         before, this = where(active[:i]), where(active[i:i + 1])
-        kept = _spread(con, "tags", f"{before} AND {this}", shown)
-        dropped = _spread(con, "tags", f"{before} AND NOT {this}", shown)
+        kept = _spread(con, relation, f"{before} AND {this}", shown)
+        dropped = _spread(con, relation, f"{before} AND NOT {this}", shown)
         captions = _captions(cfg, [row["key"] for row in kept + dropped])
         for row in kept + dropped:
             row["note"] = _note(row, used)

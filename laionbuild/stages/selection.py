@@ -39,13 +39,20 @@ def run(cfg) -> None:
     # one thread writes the ordered file with the least CPU (what a sweep point costs)
     con.execute(f"SET threads = {int(cfg.engine.write_threads)}")
     order = ""
+    keywords = cfg.select.unsafe_keywords is not None
+    view = "tagged" if keywords else "tags"
     if cfg.select.max_near_dup_similarity is not None:  # a join: keep build order explicitly
-        con.execute(f"""CREATE TEMP VIEW tags AS SELECT t.*, n.near_dup_similarity FROM
+        con.execute(f"""CREATE TEMP VIEW {view} AS SELECT t.*, n.near_dup_similarity FROM
                         (SELECT {columns}, row_number() OVER () AS _row FROM {source}) t
                         LEFT JOIN read_parquet({sql_string(NEARDUP / 'neardup.parquet')}) n ON t.key = n.key""")
         order = " ORDER BY _row"
     else:
-        con.execute(f"CREATE TEMP VIEW tags AS SELECT {columns} FROM {source}")
+        con.execute(f"CREATE TEMP VIEW {view} AS SELECT {columns} FROM {source}")
+    if keywords:  # the captions' keyword matches, joined by key (metadata/keywords.py): keep build order
+        from laionbuild.metadata.keywords import apply
+
+        apply(con, cfg, view, "tags", [part_dir("dedup", p) / "metadata.parquet" for p in cfg.subset.parts], available)
+        order = " ORDER BY _kw_row"
     counts = Counts()
     # rows in: the files' footers; after the last rule: the rows written. Only the rules before
     # the last need a counting scan (of their columns only).
