@@ -75,7 +75,7 @@ def _suffix(path: str) -> str:
 def local_copy(url: str) -> Path:
     """Where DuckDB reads the list at `url`: the path itself when local, else a copy made once
     per version (its recorded fingerprint) under data/.work/blocklists/."""
-    from laionbuild.project.inputs import is_remote, recorded
+    from laionbuild.project.inputs import is_remote, recorded_inputs
 
     if not is_remote(url):
         path = Path(url.removeprefix("file://")).expanduser()
@@ -84,7 +84,7 @@ def local_copy(url: str) -> Path:
         return path
     from laionbuild.metadata.transfer import fetch_file
 
-    version = ((recorded(INPUT_FILE) or {}).get("inputs") or {}).get(url)
+    version = recorded_inputs(INPUT_FILE).get(url)
     key = hashlib.sha256(json.dumps([url, version], sort_keys=True).encode()).hexdigest()[:20]
     dest = WORK / "blocklists" / key / url.rstrip("/").rsplit("/", 1)[-1]
     if not dest.is_file():

@@ -12,6 +12,7 @@ DuckDB) over the captions of the prepared metadata, joined to the tags by key.
 from __future__ import annotations
 
 from laionbuild.metadata.rules import quote, sql_string
+from laionbuild.project.layout import part_dir
 from laionbuild.recipe.errors import InputError, MissingInputError
 
 INPUT_FILE = "keywords.json"  # data/inputs/keywords.json (project/inputs.py)
@@ -48,10 +49,11 @@ def pattern(words: list[str]) -> str:
     return f"(?i)(?:^|{_NOT_WORD})(?:{alternatives})(?:{_NOT_WORD}|$)"
 
 
-def apply(con, cfg, relation: str, out_view: str, metadata_files: list, tag_columns: list[str]) -> None:
+def apply(con, cfg, relation: str, out_view: str, tag_columns: list[str]) -> None:
     """Create `out_view`: `relation`'s rows (in their order, as `_kw_row`) with the score column
-    (from the tags, or else from the prepared metadata) and `_unsafe_keyword`."""
+    (from the tags, or else from the deduplicated metadata of the build's parts) and `_unsafe_keyword`."""
     rule = cfg.select.unsafe_keywords
+    metadata_files = [part_dir("dedup", p) / "metadata.parquet" for p in cfg.subset.parts]
     files = f"[{', '.join(sql_string(f) for f in metadata_files)}]"
     metadata = f"read_parquet({files}, union_by_name=true)"
     names = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {metadata}").fetchall()]

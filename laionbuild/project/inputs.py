@@ -193,7 +193,7 @@ def _settled(name: str, content: dict) -> dict:
     """`content` with each file's fingerprint as last recorded where the new one says the same
     with fewer keys (a folder listing instead of a HEAD: S3's listing has no VersionId), so a
     change of how a file is checked does not refetch what did not change."""
-    old = (recorded(name) or {}).get("inputs") or {}
+    old = recorded_inputs(name)
     inputs = dict(content["inputs"])
     for url, new in inputs.items():
         before = old.get(url)
@@ -212,6 +212,11 @@ def recorded(name: str) -> dict | None:
         return json.loads((INPUTS / name).read_text())
     except (OSError, ValueError):
         return None
+
+
+def recorded_inputs(name: str) -> dict[str, dict]:
+    """Each file's fingerprint in data/inputs/NAME as the last check wrote it ({}: never checked)."""
+    return (recorded(name) or {}).get("inputs") or {}
 
 
 def write(cfg) -> tuple[list[str], int]:

@@ -85,13 +85,13 @@ def _safety_lists(cfg) -> list[dict]:
     """prepare.blocklists and select.unsafe_keywords' keyword file, each with the fingerprint
     the inputs check recorded (data/inputs/blocklists.json, keywords.json): size and md5 of a
     local file, what the store says (ETag...) of a remote one."""
-    from laionbuild.project.inputs import recorded
+    from laionbuild.project.inputs import recorded_inputs
 
-    lists = ((recorded("blocklists.json") or {}).get("inputs") or {})
+    lists = recorded_inputs("blocklists.json")
     out = [{"name": e.name, "use": f"prepare.blocklists ({e.match})", "path": e.path, "content": lists.get(e.path)}
            for e in cfg.prepare.blocklists]
     if (rule := cfg.select.unsafe_keywords) is not None:
-        recorded_keywords = ((recorded("keywords.json") or {}).get("inputs") or {})
+        recorded_keywords = recorded_inputs("keywords.json")
         out.append({"name": "keywords", "use": f"select.unsafe_keywords ({rule.score} > {rule.above})",
                     "path": rule.keywords, "content": recorded_keywords.get(rule.keywords)})
     return out

@@ -24,7 +24,7 @@ from laionbuild.metadata.rules import sql_string
 from laionbuild.metadata.sources import canonical_columns, file_format, input_urls, read_arrow
 from laionbuild.metadata.transfer import fetch_file
 from laionbuild.project.atomic import atomic_dir, write_json
-from laionbuild.project.inputs import fingerprint, recorded
+from laionbuild.project.inputs import fingerprint, recorded_inputs
 from laionbuild.project.layout import CONSOLIDATED, TMP, WORK
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def run(cfg) -> None:
         staged, rows_in = [], 0
         # the fingerprints the inputs stage recorded (this stage's dependency): no second metadata
         # request per file; one is sent only for a file that check did not see
-        checked = (recorded("consolidate.json") or {}).get("inputs", {})
+        checked = recorded_inputs("consolidate.json")
         for i, url in enumerate(urls):
             name = url.rstrip("/").rsplit("/", 1)[-1]
             # fetched once per content: a republished file (another fingerprint) is fetched again

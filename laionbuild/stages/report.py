@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from laionbuild.engine.sql import DUCKDB
 from laionbuild.explore import html_report
+from laionbuild.metadata.blocklists import blocked_column
 from laionbuild.metadata.rules import metadata_rules, sql_string, tag_rules, where
 from laionbuild.metadata.sources import canonical_columns, duckdb_source, effective_source, part_ids, rows_sql, source_schema
 from laionbuild.project.atomic import atomic_dir, atomic_write_text, read_json, write_json
@@ -210,7 +211,7 @@ def _prepare_sections(cfg, result: dict, images: ShardImages) -> list[dict]:
         con = duckdb_source(cfg, path, arrow, part_ids(cfg, part, pairs, schema), limit=SCAN_ROWS)
         # a blocklisted link is never shown: its rule drops no example here (and, never
         # downloaded, it is no kept example either)
-        unblocked = "".join(f", false AS _blocked_{entry.name}" for entry in cfg.prepare.blocklists)
+        unblocked = "".join(f", false AS {blocked_column(entry.name)}" for entry in cfg.prepare.blocklists)
         con.execute(f"CREATE TEMP TABLE part_rows AS SELECT *{unblocked} FROM ({rows_sql(cfg, part, pairs, DUCKDB)})")
         con.register("downloaded", pa.table({"key": [k for k in images.keys() if k.startswith(f"{part:05d}")]}))
         has_images = con.execute("SELECT count(*) FROM downloaded").fetchone()[0] > 0
@@ -325,8 +326,7 @@ def _select_sections(cfg, con, result: dict, images: ShardImages) -> list[dict]:
 
         columns = [name for name, in con.execute("SELECT column_name FROM (DESCRIBE tags)").fetchall()]
         relation = "keyword_tags"
-        apply(con, cfg, "tags", relation, [part_dir("dedup", p) / "metadata.parquet" for p in cfg.subset.parts],
-              columns)
+        apply(con, cfg, "tags", relation, columns)
     columns = [name for name, in con.execute(f"SELECT column_name FROM (DESCRIBE {relation})").fetchall()]
     sections = []
     previous = "tagged"

@@ -51,7 +51,7 @@ def run(cfg) -> None:
     if keywords:  # the captions' keyword matches, joined by key (metadata/keywords.py): keep build order
         from laionbuild.metadata.keywords import apply
 
-        apply(con, cfg, view, "tags", [part_dir("dedup", p) / "metadata.parquet" for p in cfg.subset.parts], available)
+        apply(con, cfg, view, "tags", available)
         order = " ORDER BY _kw_row"
     counts = Counts()
     # rows in: the files' footers; after the last rule: the rows written. Only the rules before
