@@ -82,8 +82,11 @@ def metadata_rules(cfg, columns: set[str], dialect: SqlDialect = DUCKDB) -> list
     return out
 
 
-def tag_rules(select_cfg) -> list[tuple[str, str]]:
-    """(name, SQL predicate over tag columns) for every active rule, in funnel order."""
+def tag_rules(select_cfg, thresholds: dict | None = None) -> list[tuple[str, str]]:
+    """(name, SQL predicate over tag columns) for every active rule, in funnel order.
+    `thresholds`: {column: its select.top_fraction threshold over the whole build, None when the
+    column has no value at all}, which select computes first; without them those rules are only
+    named (the funnel's step order) and their predicates fail if run."""
     out = []
     if select_cfg.min_clip_similarity is not None:
         out.append(("min_clip_similarity", f"clip_similarity >= {float(select_cfg.min_clip_similarity)!r}"))
@@ -95,12 +98,23 @@ def tag_rules(select_cfg) -> list[tuple[str, str]]:
         out.append((f"min_{name}", f"{quote(name)} >= {float(value)!r}"))
     for name, value in sorted(select_cfg.max_scores.items()):
         out.append((f"max_{name}", f"{quote(name)} <= {float(value)!r}"))
+    for name in sorted(select_cfg.top_fraction):
+        out.append((f"top_{name}", _at_least_threshold(name, thresholds)))
     if select_cfg.max_near_dup_similarity is not None:
         out.append(("max_near_dup_similarity", f"near_dup_similarity < {float(select_cfg.max_near_dup_similarity)!r}"))
     if (unsafe := select_cfg.unsafe_keywords) is not None:  # metadata/keywords.py adds `_unsafe_keyword`
         out.append(("unsafe_keywords", f"NOT (coalesce({quote(unsafe.score)} > {float(unsafe.above)!r}, false) "
                                        "AND coalesce(_unsafe_keyword, false))"))
     return out
+
+
+def _at_least_threshold(column: str, thresholds: dict | None) -> str:
+    if thresholds is None or column not in thresholds:
+        return quote(f"threshold of {column} not computed")  # an unbound column: an error if run
+    if thresholds[column] is None:
+        return "false"
+    value = f"CAST({quote(column)} AS DOUBLE)"  # NaN, which DuckDB orders above every number, never holds
+    return f"NOT isnan({value}) AND {value} >= CAST({sql_string(repr(float(thresholds[column])))} AS DOUBLE)"
 
 
 def quote(name: str) -> str:

@@ -78,6 +78,21 @@ def tags(c: Config) -> Iterator[Problem]:
                        f"is not a score head of tag.heads ({sorted(c.tag.heads)})")
 
 
+def tag_columns(c: Config) -> list[str]:
+    """The columns of the tag table this recipe's tag stage writes (besides key and part)."""
+    faces = ["face_count", "face_max_score"] if c.tag.faces.detector != "none" else []
+    similarity = [] if c.embed.from_source else ["clip_similarity"]  # no text embeddings: always null
+    return [*similarity, "width", "height", *faces, *c.tag.heads]
+
+
+def top_fractions(c: Config) -> Iterator[Problem]:
+    known = tag_columns(c)
+    for name, fraction in c.select.top_fraction.items():
+        if name not in known:
+            yield (f"select.top_fraction.{name}", fraction, f"`{name}` is not a tag column of this recipe "
+                   f"({', '.join(known)}); a score head (tag.heads) adds one")
+
+
 def languages(c: Config) -> Iterator[Problem]:
     if not c.prepare.languages:
         return
@@ -109,7 +124,7 @@ def safety(c: Config) -> Iterator[Problem]:
     yield from problems(c)
 
 
-CHECKS = (sections, parts, columns, images, model_names, tags, languages, storage, safety)
+CHECKS = (sections, parts, columns, images, model_names, tags, top_fractions, languages, storage, safety)
 
 
 def problems(c: Config) -> Iterator[Problem]:

@@ -55,6 +55,7 @@ PosFloat = Annotated[float, Field(gt=0)]
 Cosine = Annotated[float, Field(ge=-1, le=1)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 AspectRatio = Annotated[float, Field(ge=1)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
 
 ResizeMode = Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"]
 SourceFormat = Literal["parquet", "csv", "tsv", "jsonl", "auto"]
@@ -421,6 +422,11 @@ class SelectConfig:
     max_scores: Dict[str, float] = field(default_factory=dict)
     # Drop samples scoring above a threshold whose caption has a listed keyword (Re-LAION research)
     unsafe_keywords: Optional[UnsafeKeywords] = None
+    # Keep the top fraction of the build's tagged samples by a tag column, e.g.
+    # {clip_l14_similarity_score: 0.3} (DataComp's CLIP-score baseline): the threshold is
+    # DataComp's get_threshold over every part (the value at index int(N * fraction) of the
+    # column sorted high to low, nulls last), and every sample scoring >= it is kept (ties too).
+    top_fraction: Dict[str, Fraction] = field(default_factory=dict)
 
     def problems(self) -> Iterator[Problem]:
         if self.unsafe_keywords is not None:

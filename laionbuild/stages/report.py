@@ -319,7 +319,8 @@ def _captions(cfg, keys: list[str]) -> dict[str, tuple]:
 def _select_sections(cfg, con, result: dict, images: ShardImages) -> list[dict]:
     """One section per select rule, over the tag tables: both kept and dropped were downloaded."""
 
-    active = tag_rules(cfg.select)
+    # top_fraction's thresholds as select computed them over the whole build
+    active = tag_rules(cfg.select, load_stats(SELECTED).get("top_fraction_thresholds") or {})
     relation = "tags"
     if cfg.select.unsafe_keywords is not None:  # + the captions' keyword matches (metadata/keywords.py)
         from laionbuild.metadata.keywords import apply

@@ -21,18 +21,38 @@ def _tag_columns(parts) -> list[str]:
     return list(names)
 
 
+def top_fraction_threshold(con, column: str, fraction: float) -> float | None:
+    """DataComp's get_threshold over every tagged sample of the build: the value at index
+    int(N * fraction) of the column sorted high to low (N counts every sample; nulls and NaN
+    rank below every value), or the lowest value where that index falls on a null (every
+    sample with a value is then kept; DataComp's would compare with NaN and keep none). None:
+    no sample has a value."""
+    value = f"CAST({quote(column)} AS DOUBLE)"
+    total, valid = con.execute(f"SELECT count(*), count(*) FILTER (WHERE {value} IS NOT NULL AND NOT isnan({value})) "
+                               "FROM tags").fetchone()
+    if not valid:
+        return None
+    index = min(int(total * fraction), valid - 1)
+    return con.execute(f"SELECT v FROM (SELECT {value} AS v FROM tags) WHERE v IS NOT NULL AND NOT isnan(v) "
+                       f"ORDER BY v DESC LIMIT 1 OFFSET {index}").fetchone()[0]
+
+
 def run(cfg) -> None:
-    active = tag_rules(cfg.select)
+    named = tag_rules(cfg.select)  # the top_fraction rules without their thresholds yet
     files = [part_dir("tag", p) / "tags.parquet" for p in cfg.subset.parts]
     available = _tag_columns(cfg.subset.parts)
     for name in [*cfg.select.min_scores, *cfg.select.max_scores]:
         if name not in available:
             raise InputError(f"select: no `{name}` tag column (its score head was skipped: missing weights? "
                              f"see data/tags/part_N/stats.json)")
+    for name in cfg.select.top_fraction:
+        if name not in available:
+            raise InputError(f"select.top_fraction: no `{name}` tag column in data/tags (it has {available}); "
+                             "name one of those")
     # only the columns the rules use (not face boxes and the like), read by DuckDB straight from
     # the parts' files, in build order (a multi-file scan keeps file and row order)
     needed = ["part", "key"] + [c for c in available if c not in ("part", "key")
-                                and any(c in predicate for _, predicate in active)]
+                                and any(c in predicate for _, predicate in named)]
     source = (f"read_parquet([{', '.join(sql_string(f) for f in files)}], union_by_name=true)")
     columns = ", ".join(quote(c) for c in needed)
     con = duckdb.connect()
@@ -53,6 +73,9 @@ def run(cfg) -> None:
 
         apply(con, cfg, view, "tags", available)
         order = " ORDER BY _kw_row"
+    # top_fraction's thresholds over every tagged row of the build
+    thresholds = {c: top_fraction_threshold(con, c, f) for c, f in sorted(cfg.select.top_fraction.items())}
+    active = tag_rules(cfg.select, thresholds)
     counts = Counts()
     # rows in: the files' footers; after the last rule: the rows written. Only the rules before
     # the last need a counting scan (of their columns only).
@@ -67,6 +90,6 @@ def run(cfg) -> None:
         if active:
             counts.set(f"after_{active[-1][0]}", selected)
         counts.set("selected", selected)
-        counts.save(out, rules=[name for name, _ in active])
+        counts.save(out, rules=[name for name, _ in active], top_fraction_thresholds=thresholds)
 
 
