@@ -73,16 +73,16 @@ def tags(c: Config) -> Iterator[Problem]:
         yield "select.max_near_dup_similarity", c.select.max_near_dup_similarity, "needs tag.near_dup.enabled=true"
     for bound in ("min_scores", "max_scores"):
         for name in getattr(c.select, bound):
-            if name not in c.tag.heads:
+            if name not in c.tag.heads and name not in c.tag.source_columns:
                 yield (f"select.{bound}.{name}", getattr(c.select, bound)[name],
-                       f"is not a score head of tag.heads ({sorted(c.tag.heads)})")
+                       f"is not a score head of tag.heads ({sorted(c.tag.heads)}) nor in tag.source_columns")
 
 
 def tag_columns(c: Config) -> list[str]:
     """The columns of the tag table this recipe's tag stage writes (besides key and part)."""
     faces = ["face_count", "face_max_score"] if c.tag.faces.detector != "none" else []
     similarity = [] if c.embed.from_source else ["clip_similarity"]  # no text embeddings: always null
-    return [*similarity, "width", "height", *faces, *c.tag.heads]
+    return [*similarity, "width", "height", *faces, *c.tag.heads, *c.tag.source_columns]
 
 
 def top_fractions(c: Config) -> Iterator[Problem]:
@@ -90,7 +90,7 @@ def top_fractions(c: Config) -> Iterator[Problem]:
     for name, fraction in c.select.top_fraction.items():
         if name not in known:
             yield (f"select.top_fraction.{name}", fraction, f"`{name}` is not a tag column of this recipe "
-                   f"({', '.join(known)}); a score head (tag.heads) adds one")
+                   f"({', '.join(known)}); a score head (tag.heads) or tag.source_columns adds one")
 
 
 def languages(c: Config) -> Iterator[Problem]:

@@ -382,10 +382,21 @@ class TagConfig:
     heads: Dict[str, HeadConfig] = field(default_factory=dict)
     # Near-duplicate tag over all parts (the global neardup stage).
     near_dup: NearDupConfig = field(default_factory=NearDupConfig)
+    # Columns of the prepared metadata carried into the tag table as they are (a pool's own
+    # scores, e.g. DataComp's clip_l14_similarity_score), for select rules (min_scores,
+    # max_scores, top_fraction) to use without recomputing them. A `uid` column is always carried.
+    source_columns: List[str] = field(default_factory=list)
 
     def problems(self) -> Iterator[Problem]:
         for name, head in self.heads.items():
             yield from _nested(f"heads.{name}", head)
+        taken = {"key", "part", "clip_similarity", "width", "height", "face_count", "face_max_score", "face_boxes",
+                 *self.heads}
+        for name in self.source_columns:
+            if name in taken:
+                yield "source_columns", list(self.source_columns), f"`{name}` is a tag the tag stage computes"
+        if len(set(self.source_columns)) != len(self.source_columns):
+            yield "source_columns", list(self.source_columns), "names a column twice"
 
 
 @dataclass

@@ -1,13 +1,16 @@
 """select: one vectorised query over all parts' tag tables keeps the samples that pass every rule
-of `select` (`data/selected/selected.parquet`: part, key, in build order). It never recomputes a
-tag, so sweeping a threshold costs a scan of the tag columns."""
+of `select` (`data/selected/selected.parquet`: part, key, in build order; where the tags carry
+a `uid`, also `uids.npy`: the selected uids in DataComp's format, metadata/uids.py). It never
+recomputes a tag, so sweeping a threshold costs a scan of the tag columns."""
 
 from __future__ import annotations
 
 import duckdb
+import numpy as np
 import pyarrow.parquet as pq
 
 from laionbuild.metadata.rules import count, quote, sql_string, tag_rules, where
+from laionbuild.metadata.uids import uid_array
 from laionbuild.project.atomic import atomic_dir
 from laionbuild.project.funnel import Counts
 from laionbuild.project.layout import NEARDUP, SELECTED, part_dir
@@ -52,7 +55,7 @@ def run(cfg) -> None:
     # only the columns the rules use (not face boxes and the like), read by DuckDB straight from
     # the parts' files, in build order (a multi-file scan keeps file and row order)
     needed = ["part", "key"] + [c for c in available if c not in ("part", "key")
-                                and any(c in predicate for _, predicate in named)]
+                                and (c == "uid" or any(c in predicate for _, predicate in named))]
     source = (f"read_parquet([{', '.join(sql_string(f) for f in files)}], union_by_name=true)")
     columns = ", ".join(quote(c) for c in needed)
     con = duckdb.connect()
@@ -87,6 +90,9 @@ def run(cfg) -> None:
         con.execute(f"COPY (SELECT part, key FROM tags WHERE {where(active)}{order}) "
                     f"TO {sql_string(out / 'selected.parquet')} (FORMAT parquet, COMPRESSION 'uncompressed')")
         selected = pq.read_metadata(out / "selected.parquet").num_rows
+        if "uid" in available:  # DataComp's subset file: the selected uids, sorted
+            uids = con.execute(f"SELECT uid FROM tags WHERE {where(active)}").fetch_arrow_table().column("uid")
+            np.save(out / "uids.npy", uid_array(uids, "data/tags/part_N/tags.parquet column `uid`"))
         if active:
             counts.set(f"after_{active[-1][0]}", selected)
         counts.set("selected", selected)

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from laionbuild.project.atomic import atomic_dir
 from laionbuild.project.funnel import Counts
 from laionbuild.project.layout import KEY_COLUMN, embed_dir, part_dir
+from laionbuild.recipe.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,30 @@ def image_embeddings(part: int, model: str | None, rows: int) -> np.ndarray:
     return emb
 
 
+def _with_source_columns(cfg, part: int, tags: pa.Table) -> pa.Table:
+    """tag.source_columns (and `uid` where the metadata has one) from the part's deduplicated
+    metadata, aligned with the tags by key."""
+    path = part_dir("dedup", part) / "metadata.parquet"
+    names = pq.read_schema(path).names
+    missing = [c for c in cfg.tag.source_columns if c not in names]
+    if missing:
+        raise InputError(f"{path}: no column {', '.join(f'`{c}`' for c in missing)} (tag.source_columns); "
+                         f"the part's metadata has {names}")
+    carried = [*cfg.tag.source_columns, *(["uid"] if "uid" in names and "uid" not in cfg.tag.source_columns else [])]
+    if not carried:
+        return tags
+    source = pq.read_table(path, columns=["key", *carried])
+    row_of = {k: i for i, k in enumerate(source.column("key").to_pylist())}
+    keys = tags.column("key").to_pylist()
+    lost = [k for k in keys if k not in row_of]
+    if lost:
+        raise RuntimeError(f"{path}: no row for {len(lost)} embedded samples (e.g. {lost[0]}); rebuild dedup")
+    rows = source.take(pa.array([row_of[k] for k in keys], pa.int64()))
+    for name in carried:
+        tags = tags.append_column(name, rows.column(name))
+    return tags
+
+
 def run(cfg, part: int) -> None:
     metadata = pd.read_parquet(part_dir("embed", part) / "metadata" / "metadata_0.parquet")
     sim_dir = embed_dir(part, cfg.tag.clip_similarity_model)
@@ -52,6 +77,7 @@ def run(cfg, part: int) -> None:
         "width": pa.array(metadata.get("original_width", pd.Series(dtype="float")).tolist(), pa.int64()),
         "height": pa.array(metadata.get("original_height", pd.Series(dtype="float")).tolist(), pa.int64()),
     })
+    tags = _with_source_columns(cfg, part, tags)
     faces = pq.read_table(part_dir("faces", part) / "faces.parquet")
     if "face_count" in faces.column_names:
         by_key = {row["key"]: row for row in faces.to_pylist()}
