@@ -72,6 +72,8 @@ def metadata_rules(cfg, columns: set[str], dialect: SqlDialect = DUCKDB) -> list
             out.append((key, f"{expr} {op} {int(getattr(p, key))}"))
     if p.languages:
         out.append(("language", f"language IN ({', '.join(sql_string(x) for x in p.languages)})"))
+    if p.caption_word_list:
+        out.append(("caption_words", "_caption_words"))  # metadata/words.py, a column of rows_sql
     if p.min_width is not None:
         out.append(("min_width", f"width >= {int(p.min_width)}"))
     if p.min_height is not None:

@@ -172,6 +172,8 @@ def rows_sql(cfg, part: int, pairs: list[tuple[str, str]], dialect: SqlDialect) 
                        + ["_row"])
     if cfg.prepare.languages:
         select += ", laionbuild_language(caption) AS language"
+    if cfg.prepare.caption_word_list:
+        select += ", laionbuild_caption_words(caption) AS _caption_words"
     sql = f"SELECT {select} FROM source_rows"
     if cfg.source.ids_url:
         column = q(cfg.source.ids_column)
@@ -194,7 +196,8 @@ def duckdb_source(cfg, path: Path, arrow: pa.Table | None, ids: pa.Table | None,
                   limit: int | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection holding what `rows_sql` reads: the part's rows as `source_rows` (a
     parquet file scanned in place, with its row number as `_row`; the first `limit` rows only
-    if given), the id list as `ids`, and the language detector as `laionbuild_language`."""
+    if given), the id list as `ids`, the language detector as `laionbuild_language` and the
+    word list's matcher as `laionbuild_caption_words`."""
     con = duckdb.connect()
     if arrow is None:
         cut = "" if limit is None else f" LIMIT {int(limit)}"
@@ -210,4 +213,10 @@ def duckdb_source(cfg, path: Path, arrow: pa.Table | None, ids: pa.Table | None,
         score = cfg.prepare.min_language_score
         con.create_function("laionbuild_language", lambda c: pa.array(detect(c.to_pylist(), score), pa.string()),
                             ["VARCHAR"], "VARCHAR", type="arrow", null_handling="special", side_effects=False)
+    if cfg.prepare.caption_word_list:
+        from laionbuild.metadata.words import load_word_list, matcher
+
+        contains = matcher(load_word_list(cfg.prepare.caption_word_list))
+        con.create_function("laionbuild_caption_words", lambda c: pa.array(contains(c.to_pylist()), pa.bool_()),
+                            ["VARCHAR"], "BOOLEAN", type="arrow", null_handling="special", side_effects=False)
     return con

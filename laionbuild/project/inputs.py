@@ -11,6 +11,7 @@ dependency:
     source/part_N.json   fetch@N       part N's metadata file (and its source.image_embeddings file)
     consolidate.json     consolidate   every source file, when source.consolidate_parts is set
     ids.json             prepare@N     source.ids_url
+    word_list.json       prepare@N     prepare.caption_word_list
     local_server.json    download@N    every image file under download.local_server.root
     faces.json           faces@N       what tag.faces.detector resolves to (auto: retinaface or
                                        opencv_haar) and that detector's weights or cascade file
@@ -169,6 +170,8 @@ def expected(cfg) -> dict[str, dict]:
             groups[f"source/part_{part}.json"] = [u for u in (source_url(cfg, part, files),
                                                               image_embeddings_url(cfg, part)) if u]
     groups["ids.json"] = [s.ids_url] if s.ids_url else []
+    words = cfg.prepare.caption_word_list
+    groups["word_list.json"] = [words if is_remote(words) else str(Path(words).expanduser())] if words else []
     groups["local_server.json"] = _local_server_files(cfg)
     extra["faces.json"], groups["faces.json"] = _faces(cfg)
     models = [cfg.embed.pretrained] if not cfg.embed.from_source else []
@@ -246,7 +249,8 @@ def consumers(name: str, parts: list[int]) -> list[str]:
     if name == "keywords.json":
         return ["select", "report", "card"]
     stage = {"ids.json": "prepare", "local_server.json": "download", "faces.json": "faces",
-             "models.json": "embed", "heads.json": "tag", "blocklists.json": "prepare"}[name]
+             "models.json": "embed", "heads.json": "tag", "blocklists.json": "prepare",
+             "word_list.json": "prepare"}[name]
     return [f"{stage}@{p}" for p in parts] + (["card"] if name == "blocklists.json" else [])
 
 

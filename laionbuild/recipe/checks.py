@@ -105,6 +105,12 @@ def languages(c: Config) -> Iterator[Problem]:
                    f"`{code}` is not a language code langid detects (ISO 639-1, e.g. en, de, fr; {len(known)} known)")
 
 
+def engines(c: Config) -> Iterator[Problem]:
+    if c.engine.name == "spark" and c.prepare.caption_word_list is not None:
+        yield ("prepare.caption_word_list", c.prepare.caption_word_list, "is not implemented on engine=spark: "
+               "use engine=local (prepare is per part: DuckDB scales with the parts)")
+
+
 def storage(c: Config) -> Iterator[Problem]:
     url = c.download.shards_url
     if url is None:
@@ -124,7 +130,7 @@ def safety(c: Config) -> Iterator[Problem]:
     yield from problems(c)
 
 
-CHECKS = (sections, parts, columns, images, model_names, tags, top_fractions, languages, storage, safety)
+CHECKS = (sections, parts, columns, images, model_names, tags, top_fractions, languages, engines, storage, safety)
 
 
 def problems(c: Config) -> Iterator[Problem]:

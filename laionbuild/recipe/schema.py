@@ -200,6 +200,10 @@ class PrepareConfig:
     # Hash lists whose matching rows are dropped (Re-LAION's link removal), each its own funnel
     # step `blocklist_<name>`, right after has_url (and source.ids_url). docs/safety.md
     blocklists: List[BlocklistEntry] = field(default_factory=list)
+    # Keep captions containing a word or phrase of this file (one per line; `#` lines skipped),
+    # whole-word and case-insensitive (laionbuild/metadata/words.py): DataComp's text-based
+    # baseline with ImageNet-21k synset names. A path or fsspec URL; None: no word filter.
+    caption_word_list: Optional[str] = None
 
     def problems(self) -> Iterator[Problem]:
         names = [entry.name for entry in self.blocklists]
@@ -208,6 +212,9 @@ class PrepareConfig:
                 yield f"blocklists.{i}.{key}", value, message.replace("{i}", str(i))
             if names.index(entry.name) != i:
                 yield f"blocklists.{i}.name", entry.name, "is the name of an earlier list: give each list its own name"
+        words = self.caption_word_list
+        if words is not None and "://" not in words and not Path(words).expanduser().is_file():
+            yield "caption_word_list", words, "is not a file (a word list: one word or phrase per line)"
         if self.languages is not None and not self.languages:
             yield "languages", self.languages, "use null for no language filter, not []"
         for low, high in (("min_caption_chars", "max_caption_chars"), ("min_caption_words", "max_caption_words")):

@@ -56,7 +56,7 @@ def _run_duckdb(cfg, part, path, arrow, ids, pairs, counts, target: Path) -> dic
     extra = None
     con = duckdb_source(cfg, path, arrow, ids)
     # a table, not a view, when a UDF is involved: the language is detected once, not per scan
-    kind = "TABLE" if cfg.prepare.languages else "VIEW"
+    kind = "TABLE" if cfg.prepare.languages or cfg.prepare.caption_word_list else "VIEW"
     lists = cfg.prepare.blocklists
     con.execute(f"CREATE TEMP {kind} {'canonical_rows' if lists else 'rows'} AS {rows_sql(cfg, part, pairs, DUCKDB)}")
     if lists:  # + a `_blocked_<name>` column per hash list (metadata/blocklists.py)
