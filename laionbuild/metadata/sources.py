@@ -7,7 +7,7 @@ and the report's examples read parts through here.
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import duckdb
 import fsspec
@@ -53,11 +53,21 @@ def source_url(cfg, part: int, files: list[str] | None = None) -> str:
     return f"{base}/{cfg.source.part_pattern.format(part=part)}"
 
 
-def image_embeddings_url(cfg, part: int) -> str | None:
-    """Where part N's precomputed image embeddings are (source.image_embeddings), or None."""
+def image_embeddings_url(cfg, part: int, files: list[str] | None = None) -> str | None:
+    """Where part N's precomputed image embeddings are (source.image_embeddings), or None.
+    `{stem}` in it is the part file's path inside base_url without its extension (`files`: the
+    source.files listing, when the caller listed it once for many parts)."""
     if not cfg.source.image_embeddings:
         return None
-    return f"{cfg.source.base_url.rstrip('/')}/{cfg.source.image_embeddings.format(part=part)}"
+    base = cfg.source.base_url.rstrip("/")
+    stem = ""
+    if "{stem" in cfg.source.image_embeddings:
+        part_url = source_url(cfg, part, files)
+        root = fsspec.core.url_to_fs(base)[1].rstrip("/") + "/"
+        path = fsspec.core.url_to_fs(part_url)[1]
+        inside = path[len(root):] if path.startswith(root) else path.rsplit("/", 1)[-1]
+        stem = inside.removesuffix(PurePosixPath(inside).suffix)
+    return f"{base}/{cfg.source.image_embeddings.format(part=part, stem=stem)}"
 
 
 def input_urls(cfg) -> list[str]:

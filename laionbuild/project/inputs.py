@@ -168,7 +168,7 @@ def expected(cfg) -> dict[str, dict]:
         files = list(listing) if s.files else None
         for part in cfg.subset.parts:
             groups[f"source/part_{part}.json"] = [u for u in (source_url(cfg, part, files),
-                                                              image_embeddings_url(cfg, part)) if u]
+                                                              image_embeddings_url(cfg, part, files)) if u]
     groups["ids.json"] = [s.ids_url] if s.ids_url else []
     words = cfg.prepare.caption_word_list
     groups["word_list.json"] = [words if is_remote(words) else str(Path(words).expanduser())] if words else []

@@ -49,6 +49,12 @@ def images(c: Config) -> Iterator[Problem]:
                "(with source.image_embeddings)")
     if not c.download.enabled and c.tag.faces.detector != "none":
         yield "download.enabled", False, "face tags need images: set tag.faces.detector=none"
+    array, emb = c.embed.from_source_array, c.source.image_embeddings or ""
+    if c.embed.from_source and emb.endswith(".npz") and array is None:
+        yield ("embed.from_source_array", None, f"source.image_embeddings `{emb}` is an .npz of several arrays: "
+               "name the one to take (DataComp: l14_img or b32_img)")
+    if c.embed.from_source and emb.endswith(".npy") and array is not None:
+        yield "embed.from_source_array", array, f"source.image_embeddings `{emb}` is one array (.npy): set it to null"
     if c.embed.from_source and c.select.min_clip_similarity is not None:
         yield ("select.min_clip_similarity", c.select.min_clip_similarity, "needs text embeddings, which "
                "embed.from_source does not have (use prepare.min_similarity, the source's own similarity column)")

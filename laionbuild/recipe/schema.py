@@ -99,9 +99,11 @@ class SourceConfig:
     fetch_retries: NonNegInt = 5
     fetch_backoff_s: NonNegFloat = 1.0
     # Precomputed image embeddings published next to the metadata (LAION2B-en's
-    # img_emb/img_emb_NNNN.npy: row i embeds metadata row i): file name of part N's .npy inside
-    # base_url, formatted with `part=N`. fetch fetches it with the metadata; `embed.from_source`
-    # uses it instead of running a model. None: the source has none.
+    # img_emb/img_emb_NNNN.npy: row i embeds metadata row i): file name of part N's .npy (or .npz:
+    # embed.from_source_array names the array) inside base_url, formatted with `part=N` and
+    # `stem` = the part file's path inside base_url without its extension (DataComp: {stem}.npz).
+    # fetch fetches it with the metadata; `embed.from_source` uses it instead of running a
+    # model. None: the source has none.
     image_embeddings: Optional[str] = None
     # The model that made them (recorded in model.json and the dataset card), e.g. ViT-L-14/openai.
     image_embeddings_model: Optional[str] = None
@@ -109,10 +111,12 @@ class SourceConfig:
     def problems(self) -> Iterator[Problem]:
         if not self.base_url:
             yield "base_url", self.base_url, "must be set (a path or fsspec URL)"
-        for key in ("part_pattern", "image_embeddings"):
-            pattern = getattr(self, key)
-            if pattern and not _formats_with_part(pattern):
-                yield key, pattern, "must be a file name with one {part} placeholder, e.g. part-{part:05d}.parquet"
+        if not _formats_with_part(self.part_pattern):
+            yield ("part_pattern", self.part_pattern,
+                   "must be a file name with one {part} placeholder, e.g. part-{part:05d}.parquet")
+        if self.image_embeddings and not _formats_with_part(self.image_embeddings, stem="x"):
+            yield ("image_embeddings", self.image_embeddings, "must be a file name with {part} or {stem} placeholders "
+                   "(the part file's name without extension), e.g. img_emb_{part:04d}.npy or {stem}.npz")
         if self.files is None and self.num_parts > 1 and "{part" not in self.part_pattern:
             yield ("part_pattern", self.part_pattern, f"names the same file for all {self.num_parts} parts: "
                    "add {part} (e.g. part-{part:05d}.parquet) or use source.files (a glob)")
@@ -330,6 +334,9 @@ class EmbedConfig:
     # Take the source's precomputed image embeddings (source.image_embeddings) for the part's
     # rows instead of running the model: no images needed, no text embeddings.
     from_source: bool = False
+    # The array of an .npz source.image_embeddings file to take (DataComp: l14_img or b32_img;
+    # source.image_embeddings_model says which model made it). None: the file is an .npy.
+    from_source_array: Optional[str] = None
     # More models embedded per part besides embed.model, by name (LAION-5B: ViT-B/32 for the CLIP
     # similarity filter, ViT-L/14 for the NSFW/watermark heads and the index). Their embeddings go
     # to data/embed/part_N/models/NAME/; tag.clip_similarity_model, tag.heads.X.model,
@@ -557,9 +564,9 @@ def _nested(key: str, section: Any) -> Iterator[Problem]:
         yield (f"{key}.{sub}" if sub else key), value, message
 
 
-def _formats_with_part(pattern: str) -> bool:
+def _formats_with_part(pattern: str, **names: str) -> bool:
     try:
-        pattern.format(part=0)
+        pattern.format(part=0, **names)
     except (KeyError, IndexError, ValueError):
         return False
     return True

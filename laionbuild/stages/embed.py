@@ -62,6 +62,20 @@ def write_part(out: Path, img: np.ndarray, text: np.ndarray, metadata: pd.DataFr
     metadata.to_parquet(out / "metadata" / "metadata_0.parquet", index=False)
 
 
+def _source_array(path: Path, array: str | None) -> np.ndarray:
+    """The embeddings of a source.image_embeddings file: an .npy (memory-mapped), or the array
+    `array` (embed.from_source_array) of an .npz (DataComp's per-shard features)."""
+    loaded = np.load(path, mmap_mode="r")
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        if array is not None:
+            raise InputError(f"{path}: one array (.npy), not an .npz: set embed.from_source_array=null")
+        return loaded
+    with loaded:
+        if array not in loaded.files:
+            raise InputError(f"{path}: no array `{array}` (embed.from_source_array); it has {', '.join(loaded.files)}")
+        return loaded[array]
+
+
 def from_source(cfg, part: int) -> None:
     """The part's rows' precomputed image embeddings (source.image_embeddings, fetched next to
     the metadata), gathered by source row in key order; their dtype is kept (LAION2B: float16).
@@ -72,7 +86,7 @@ def from_source(cfg, part: int) -> None:
         raise RuntimeError(f"{raw_dir}: fetched without source.image_embeddings; rebuild fetch@{part}")
     emb_path = raw_dir / fetched["image_embeddings"]["file"]
     meta_path = raw_dir / fetched["file"]
-    emb = np.load(emb_path, mmap_mode="r")
+    emb = _source_array(emb_path, cfg.embed.from_source_array)
     source_rows = pq.read_metadata(meta_path).num_rows if meta_path.suffix == ".parquet" else None
     if emb.ndim != 2 or (source_rows is not None and emb.shape[0] != source_rows):
         raise InputError(f"{emb_path}: shape {emb.shape} does not match {meta_path.name} "
@@ -99,6 +113,7 @@ def from_source(cfg, part: int) -> None:
         write_json(out / "model.json", {"architecture": cfg.source.image_embeddings_model or "unknown",
                                         "pretrained": None, "untrained": False, "dim": int(emb.shape[1]),
                                         "from_source": fetched["image_embeddings"]["url"],
+                                        "array": cfg.embed.from_source_array,
                                         "dtype": str(emb.dtype)})
     log.info("part %d: %d precomputed image embeddings (%s) from %s", part, len(img), emb.dtype, emb_path.name)
 
