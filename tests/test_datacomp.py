@@ -109,6 +109,24 @@ def test_laion2b_and_basic_recipes_select_datacomps_uids(project, pool):
         assert uids.tobytes() == datacomp_uids(rows.uid[keep]).tobytes(), recipe
 
 
+def test_text_based_baseline_keeps_english_captions_naming_a_listed_word(project, pool, tmp_path):
+    """English and a word of the list (DataComp: an ImageNet-21k synset), through the report."""
+    root, rows = pool
+    words = tmp_path / "synsets.txt"
+    words.write_text("red car\nbeach\n")
+    english = pd.Series(detect(rows.text.tolist())) == "en"
+    named = rows.text.str.contains(r"\bred car\b|\bbeach\b", case=False, regex=True)
+    keep = english & named
+    assert 0 < keep.sum() < named.sum()
+    project.build_in_process("recipe=datacomp_laion2b", "~select.min_scores.clip_b32_similarity_score",
+                             f"prepare.caption_word_list={words}", f"source.base_url={root}", "subset.parts=[0,1,2]",
+                             "index.index_key=Flat", until="report")
+    assert np.load(project / "data/selected/uids.npy").tobytes() == datacomp_uids(rows.uid[keep]).tobytes()
+    funnel = json.loads((project / "data/metrics/funnel.json").read_text())
+    assert funnel["after_caption_words"] == funnel["selected"] == keep.sum()
+    assert "caption_words" in (project / "data/report/index.html").read_text()
+
+
 def test_an_npz_needs_its_array_named(tmp_path, pool):
     root, _ = pool
     with pytest.raises(RecipeError, match=r"embed\.from_source_array.*l14_img"):
