@@ -31,8 +31,8 @@ GLOBAL = ["select", "assemble", "export", "index", "report", "card"]  # after th
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     shared, result = shared_demo(tmp_path_factory)
-    assert sorted(result.ran) == sorted([f"{s}@{p}" for s in PER_PART for p in (0, 1)] + ["consolidate", "dedup", "neardup"]
-                                        + GLOBAL)
+    assert sorted(result.ran) == sorted([f"{s}@{p}" for s in PER_PART for p in (0, 1)] + ["consolidate", "dedup", "neardup",
+                                                                                          "clusters"] + GLOBAL)
     return copy_of(shared, tmp_path_factory.mktemp("demo") / "project")
 
 
@@ -185,7 +185,7 @@ def test_second_repro_runs_no_stage(built):
 def test_status_shows_stale_stages_after_a_change(built):
     built.laionbuild("compose", *FAST, *RECIPE, "select.min_clip_similarity=0.5")
     rows = built.status()
-    assert len(rows) == len(PER_PART) * 2 + len(["consolidate", "dedup", "neardup"]) + len(GLOBAL)
+    assert len(rows) == len(PER_PART) * 2 + len(["consolidate", "dedup", "neardup", "clusters"]) + len(GLOBAL)
     assert rows["select"] == "stale"
     assert rows["download@0"] == "built" and rows["tag@1"] == "built"
 
@@ -209,14 +209,14 @@ def test_adding_a_part_runs_only_that_part_and_global_stages(built):
     funnel = (built / "data/metrics/funnel.json").read_text()
 
     added = built.build("subset.parts=[0,1,2]", *EXTRA)
-    assert sorted(added.ran) == sorted([f"{s}@2" for s in PER_PART] + ["dedup", "neardup"] + GLOBAL)
+    assert sorted(added.ran) == sorted([f"{s}@2" for s in PER_PART] + ["dedup", "neardup", "clusters"] + GLOBAL)
     assert set(json.loads((built / "data/metrics/funnel.json").read_text())["parts"]) == {"0", "1", "2"}
 
     removed = built.build(*base)
     # only the dataset card is rewritten (its outputs are `cache: false`, kept in git, and it records
     # the git commit, which DVC does not see): nothing is recomputed
     assert removed.ran in ([], ["card"])
-    assert set(GLOBAL + ["dedup", "neardup"]) - {"card"} <= set(removed.restored)
+    assert set(GLOBAL + ["dedup", "neardup", "clusters"]) - {"card"} <= set(removed.restored)
     assert {d: tree_digest(built / "data" / d) for d in digests} == digests
     assert (built / "data/metrics/funnel.json").read_text() == funnel
     assert not (built / "data/images/part_2").exists()

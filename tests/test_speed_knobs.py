@@ -30,6 +30,7 @@ STAGE_READS = {
     "embed": ["embed", "source.image_embeddings_model"],
     "tag": ["tag"],
     "neardup": ["subset", "tag.near_dup"],
+    "clusters": ["subset", "tag.clusters"],
     "select": ["subset", "select"],
     "assemble": ["subset", "assemble"],
     "export": ["subset", "export"],

@@ -38,11 +38,12 @@ def local_copy(url: str) -> Path:
     return path
 
 
-def _torch_load(path: Path):
+def safe_torch_load(path: Path):
+    """A torch.save'd file with weights_only=True (no arbitrary pickle), numpy arrays allowed."""
     import torch
 
-    safe = [np.ndarray, np.dtype, np.core.multiarray._reconstruct] + [type(np.dtype(t)) for t in
-                                                                      ("int64", "int32", "uint64", "U1", "O")]
+    safe = [np.ndarray, np.dtype, np.core.multiarray._reconstruct] + [
+        type(np.dtype(t)) for t in ("int64", "int32", "uint64", "U1", "O", "float16", "float32", "float64")]
     with torch.serialization.safe_globals(safe):
         return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -61,7 +62,7 @@ def load_ids(url: str, part: int, column: str) -> tuple[np.ndarray, Path]:
     suffix = path.suffix.lower()
     try:
         if suffix in (".pth", ".pt"):
-            entries = _torch_load(path)
+            entries = safe_torch_load(path)
             if not hasattr(entries, "__len__") or isinstance(entries, (str, bytes)):
                 raise InputError(f"{path}: expected a sequence indexed by part number, got {type(entries).__name__}")
             if len(entries) <= part:

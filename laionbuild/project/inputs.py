@@ -19,6 +19,7 @@ dependency:
     heads.json           tag@N         tag.heads weights files (a missing file is recorded as missing)
     blocklists.json      prepare@N     prepare.blocklists hash lists (and card, which names them)
     keywords.json        select        select.unsafe_keywords.keywords (and report, card)
+    clusters.json        clusters      tag.clusters.centroids and tag.clusters.targets files
 
 A local file's fingerprint is its size and md5, the md5 remembered by path, size and mtime
 (`files.memo_digest`), so a no-op check costs a stat per file; a remote file's (http(s), s3,
@@ -182,6 +183,9 @@ def expected(cfg) -> dict[str, dict]:
     groups["blocklists.json"] = [entry.path for entry in cfg.prepare.blocklists]
     keywords = cfg.select.unsafe_keywords
     groups["keywords.json"] = [keywords.keywords] if keywords is not None else []
+    clusters = cfg.tag.clusters
+    named = ([clusters.centroids] if clusters.centroids else []) + list(clusters.targets)
+    groups["clusters.json"] = [u if is_remote(u) else str(Path(u).expanduser()) for u in named] if clusters.enabled else []
     found = listed | _fingerprints([u for urls in groups.values() for u in urls if u not in listed])
     blind = [u for u, fp in found.items() if not fp]
     if blind:
@@ -248,6 +252,8 @@ def consumers(name: str, parts: list[int]) -> list[str]:
         return ["consolidate"]
     if name == "keywords.json":
         return ["select", "report", "card"]
+    if name == "clusters.json":
+        return ["clusters"]
     stage = {"ids.json": "prepare", "local_server.json": "download", "faces.json": "faces",
              "models.json": "embed", "heads.json": "tag", "blocklists.json": "prepare",
              "word_list.json": "prepare"}[name]

@@ -31,9 +31,10 @@ PART_DIRS = {
 }
 PER_PART_STAGES = ("fetch", "prepare", "download", "faces", "embed", "tag")
 # `inputs` runs first on every build (always_changed): it only checks files, cheaply
-GLOBAL_STAGES = ("inputs", "consolidate", "dedup", "neardup", "select", "assemble", "export", "index", "report", "card")
+GLOBAL_STAGES = ("inputs", "consolidate", "dedup", "neardup", "clusters", "select", "assemble", "export", "index", "report",
+                 "card")
 # pipeline order: inputs, consolidate, fetch, prepare, dedup, download, faces, embed, tag, neardup,
-# select, assemble, export, index, report, card
+# clusters, select, assemble, export, index, report, card
 STAGES = GLOBAL_STAGES[:2] + PER_PART_STAGES[:2] + ("dedup",) + PER_PART_STAGES[2:] + GLOBAL_STAGES[3:]
 
 # Stages whose outputs changed layout in a way their inputs and params do not show: dvc.yaml
@@ -54,6 +55,7 @@ def output_layout_error(stage: str, found: int | None) -> str | None:
             "docs/stages.md), so that DVC rebuilds it and what follows")
 
 NEARDUP = DATA / "neardup"
+CLUSTERS = DATA / "clusters"
 SELECTED = DATA / "selected"
 DATASET = DATA / "dataset"
 EMBEDDINGS = DATA / "embeddings"

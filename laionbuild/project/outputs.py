@@ -1,17 +1,19 @@
 """What stages read of one another's outputs, in one place, so no stage imports another: the
 selected keys of a part (select's output, read by assemble, export, card), the selected samples
-per licence (card and report), and the funnel's steps in order (report, `build --progress`).
+per licence (card and report), the funnel's steps in order (report, `build --progress`), and a
+part's keys with its image embeddings (embed's output, read by neardup and clusters).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from laionbuild.metadata.rules import metadata_rules, tag_rules
-from laionbuild.project.layout import SELECTED, part_dir
+from laionbuild.project.layout import KEY_COLUMN, SELECTED, embed_dir, part_dir
 
 
 def selected_keys(selected: pq.ParquetFile, part: int) -> list[str]:
@@ -52,3 +54,15 @@ def step_order(cfg) -> list[str]:
     return (["rows_in"] + [f"after_{name}" for name, _ in metadata_rules(cfg, set(cfg.source.columns))]
             + ["after_dedup", "downloaded_ok", "embedded"] + [f"after_{name}" for name, _ in tag_rules(cfg.select)]
             + ["selected", "indexed"])
+
+
+def image_embeddings(part: int, model: str | None = None, normalise: bool = True) -> tuple[list[str], np.ndarray]:
+    """A part's keys and its image embeddings by `model` (None: embed.model) as float32, in the
+    part's row order; `normalise`: each row scaled to unit length (a zero row stays zero)."""
+    keys = pq.read_table(part_dir("embed", part) / "metadata" / "metadata_0.parquet",
+                         columns=[KEY_COLUMN]).column(KEY_COLUMN)
+    emb = np.load(embed_dir(part, model) / "img_emb" / "img_emb_0.npy").astype(np.float32)
+    if normalise:
+        norms = np.linalg.norm(emb, axis=1, keepdims=True)
+        emb = emb / np.where(norms == 0, 1, norms)
+    return [str(k) for k in keys.to_pylist()], emb

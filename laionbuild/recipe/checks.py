@@ -4,6 +4,7 @@ section in its `problems()`; what needs two sections (or the installed libraries
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ def images(c: Config) -> Iterator[Problem]:
 
 def model_names(c: Config) -> Iterator[Problem]:
     users = {"tag.clip_similarity_model": c.tag.clip_similarity_model, "tag.near_dup.model": c.tag.near_dup.model,
+             "tag.clusters.model": c.tag.clusters.model,
              "index.model": c.index.model, "export.model": c.export.model,
              **{f"tag.heads.{n}.model": h.model for n, h in c.tag.heads.items()}}
     for key, name in users.items():
@@ -77,6 +79,18 @@ def tags(c: Config) -> Iterator[Problem]:
                    "needs face tags: set tag.faces.detector (auto, opencv_haar or retinaface)")
     if c.select.max_near_dup_similarity is not None and not c.tag.near_dup.enabled:
         yield "select.max_near_dup_similarity", c.select.max_near_dup_similarity, "needs tag.near_dup.enabled=true"
+    if c.select.in_target_clusters and not (c.tag.clusters.enabled and c.tag.clusters.targets):
+        yield ("select.in_target_clusters", True, "needs tag.clusters.enabled=true and tag.clusters.targets (files of "
+               "target embeddings, e.g. ImageNet-1k's image features)")
+    clusters = c.tag.clusters
+    for key, path in [("centroids", clusters.centroids), *((f"targets.{i}", t) for i, t in enumerate(clusters.targets))]:
+        if not clusters.enabled or path is None or "://" in path:
+            continue
+        if path in ("", "???"):
+            yield (f"tag.clusters.{key}", path, "must be given: a file of embeddings (.npy, .npz or .pt), e.g. "
+                   "DataComp's ImageNet-1k ViT-L/14 image features for the image-based baseline (docs/recipes.md)")
+        elif not Path(path).expanduser().is_file():
+            yield f"tag.clusters.{key}", path, "is not a file (an array of embeddings: .npy, .npz or .pt)"
     for bound in ("min_scores", "max_scores"):
         for name in getattr(c.select, bound):
             if name not in c.tag.heads and name not in c.tag.source_columns:

@@ -387,6 +387,26 @@ class NearDupConfig:
 
 
 @dataclass
+class ClustersConfig:
+    """DataComp's image-based rule (the global clusters stage, docs/recipes.md): k-means
+    centroids over the build's image embeddings (or given as a file), the clusters nearest to
+    target embeddings (e.g. ImageNet-1k's), and each sample's nearest centroid."""
+
+    enabled: bool = False
+    model: Optional[str] = None  # embed.extra_models entry whose image embeddings it clusters; None: embed.model
+    # Centroids as a file (.npy, or a torch.save'd array/tensor .pt as DataComp publishes them);
+    # None: faiss k-means over the build (num_clusters, sample_fraction, niter, seed).
+    centroids: Optional[str] = None
+    num_clusters: PosInt = 100_000
+    sample_fraction: Fraction = 1.0  # of each part's samples, drawn with `seed` (DataComp: 0.3 for large)
+    niter: PosInt = 20
+    seed: NonNegInt = 0
+    # Target embeddings (.npy, .npz, or .pt: an array, a tensor or a dict with `image_features`
+    # as DataComp's ImageNet-1k files): the clusters nearest to one of them are the targets.
+    targets: List[str] = field(default_factory=list)
+
+
+@dataclass
 class TagConfig:
     # Which tags the tag stage computes. clip_similarity and the image sizes are always there.
     clip_similarity: bool = True
@@ -396,6 +416,8 @@ class TagConfig:
     heads: Dict[str, HeadConfig] = field(default_factory=dict)
     # Near-duplicate tag over all parts (the global neardup stage).
     near_dup: NearDupConfig = field(default_factory=NearDupConfig)
+    # Nearest k-means cluster of each sample and whether it is a target cluster (global clusters stage).
+    clusters: ClustersConfig = field(default_factory=ClustersConfig)
     # Columns of the prepared metadata carried into the tag table as they are (a pool's own
     # scores, e.g. DataComp's clip_l14_similarity_score), for select rules (min_scores,
     # max_scores, top_fraction) to use without recomputing them. A `uid` column is always carried.
@@ -442,6 +464,9 @@ class SelectConfig:
     # Semantic dedup (needs tag.near_dup.enabled): keep samples whose image embedding's cosine to
     # every earlier sample is below this.
     max_near_dup_similarity: Optional[Cosine] = None
+    # DataComp's image-based rule (needs tag.clusters with targets): keep samples whose nearest
+    # centroid is one of the target clusters.
+    in_target_clusters: bool = False
     # Score-head tags (tag.heads): keep samples whose score is >= / <= these, per tag column.
     min_scores: Dict[str, float] = field(default_factory=dict)
     max_scores: Dict[str, float] = field(default_factory=dict)

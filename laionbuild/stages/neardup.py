@@ -20,18 +20,11 @@ import pyarrow.parquet as pq
 
 from laionbuild.project.atomic import atomic_dir
 from laionbuild.project.funnel import Counts
-from laionbuild.project.layout import KEY_COLUMN, NEARDUP, embed_dir, part_dir
+from laionbuild.project.layout import NEARDUP
+from laionbuild.project.outputs import image_embeddings
 
 log = logging.getLogger(__name__)
 BATCH = 4096
-
-
-def _part(part: int, model: str | None = None) -> tuple[list[str], np.ndarray]:
-    keys = pq.read_table(part_dir("embed", part) / "metadata" / "metadata_0.parquet",
-                         columns=[KEY_COLUMN]).column(KEY_COLUMN)
-    emb = np.load(embed_dir(part, model) / "img_emb" / "img_emb_0.npy").astype(np.float32)
-    norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    return [str(k) for k in keys.to_pylist()], emb / np.where(norms == 0, 1, norms)
 
 
 def run(cfg) -> None:
@@ -44,7 +37,7 @@ def run(cfg) -> None:
 
         index = None
         for part in cfg.subset.parts:
-            part_keys, emb = _part(part, settings.model)
+            part_keys, emb = image_embeddings(part, settings.model)
             if index is None and len(emb):
                 index = faiss.index_factory(emb.shape[1], settings.index, faiss.METRIC_INNER_PRODUCT)
                 if not index.is_trained:

@@ -31,6 +31,7 @@ from laionbuild.metadata.sources import canonical_columns, duckdb_source, effect
 from laionbuild.project.atomic import atomic_dir, atomic_write_text, read_json, write_json
 from laionbuild.project.funnel import load_stats
 from laionbuild.project.layout import (
+    CLUSTERS,
     FUNNEL,
     FUNNEL_STEPS,
     HISTOGRAMS,
@@ -135,6 +136,10 @@ def _tags_view(con, cfg) -> list[str]:
     if neardup.exists() and "near_dup_similarity" in pq.read_schema(neardup).names:
         join = f" LEFT JOIN (SELECT key, near_dup_similarity FROM read_parquet({sql_string(neardup)})) n USING (key)"
         extra = ", n.near_dup_similarity"
+    if cfg.select.in_target_clusters:  # the clusters stage's rule column
+        join += (f" LEFT JOIN (SELECT key, in_target_cluster FROM read_parquet({sql_string(CLUSTERS / 'clusters.parquet')}))"
+                 " c USING (key)")
+        extra += ", c.in_target_cluster"
     columns = {name for name, in con.execute("SELECT column_name FROM (DESCRIBE tag_rows)").fetchall()}
     ratio = ", CASE WHEN height > 0 THEN width / height END AS aspect_ratio" if {"width", "height"} <= columns else ""
     con.execute(f"""CREATE TEMP VIEW tags AS SELECT t.*{extra}{ratio}, s.key IS NOT NULL AS _selected

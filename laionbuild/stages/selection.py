@@ -13,7 +13,7 @@ from laionbuild.metadata.rules import count, quote, sql_string, tag_rules, where
 from laionbuild.metadata.uids import uid_array
 from laionbuild.project.atomic import atomic_dir
 from laionbuild.project.funnel import Counts
-from laionbuild.project.layout import NEARDUP, SELECTED, part_dir
+from laionbuild.project.layout import CLUSTERS, NEARDUP, SELECTED, part_dir
 from laionbuild.recipe.errors import InputError
 
 
@@ -64,10 +64,18 @@ def run(cfg) -> None:
     order = ""
     keywords = cfg.select.unsafe_keywords is not None
     view = "tagged" if keywords else "tags"
-    if cfg.select.max_near_dup_similarity is not None:  # a join: keep build order explicitly
-        con.execute(f"""CREATE TEMP VIEW {view} AS SELECT t.*, n.near_dup_similarity FROM
-                        (SELECT {columns}, row_number() OVER () AS _row FROM {source}) t
-                        LEFT JOIN read_parquet({sql_string(NEARDUP / 'neardup.parquet')}) n ON t.key = n.key""")
+    # the global stages' per-sample tags, joined by key (a join: keep build order explicitly)
+    joins = []
+    if cfg.select.max_near_dup_similarity is not None:
+        joins.append(("near_dup_similarity", NEARDUP / "neardup.parquet"))
+    if cfg.select.in_target_clusters:
+        joins.append(("in_target_cluster", CLUSTERS / "clusters.parquet"))
+    if joins:
+        picked = "".join(f", j{i}.{quote(column)}" for i, (column, _) in enumerate(joins))
+        joined = "".join(f" LEFT JOIN read_parquet({sql_string(path)}) j{i} ON t.key = j{i}.key"
+                         for i, (_, path) in enumerate(joins))
+        con.execute(f"""CREATE TEMP VIEW {view} AS SELECT t.*{picked} FROM
+                        (SELECT {columns}, row_number() OVER () AS _row FROM {source}) t{joined}""")
         order = " ORDER BY _row"
     else:
         con.execute(f"CREATE TEMP VIEW {view} AS SELECT {columns} FROM {source}")
