@@ -28,7 +28,8 @@ STAGE_READS = {
     "download": ["download"],
     "faces": ["tag.faces"],
     "embed": ["embed", "source.image_embeddings_model"],
-    "tag": ["tag"],
+    "tag": ["tag.clip_similarity", "tag.clip_similarity_model", "tag.faces", "tag.heads", "tag.near_dup",
+            "tag.source_columns"],  # tag.clusters is the clusters stage's
     "neardup": ["subset", "tag.near_dup"],
     "clusters": ["subset", "tag.clusters"],
     "select": ["subset", "select"],
