@@ -220,8 +220,9 @@ def duckdb_source(cfg, path: Path, arrow: pa.Table | None, ids: pa.Table | None,
     if cfg.prepare.languages:
         from laionbuild.metadata.language import detect
 
-        score = cfg.prepare.min_language_score
-        con.create_function("laionbuild_language", lambda c: pa.array(detect(c.to_pylist(), score), pa.string()),
+        score, detector, model = language_settings(cfg)
+        con.create_function("laionbuild_language",
+                            lambda c: pa.array(detect(c.to_pylist(), score, detector, model), pa.string()),
                             ["VARCHAR"], "VARCHAR", type="arrow", null_handling="special", side_effects=False)
     if cfg.prepare.caption_word_list:
         from laionbuild.metadata.words import load_word_list, matcher
@@ -230,3 +231,9 @@ def duckdb_source(cfg, path: Path, arrow: pa.Table | None, ids: pa.Table | None,
         con.create_function("laionbuild_caption_words", lambda c: pa.array(contains(c.to_pylist()), pa.bool_()),
                             ["VARCHAR"], "BOOLEAN", type="arrow", null_handling="special", side_effects=False)
     return con
+
+
+def language_settings(cfg) -> tuple[float, str, str | None]:
+    """(min_score, detector, model path) of prepare's language detection."""
+    p = cfg.prepare
+    return p.min_language_score, p.language_detector, str(Path(p.language_model).expanduser()) if p.language_model else None

@@ -12,6 +12,7 @@ dependency:
     consolidate.json     consolidate   every source file, when source.consolidate_parts is set
     ids.json             prepare@N     source.ids_url
     word_list.json       prepare@N     prepare.caption_word_list
+    language.json        prepare@N     prepare.language_model (fastText's language id)
     local_server.json    download@N    every image file under download.local_server.root
     faces.json           faces@N       what tag.faces.detector resolves to (auto: retinaface or
                                        opencv_haar) and that detector's weights or cascade file
@@ -173,6 +174,8 @@ def expected(cfg) -> dict[str, dict]:
     groups["ids.json"] = [s.ids_url] if s.ids_url else []
     words = cfg.prepare.caption_word_list
     groups["word_list.json"] = [words if is_remote(words) else str(Path(words).expanduser())] if words else []
+    language = cfg.prepare.language_model
+    groups["language.json"] = [str(Path(language).expanduser())] if language else []
     groups["local_server.json"] = _local_server_files(cfg)
     extra["faces.json"], groups["faces.json"] = _faces(cfg)
     models = [cfg.embed.pretrained] if not cfg.embed.from_source else []
@@ -256,7 +259,7 @@ def consumers(name: str, parts: list[int]) -> list[str]:
         return ["clusters"]
     stage = {"ids.json": "prepare", "local_server.json": "download", "faces.json": "faces",
              "models.json": "embed", "heads.json": "tag", "blocklists.json": "prepare",
-             "word_list.json": "prepare"}[name]
+             "word_list.json": "prepare", "language.json": "prepare"}[name]
     return [f"{stage}@{p}" for p in parts] + (["card"] if name == "blocklists.json" else [])
 
 

@@ -118,11 +118,14 @@ def languages(c: Config) -> Iterator[Problem]:
         return
     from laionbuild.metadata.language import known_languages
 
-    known = known_languages()
+    detector, model = c.prepare.language_detector, c.prepare.language_model
+    if detector == "fasttext" and not (model and Path(model).expanduser().is_file()):
+        return  # prepare.language_model's own check says what is missing
+    known = known_languages(detector, str(Path(model).expanduser()) if model else None)
     for code in c.prepare.languages:
         if code not in known:
             yield ("prepare.languages", list(c.prepare.languages),
-                   f"`{code}` is not a language code langid detects (ISO 639-1, e.g. en, de, fr; {len(known)} known)")
+                   f"`{code}` is not a language code {detector} detects (ISO 639-1, e.g. en, de, fr; {len(known)} known)")
 
 
 def engines(c: Config) -> Iterator[Problem]:

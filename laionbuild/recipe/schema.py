@@ -201,6 +201,10 @@ class PrepareConfig:
     # adds a `language` column. None: no language filter.
     languages: Optional[List[str]] = None
     min_language_score: Probability = 0.0  # normalised probability of the detected language
+    # langid (offline, its model in the package) or fasttext (DataComp's detector), which needs
+    # language_model: a fastText model file (lid.176.bin or lid.176.ftz), a local path.
+    language_detector: Literal["langid", "fasttext"] = "langid"
+    language_model: Optional[str] = None
     # Hash lists whose matching rows are dropped (Re-LAION's link removal), each its own funnel
     # step `blocklist_<name>`, right after has_url (and source.ids_url). docs/safety.md
     blocklists: List[BlocklistEntry] = field(default_factory=list)
@@ -221,6 +225,14 @@ class PrepareConfig:
             yield "caption_word_list", words, "is not a file (a word list: one word or phrase per line)"
         if self.languages is not None and not self.languages:
             yield "languages", self.languages, "use null for no language filter, not []"
+        model = self.language_model
+        if self.language_detector == "fasttext" and not model:
+            yield ("language_model", model, "language_detector=fasttext needs a fastText model file, e.g. lid.176.bin "
+                   "(https://fasttext.cc/docs/en/language-identification.html)")
+        elif self.language_detector != "fasttext" and model:
+            yield "language_model", model, "is read only by language_detector=fasttext: set that, or null this"
+        elif model and ("://" in model or not Path(model).expanduser().is_file()):
+            yield "language_model", model, "is not a local file (a fastText model, e.g. lid.176.bin: download it first)"
         for low, high in (("min_caption_chars", "max_caption_chars"), ("min_caption_words", "max_caption_words")):
             lo, hi = getattr(self, low), getattr(self, high)
             if lo is not None and hi is not None and lo > hi:

@@ -19,7 +19,15 @@ from laionbuild.engine.spark import spark_session, spark_to_arrow
 from laionbuild.engine.sql import DUCKDB, SPARK, SqlDialect
 from laionbuild.metadata import blocklists
 from laionbuild.metadata.rules import count, metadata_rules, sql_string, where
-from laionbuild.metadata.sources import canonical_columns, duckdb_source, effective_source, part_ids, rows_sql, source_schema
+from laionbuild.metadata.sources import (
+    canonical_columns,
+    duckdb_source,
+    effective_source,
+    language_settings,
+    part_ids,
+    rows_sql,
+    source_schema,
+)
 from laionbuild.project.atomic import atomic_dir, read_json
 from laionbuild.project.funnel import Counts
 from laionbuild.project.layout import part_dir
@@ -90,7 +98,7 @@ def _run_spark(cfg, part, path, arrow, ids, pairs, counts, target: Path) -> None
     if cfg.prepare.languages:
         from laionbuild.engine.spark_udfs import language_udf
 
-        spark.udf.register("laionbuild_language", language_udf(cfg.prepare.min_language_score))
+        spark.udf.register("laionbuild_language", language_udf(*language_settings(cfg)))
     spark.sql(rows_sql(cfg, part, pairs, SPARK)).cache().createOrReplaceTempView("rows")
     active = metadata_rules(cfg, set(cfg.source.columns), SPARK)
     count(lambda sql: tuple(spark.sql(sql).collect()[0]), "rows", active, counts, rows_name="rows_in")
