@@ -31,13 +31,15 @@ def top_fraction_threshold(con, column: str, fraction: float) -> float | None:
     sample with a value is then kept; DataComp's would compare with NaN and keep none). None:
     no sample has a value."""
     value = f"CAST({quote(column)} AS DOUBLE)"
-    total, valid = con.execute(f"SELECT count(*), count(*) FILTER (WHERE {value} IS NOT NULL AND NOT isnan({value})) "
-                               "FROM tags").fetchone()
-    if not valid:
+    total = con.execute("SELECT count(*) FROM tags").fetchone()[0]
+    # the column's values, then a selection (numpy's introselect, linear) rather than a sort:
+    # 8 bytes a sample in memory (80 MB per 10M samples)
+    values = con.execute(f"SELECT v FROM (SELECT {value} AS v FROM tags) WHERE v IS NOT NULL AND NOT isnan(v)"
+                         ).fetchnumpy()["v"]
+    if not len(values):
         return None
-    index = min(int(total * fraction), valid - 1)
-    return con.execute(f"SELECT v FROM (SELECT {value} AS v FROM tags) WHERE v IS NOT NULL AND NOT isnan(v) "
-                       f"ORDER BY v DESC LIMIT 1 OFFSET {index}").fetchone()[0]
+    index = min(int(total * fraction), len(values) - 1)
+    return float(-np.partition(-np.asarray(values, np.float64), index)[index])
 
 
 def run(cfg) -> None:
