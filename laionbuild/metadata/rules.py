@@ -85,6 +85,8 @@ def metadata_rules(cfg, columns: set[str], dialect: SqlDialect = DUCKDB) -> list
 def tag_rules(select_cfg) -> list[tuple[str, str]]:
     """(name, SQL predicate over tag columns) for every active rule, in funnel order."""
     out = []
+    for entry in select_cfg.image_blocklists:  # select adds `_image_blocked_<name>` (the screen stage's keys)
+        out.append((f"image_blocklist_{entry.name}", f"NOT _image_blocked_{entry.name}"))
     if select_cfg.min_clip_similarity is not None:
         out.append(("min_clip_similarity", f"clip_similarity >= {float(select_cfg.min_clip_similarity)!r}"))
     if select_cfg.min_faces is not None:

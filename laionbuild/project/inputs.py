@@ -17,6 +17,8 @@ dependency:
     models.json          embed@N       local checkpoints (embed.pretrained, embed.extra_models.*.pretrained)
     heads.json           tag@N         tag.heads weights files (a missing file is recorded as missing)
     blocklists.json      prepare@N     prepare.blocklists hash lists (and card, which names them)
+    image_blocklists.json screen@N     select.image_blocklists hash lists (and card); not prepare's: a
+                                       new image list reruns nothing before the download's screen
     keywords.json        select        select.unsafe_keywords.keywords (and report, card)
 
 A local file's fingerprint is its size and md5, the md5 remembered by path, size and mtime
@@ -177,6 +179,7 @@ def expected(cfg) -> dict[str, dict]:
     groups["heads.json"] = [str(Path(head.path).expanduser()) for head in cfg.tag.heads.values()]
     # the safety lists (docs/safety.md): prepare.blocklists, select.unsafe_keywords.keywords
     groups["blocklists.json"] = [entry.path for entry in cfg.prepare.blocklists]
+    groups["image_blocklists.json"] = [entry.path for entry in cfg.select.image_blocklists]
     keywords = cfg.select.unsafe_keywords
     groups["keywords.json"] = [keywords.keywords] if keywords is not None else []
     found = listed | _fingerprints([u for urls in groups.values() for u in urls if u not in listed])
@@ -246,8 +249,9 @@ def consumers(name: str, parts: list[int]) -> list[str]:
     if name == "keywords.json":
         return ["select", "report", "card"]
     stage = {"ids.json": "prepare", "local_server.json": "download", "faces.json": "faces",
-             "models.json": "embed", "heads.json": "tag", "blocklists.json": "prepare"}[name]
-    return [f"{stage}@{p}" for p in parts] + (["card"] if name == "blocklists.json" else [])
+             "models.json": "embed", "heads.json": "tag", "blocklists.json": "prepare",
+             "image_blocklists.json": "screen"}[name]
+    return [f"{stage}@{p}" for p in parts] + (["card"] if name in ("blocklists.json", "image_blocklists.json") else [])
 
 
 def changes(old: dict | None, new: dict) -> list[str]:
