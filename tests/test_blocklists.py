@@ -154,8 +154,8 @@ def test_lists_refused_at_compose(tmp_path):
         "prepare.blocklists=[{name: a, path: /l/x.txt}, {name: a, path: /l/y.txt}]")
     assert "url_md5, url_sha256, sample_id, image_md5 or image_sha256" in refused(
         "prepare.blocklists=[{name: a, path: /l/x.txt, match: image_phash}]").replace("'", "")
-    assert "image-hash lists (matched after the download against download.compute_hash) are not implemented" in \
-        refused("prepare.blocklists=[{name: a, path: /l/x.txt, match: image_sha256}]")
+    assert "an image-hash list is matched after the download" in refused(  # (tests/test_image_blocklists.py)
+        "prepare.blocklists=[{name: a, path: /l/x.txt, match: image_sha256}]")
     message = refused("prepare.blocklists=[{name: a, path: /l/x.txt, match: sample_id}]", "~source.columns.sample_id")
     assert "`prepare.blocklists.0.match`" in message and "source.columns.sample_id" in message
 

@@ -26,6 +26,7 @@ STAGE_READS = {
     "prepare": ["source", "prepare"],
     "dedup": ["subset", "dedup"],
     "download": ["download"],
+    "screen": ["select.image_blocklists"],
     "faces": ["tag.faces"],
     "embed": ["embed", "source.image_embeddings_model"],
     "tag": ["tag.clip_similarity", "tag.clip_similarity_model", "tag.faces", "tag.heads", "tag.near_dup",

@@ -90,6 +90,8 @@ def tag_rules(select_cfg, thresholds: dict | None = None) -> list[tuple[str, str
     column has no value at all}, which select computes first; without them those rules are only
     named (the funnel's step order) and their predicates fail if run."""
     out = []
+    for entry in select_cfg.image_blocklists:  # select adds `_image_blocked_<name>` (the screen stage's keys)
+        out.append((f"image_blocklist_{entry.name}", f"NOT _image_blocked_{entry.name}"))
     if select_cfg.min_clip_similarity is not None:
         out.append(("min_clip_similarity", f"clip_similarity >= {float(select_cfg.min_clip_similarity)!r}"))
     if select_cfg.min_faces is not None:

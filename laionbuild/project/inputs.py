@@ -19,6 +19,8 @@ dependency:
     models.json          embed@N       local checkpoints (embed.pretrained, embed.extra_models.*.pretrained)
     heads.json           tag@N         tag.heads weights files (a missing file is recorded as missing)
     blocklists.json      prepare@N     prepare.blocklists hash lists (and card, which names them)
+    image_blocklists.json screen@N     select.image_blocklists hash lists (and card); not prepare's: a
+                                       new image list reruns nothing before the download's screen
     keywords.json        select        select.unsafe_keywords.keywords (and report, card)
     clusters.json        clusters      tag.clusters.centroids and tag.clusters.targets files
 
@@ -184,6 +186,7 @@ def expected(cfg) -> dict[str, dict]:
     groups["heads.json"] = [str(Path(head.path).expanduser()) for head in cfg.tag.heads.values()]
     # the safety lists (docs/safety.md): prepare.blocklists, select.unsafe_keywords.keywords
     groups["blocklists.json"] = [entry.path for entry in cfg.prepare.blocklists]
+    groups["image_blocklists.json"] = [entry.path for entry in cfg.select.image_blocklists]
     keywords = cfg.select.unsafe_keywords
     groups["keywords.json"] = [keywords.keywords] if keywords is not None else []
     clusters = cfg.tag.clusters
@@ -259,8 +262,9 @@ def consumers(name: str, parts: list[int]) -> list[str]:
         return ["clusters"]
     stage = {"ids.json": "prepare", "local_server.json": "download", "faces.json": "faces",
              "models.json": "embed", "heads.json": "tag", "blocklists.json": "prepare",
-             "word_list.json": "prepare", "language.json": "prepare"}[name]
-    return [f"{stage}@{p}" for p in parts] + (["card"] if name == "blocklists.json" else [])
+             "word_list.json": "prepare", "language.json": "prepare",
+             "image_blocklists.json": "screen"}[name]
+    return [f"{stage}@{p}" for p in parts] + (["card"] if name in ("blocklists.json", "image_blocklists.json") else [])
 
 
 def changes(old: dict | None, new: dict) -> list[str]:

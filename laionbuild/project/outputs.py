@@ -1,7 +1,8 @@
 """What stages read of one another's outputs, in one place, so no stage imports another: the
 selected keys of a part (select's output, read by assemble, export, card), the selected samples
-per licence (card and report), the funnel's steps in order (report, `build --progress`), and a
-part's keys with its image embeddings (embed's output, read by neardup and clusters).
+per licence (card and report), the funnel's steps in order (report, `build --progress`), the
+keys the screen stage matched (select and report), and a part's keys with its image embeddings
+(embed's output, read by neardup and clusters).
 """
 
 from __future__ import annotations
@@ -12,8 +13,30 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from laionbuild.metadata.rules import metadata_rules, tag_rules
+from laionbuild.metadata.rules import metadata_rules, sql_string, tag_rules
 from laionbuild.project.layout import KEY_COLUMN, SELECTED, embed_dir, part_dir
+
+SCREENED_FILE = "blocked.parquet"  # data/screened/part_N/: (key, list) of the samples an image list names
+
+
+def screened_files(cfg) -> list[str]:
+    return [str(part_dir("screen", p) / SCREENED_FILE) for p in cfg.subset.parts]
+
+
+def image_screened(con, cfg, relation: str) -> str:
+    """A relation of `relation`'s rows (keyed by `key`, in their order) plus one boolean
+    `_image_blocked_<name>` column per list of select.image_blocklists, from the screen stage's
+    matched keys. A join of the build's few matched keys, not of the lists."""
+    from laionbuild.metadata.blocklists import image_blocked_column
+
+    files = ", ".join(sql_string(f) for f in screened_files(cfg))
+    con.execute(f"CREATE TEMP TABLE _screened AS SELECT key, list FROM read_parquet([{files}])")
+    names = [image_blocked_column(e.name) for e in cfg.select.image_blocklists]
+    flags = ", ".join(f"bool_or(list = {sql_string(e.name)}) AS {n}" for e, n in zip(cfg.select.image_blocklists, names))
+    # a join: the rows' order is kept by their number (the build order every reader expects)
+    return (f"(SELECT t.* EXCLUDE (_screen_row), {', '.join(f'coalesce(b.{n}, false) AS {n}' for n in names)} "
+            f"FROM (SELECT *, row_number() OVER () AS _screen_row FROM {relation}) t "
+            f"LEFT JOIN (SELECT key, {flags} FROM _screened GROUP BY key) b ON t.key = b.key ORDER BY t._screen_row)")
 
 
 def selected_keys(selected: pq.ParquetFile, part: int) -> list[str]:

@@ -154,8 +154,11 @@ class NsfwPolicy:
     drop_missing: bool = False
 
 
-# image_md5 / image_sha256 (lists of image hashes, matched after the download) are refused: not implemented yet
+# image_md5 / image_sha256 are refused here, pointing at select.image_blocklists (matched after the download)
 BlocklistMatch = Literal["url_md5", "url_sha256", "sample_id", "image_md5", "image_sha256"]
+# the hash of the image's bytes as fetched, img2dataset's download.compute_hash column (image_sha1:
+# refused at compose, img2dataset 1.47 computes md5, sha256 and sha512 only)
+ImageBlocklistMatch = Literal["image_md5", "image_sha1", "image_sha256", "image_sha512"]
 ListName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 UNSET = ("", "???")  # a required path a recipe leaves to the user (`???`: Hydra's missing value)
 
@@ -170,18 +173,47 @@ class BlocklistEntry:
     path: str = ""
     # url_md5 / url_sha256: hex digest of the source row's exact URL string (UTF-8 bytes, not
     # normalised), any case; sample_id: the source's id column (source.columns.sample_id);
-    # image_md5 / image_sha256: refused, not implemented yet
+    # image_md5 / image_sha256: refused, they belong in select.image_blocklists
     match: BlocklistMatch = "url_md5"
     column: Optional[str] = None  # .csv/.parquet: the column holding the entries; None: the only column
 
     def problems(self) -> Iterator[Problem]:
         if self.match.startswith("image_"):
-            yield ("match", self.match, "image-hash lists (matched after the download against "
-                   "download.compute_hash) are not implemented yet: only url_md5, url_sha256 and sample_id lists "
-                   "are applied (docs/safety.md)")
+            yield ("match", self.match, "an image-hash list is matched after the download, against img2dataset's "
+                   "download.compute_hash: move it to select.image_blocklists (docs/safety.md)")
         if self.path in UNSET:
             yield ("path", self.path, f"the `{self.name}` hash list must be given: its local path or fsspec URL, e.g. "
                    f"prepare.blocklists.{{i}}.path=/lists/{self.name}.txt (docs/safety.md)")
+
+
+@dataclass
+class ImageBlocklistEntry:
+    """One hash list of select.image_blocklists, matched by the `screen` stage against the hashes
+    img2dataset computed of the downloaded images (laionbuild/metadata/blocklists.py, docs/safety.md)."""
+
+    name: ListName = "blocklist"  # the funnel step is `image_blocklist_<name>`
+    # a local path (relative to the project) or any fsspec URL: .txt (one entry a line), .csv
+    # (header row), .parquet; .txt/.csv may be gzip'd (.gz)
+    path: str = ""
+    # the hex digest of the image's bytes as fetched (before any resize), any case; needs
+    # download.compute_hash to be that algorithm (image_md5: md5, ...)
+    match: ImageBlocklistMatch = "image_md5"
+    column: Optional[str] = None  # .csv/.parquet: the column holding the entries; None: the only column
+
+    def problems(self) -> Iterator[Problem]:
+        if self.path in UNSET:
+            yield ("path", self.path, f"the `{self.name}` hash list must be given: its local path or fsspec URL, e.g. "
+                   f"select.image_blocklists.{{i}}.path=/lists/{self.name}.txt (docs/safety.md)")
+
+
+def list_problems(entries, key: str) -> Iterator[Problem]:
+    """Each entry's own problems and repeated names, keys `KEY.i.field`."""
+    names = [entry.name for entry in entries]
+    for i, entry in enumerate(entries):
+        for field_name, value, message in entry.problems():
+            yield f"{key}.{i}.{field_name}", value, message.replace("{i}", str(i))
+        if names.index(entry.name) != i:
+            yield f"{key}.{i}.name", entry.name, "is the name of an earlier list: give each list its own name"
 
 
 @dataclass
@@ -214,12 +246,7 @@ class PrepareConfig:
     caption_word_list: Optional[str] = None
 
     def problems(self) -> Iterator[Problem]:
-        names = [entry.name for entry in self.blocklists]
-        for i, entry in enumerate(self.blocklists):
-            for key, value, message in entry.problems():
-                yield f"blocklists.{i}.{key}", value, message.replace("{i}", str(i))
-            if names.index(entry.name) != i:
-                yield f"blocklists.{i}.name", entry.name, "is the name of an earlier list: give each list its own name"
+        yield from list_problems(self.blocklists, "blocklists")
         words = self.caption_word_list
         if words is not None and "://" not in words and not Path(words).expanduser().is_file():
             yield "caption_word_list", words, "is not a file (a word list: one word or phrase per line)"
@@ -489,8 +516,13 @@ class SelectConfig:
     # DataComp's get_threshold over every part (the value at index int(N * fraction) of the
     # column sorted high to low, nulls last), and every sample scoring >= it is kept (ties too).
     top_fraction: Dict[str, Fraction] = field(default_factory=dict)
+    # Hash lists of downloaded images (Re-LAION's image-hash removal): the `screen` stage matches
+    # them against img2dataset's download.compute_hash column; each is a funnel step
+    # `image_blocklist_<name>`, before the other rules. docs/safety.md
+    image_blocklists: List[ImageBlocklistEntry] = field(default_factory=list)
 
     def problems(self) -> Iterator[Problem]:
+        yield from list_problems(self.image_blocklists, "image_blocklists")
         if self.unsafe_keywords is not None:
             yield from _nested("unsafe_keywords", self.unsafe_keywords)
 

@@ -84,17 +84,20 @@ class ShardImages:
         self.close()
 
 
-def add_downloaded_parts(images: ShardImages, parts) -> None:
+def add_downloaded_parts(images: ShardImages, parts, exclude=None) -> None:
     """Register the successfully downloaded samples of img2dataset's shards of `parts`, by our
-    key, from the shards' parquet files (no tar is opened until an image is read)."""
+    key, from the shards' parquet files (no tar is opened until an image is read), less the
+    keys of `exclude` (a table with a `key` column: samples an image hash list matched)."""
     from laionbuild.project.layout import KEY_COLUMN
     from laionbuild.shards.storage import part_shards
 
+    left_out = set(exclude.column("key").to_pylist()) if exclude is not None else set()
     for part in parts:
         for shard in part_shards(part_dir("download", part)):
             rows = pq.read_table(shard.parquet, columns=["key", "status", KEY_COLUMN]).to_pydict()
             images.add_shard(shard.location, {ours: stem for stem, status, ours in
-                                          zip(rows["key"], rows["status"], rows[KEY_COLUMN]) if status == "success"})
+                                              zip(rows["key"], rows["status"], rows[KEY_COLUMN])
+                                              if status == "success" and ours not in left_out})
 
 
 def thumbnail(data: bytes, size: int, square: bool = False) -> Image.Image:

@@ -58,7 +58,7 @@ def run(cfg) -> None:
     for name in cfg.embed.extra_models:
         models[f"embed.extra_models.{name}"] = read_json(embed_dir(first, name) / "model.json")
     untrained = any(m.get("untrained") for m in models.values())
-    safety = _safety_lists(cfg)
+    safety = _safety_lists(cfg, funnel)
     git = _git()
     card = {
         "name": cfg.recipe.name,
@@ -81,15 +81,23 @@ def run(cfg) -> None:
     atomic_write_text(CARD_MD, markdown(card))
 
 
-def _safety_lists(cfg) -> list[dict]:
-    """prepare.blocklists and select.unsafe_keywords' keyword file, each with the fingerprint
-    the inputs check recorded (data/inputs/blocklists.json, keywords.json): size and md5 of a
-    local file, what the store says (ETag...) of a remote one."""
+def _safety_lists(cfg, funnel: dict | None = None) -> list[dict]:
+    """prepare.blocklists, select.image_blocklists and select.unsafe_keywords' keyword file, each
+    with the fingerprint the inputs check recorded (data/inputs/blocklists.json,
+    image_blocklists.json, keywords.json): size and md5 of a local file, what the store says
+    (ETag...) of a remote one; and, for a hash list, how many rows (samples) it matched, from
+    the funnel: a count, never what matched."""
     from laionbuild.project.inputs import recorded_inputs
 
+    funnel = funnel or {}
     lists = recorded_inputs("blocklists.json")
-    out = [{"name": e.name, "use": f"prepare.blocklists ({e.match})", "path": e.path, "content": lists.get(e.path)}
-           for e in cfg.prepare.blocklists]
+    matched = funnel.get("blocklist_matches", {})
+    out = [{"name": e.name, "use": f"prepare.blocklists ({e.match})", "path": e.path, "content": lists.get(e.path),
+            "matched": matched.get(e.name)} for e in cfg.prepare.blocklists]
+    images = recorded_inputs("image_blocklists.json")
+    matched = funnel.get("image_blocklist_matches", {})
+    out += [{"name": e.name, "use": f"select.image_blocklists ({e.match})", "path": e.path,
+             "content": images.get(e.path), "matched": matched.get(e.name)} for e in cfg.select.image_blocklists]
     if (rule := cfg.select.unsafe_keywords) is not None:
         recorded_keywords = recorded_inputs("keywords.json")
         out.append({"name": "keywords", "use": f"select.unsafe_keywords ({rule.score} > {rule.above})",
@@ -116,8 +124,10 @@ def markdown(card: dict) -> str:
     lines += ["", "## Licences of the selected samples", "", "| licence | samples |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in card["licences"].items()]
     if card["safety_lists"]:
-        lines += ["", "## Safety lists", "", "| list | used by | file | content |", "| --- | --- | --- | --- |"]
-        lines += [f"| {s['name']} | {s['use']} | {s['path']} | {_content(s['content'])} |" for s in card["safety_lists"]]
+        lines += ["", "## Safety lists", "", "| list | used by | file | content | matched |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {s['name']} | {s['use']} | {s['path']} | {_content(s['content'])} | "
+                  f"{'' if s.get('matched') is None else s['matched']} |" for s in card["safety_lists"]]
     lines += ["", "## Sources", "", "| part | file | bytes | md5 |", "| --- | --- | --- | --- |"]
     for s in card["sources"]:
         lines.append(f"| {s['part']} | {s['url']} | {s['size']} | `{s['md5']}` |")

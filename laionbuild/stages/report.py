@@ -43,12 +43,12 @@ from laionbuild.project.layout import (
     SELECTED,
     part_dir,
 )
-from laionbuild.project.outputs import licences, step_order
+from laionbuild.project.outputs import image_screened, licences, screened_files, step_order
 from laionbuild.shards.thumbs import ShardImages, add_downloaded_parts, data_uri, thumbnail
 from laionbuild.web.failures import classify
 
 log = logging.getLogger(__name__)
-PART_STEPS = ("prepare", "dedup", "download", "faces", "embed", "tag")
+PART_STEPS = ("prepare", "dedup", "download", "screen", "faces", "embed", "tag")
 EXAMPLES = 12           # samples per grid (kept, dropped)
 THUMBNAIL = 96          # px, the longer side
 SCAN_ROWS = 200_000     # metadata-filter examples come from the first rows of each part
@@ -66,17 +66,26 @@ def funnel(cfg) -> dict:
     totals: Counter = Counter()
     failures: Counter = Counter()
     parts = {}
+    # rows (samples) each hash list matched, per list: counts only, never what matched
+    matches: dict[str, Counter] = {"blocklist_matches": Counter(), "image_blocklist_matches": Counter()}
     for part in cfg.subset.parts:
         counts: dict = {}
         for stage in PART_STEPS:
             stats = load_stats(part_dir(stage, part))
             counts.update(stats["counts"])
             failures.update(stats.get("failures", {}))
+            for entry in stats.get("blocklists", []):
+                matches["blocklist_matches"][entry["name"]] += entry["matched_rows"]
+            for entry in stats.get("image_blocklists", []):
+                matches["image_blocklist_matches"][entry["name"]] += entry["matched_samples"]
         parts[str(part)] = counts
         totals.update(counts)
     selected = load_stats(SELECTED)
     result = dict(totals)
     result["download_failed_by_reason"] = dict(sorted(failures.items()))
+    result["blocklist_matches"] = {e.name: matches["blocklist_matches"][e.name] for e in cfg.prepare.blocklists}
+    result["image_blocklist_matches"] = {e.name: matches["image_blocklist_matches"][e.name]
+                                         for e in cfg.select.image_blocklists}
     for name, value in selected["counts"].items():
         if name != "tagged":
             result[name] = value
@@ -108,10 +117,13 @@ def run(cfg) -> None:
     licence_rows = [{"licence": k, "samples": v} for k, v in licences(cfg).items()]
     write_json(LICENCES, licence_rows)
 
+    # a sample an image list matched is never shown: its image is not registered, and no grid
+    # lists its row (nor, for dedup, a duplicate shown with its picture)
+    blocked = _image_blocked(cfg)
     with ShardImages() as images:
-        add_downloaded_parts(images, cfg.subset.parts)
-        filters = (_prepare_sections(cfg, result, images) + _dedup_sections(cfg, images)
-                   + _download_sections(cfg, result, images) + _select_sections(cfg, con, result, images))
+        add_downloaded_parts(images, cfg.subset.parts, exclude=blocked)
+        filters = (_prepare_sections(cfg, result, images, blocked) + _dedup_sections(cfg, images, blocked)
+                   + _download_sections(cfg, result, images, blocked) + _select_sections(cfg, con, result, images))
     page = html_report.render({
         "name": cfg.recipe.name, "description": cfg.recipe.description, "parts": list(cfg.subset.parts),
         "selected": result.get("selected", 0), "indexed": result["indexed"],
@@ -130,6 +142,8 @@ def _tags_view(con, cfg) -> list[str]:
     near-duplicate similarity when computed, and `_selected`. Returns its numeric columns."""
     files = [str(part_dir("tag", p) / "tags.parquet") for p in cfg.subset.parts]
     source = f"read_parquet([{', '.join(sql_string(f) for f in files)}], union_by_name=true)"
+    if cfg.select.image_blocklists:  # + `_image_blocked_<name>` (select's rules read them)
+        source = image_screened(con, cfg, source)
     con.execute(f"CREATE TEMP VIEW tag_rows AS SELECT *, row_number() OVER () AS _row FROM {source}")
     neardup = NEARDUP / "neardup.parquet"
     join = extra = ""
@@ -175,6 +189,20 @@ def _histogram(con, column: str) -> list[dict]:
 
 # -- examples -----------------------------------------------------------------------------------
 
+def _image_blocked(cfg) -> pa.Table:
+    """The keys of the samples an image list matched (the screen stage's), as a one-column table."""
+    if not cfg.select.image_blocklists:
+        return pa.table({"key": pa.array([], pa.string())})
+    files = screened_files(cfg)
+    return pa.concat_tables([pq.read_table(f, columns=["key"]) for f in files]).group_by("key").aggregate([])
+
+
+def _not_blocked(con, blocked: pa.Table, column: str = "key") -> str:
+    """A condition leaving out the rows whose `column` is an image-blocklisted key."""
+    con.register("image_blocked", blocked)
+    return f"{DUCKDB.quote(column)} NOT IN (SELECT key FROM image_blocked)"
+
+
 def _spread(con, relation: str, condition: str, columns: str, limit: int = EXAMPLES) -> list[dict]:
     """Up to `limit` rows of `relation` meeting `condition`, evenly spaced over them in `_row`
     order (so a grid shows the whole build, not its first rows)."""
@@ -201,7 +229,7 @@ def _note(row: dict, names: list[str]) -> str:
     return ", ".join(f"{n}={show(row[n])}" for n in names if n in row)
 
 
-def _prepare_sections(cfg, result: dict, images: ShardImages) -> list[dict]:
+def _prepare_sections(cfg, result: dict, images: ShardImages, blocked: pa.Table) -> list[dict]:
     """One section per metadata filter (prepare's rules, in funnel order), with examples from
     the first SCAN_ROWS rows of each part, evaluated by the same SQL prepare runs."""
 
@@ -223,7 +251,8 @@ def _prepare_sections(cfg, result: dict, images: ShardImages) -> list[dict]:
         names = [dst for _, dst in pairs] + (["language"] if cfg.prepare.languages else [])
         for i, (name, predicate) in enumerate(active):
             before, this = where(active[:i]), where(active[i:i + 1])
-            kept_condition = f"{before} AND {this}" + (" AND key IN (SELECT key FROM downloaded)" if has_images else "")
+            kept_condition = (f"{before} AND {this} AND {_not_blocked(con, blocked)}"
+                              + (" AND key IN (SELECT key FROM downloaded)" if has_images else ""))
             shown = ", ".join(DUCKDB.quote(c) for c in dict.fromkeys(["key", "url", "caption",
                                                                       *_used(predicate, names)]))
             got = examples[name]
@@ -253,7 +282,7 @@ def _evenly(rows: list, limit: int = EXAMPLES) -> list:
     return rows[::step][:limit]
 
 
-def _dedup_sections(cfg, images: ShardImages) -> list[dict]:
+def _dedup_sections(cfg, images: ShardImages, blocked: pa.Table) -> list[dict]:
     """Rows dedup dropped (never downloaded: shown with the image of the copy that was kept)
     and rows it kept."""
     keys = list(cfg.dedup.keys)
@@ -271,12 +300,12 @@ def _dedup_sections(cfg, images: ShardImages) -> list[dict]:
     con.execute(f"""CREATE TEMP VIEW dropped AS SELECT p.key, p.url, p.caption, p._row, d.key AS twin FROM prepared p
                     LEFT JOIN deduped d ON {on} WHERE p.key NOT IN (SELECT key FROM deduped)""")
     con.register("downloaded", pa.table({"key": images.keys()}))
-    dropped = _spread(con, "dropped", "true", "key, url, caption, twin")
+    dropped = _spread(con, "dropped", f"twin IS NULL OR {_not_blocked(con, blocked, 'twin')}", "key, url, caption, twin")
     for row in dropped:
         row["note"] = f"duplicate of {row['twin']}" + (" (picture: that copy's)" if row["twin"] in images else "")
         _with_image(row, images, row["twin"])
-    kept = [_with_image(e, images) for e in _spread(con, "deduped", "key IN (SELECT key FROM downloaded)",
-                                                     "key, url, caption")]
+    kept = [_with_image(e, images) for e in _spread(con, "deduped", "key IN (SELECT key FROM downloaded) AND "
+                                                     + _not_blocked(con, blocked), "key, url, caption")]
     n_prepared, n_deduped = (sum(pq.read_metadata(f).num_rows for f in files) for files in (prepared, deduped))
     return [{"name": "dedup", "title": f"dedup on {', '.join(keys)}",
              "description": "the first occurrence in part order wins; duplicates were never downloaded "
@@ -284,7 +313,7 @@ def _dedup_sections(cfg, images: ShardImages) -> list[dict]:
              "kept_count": n_deduped, "dropped_count": n_prepared - n_deduped, "kept": kept, "dropped": dropped}]
 
 
-def _download_sections(cfg, result: dict, images: ShardImages) -> list[dict]:
+def _download_sections(cfg, result: dict, images: ShardImages, blocked: pa.Table) -> list[dict]:
     """Rows whose download failed (with the reason) and rows downloaded."""
 
     # img2dataset's per-shard parquet files: always in the part's directory (also with download.shards_url)
@@ -302,7 +331,8 @@ def _download_sections(cfg, result: dict, images: ShardImages) -> list[dict]:
     for row in dropped:
         row["note"] = classify(row.pop("error_message"))
         row["image"] = None
-    kept = [_with_image(e, images) for e in _spread(con, "attempts", "status = 'success'", "key, url, caption")]
+    kept = [_with_image(e, images) for e in _spread(con, "attempts", f"status = 'success' AND {_not_blocked(con, blocked)}",
+                                                     "key, url, caption")]
     return [{"name": "download", "title": "download (img2dataset)",
              "description": "failures by reason; refusals by the URL policy are counted in the funnel only",
              "kept_count": result.get("downloaded_ok"), "dropped_count": result.get("download_failed"),
@@ -337,6 +367,15 @@ def _select_sections(cfg, con, result: dict, images: ShardImages) -> list[dict]:
     sections = []
     previous = "tagged"
     for i, (name, predicate) in enumerate(active):
+        if name.startswith("image_blocklist_"):  # counted, never shown
+            sections.append({"name": f"select.{name}", "title": f"image hash list: {name.removeprefix('image_blocklist_')}",
+                             "description": "downloaded samples whose image hash the list names (the screen stage); "
+                                            "no example is shown, and no grid of this report shows a matched sample",
+                             "kept_count": result.get(f"after_{name}"),
+                             "dropped_count": result.get(previous, 0) - result.get(f"after_{name}", 0),
+                             "kept": [], "dropped": []})
+            previous = f"after_{name}"
+            continue
         used = _used(predicate, columns)
         shown = ", ".join(DUCKDB.quote(c) for c in dict.fromkeys(["key", *used]))
         before, this = where(active[:i]), where(active[i:i + 1])

@@ -9,11 +9,13 @@ import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 
+from laionbuild.metadata.blocklists import image_blocked_column
 from laionbuild.metadata.rules import count, quote, sql_string, tag_rules, where
 from laionbuild.metadata.uids import uid_array
 from laionbuild.project.atomic import atomic_dir
 from laionbuild.project.funnel import Counts
 from laionbuild.project.layout import CLUSTERS, NEARDUP, SELECTED, part_dir
+from laionbuild.project.outputs import image_screened
 from laionbuild.recipe.errors import InputError
 
 
@@ -59,8 +61,11 @@ def run(cfg) -> None:
     needed = ["part", "key"] + [c for c in available if c not in ("part", "key")
                                 and (c == "uid" or any(c in predicate for _, predicate in named))]
     source = (f"read_parquet([{', '.join(sql_string(f) for f in files)}], union_by_name=true)")
-    columns = ", ".join(quote(c) for c in needed)
     con = duckdb.connect()
+    if cfg.select.image_blocklists:  # + `_image_blocked_<name>`: the keys the screen stage matched
+        source = image_screened(con, cfg, source)
+        needed += [image_blocked_column(e.name) for e in cfg.select.image_blocklists]
+    columns = ", ".join(quote(c) for c in needed)
     # one thread writes the ordered file with the least CPU (what a sweep point costs)
     con.execute(f"SET threads = {int(cfg.engine.write_threads)}")
     order = ""
