@@ -134,3 +134,36 @@ def test_the_rule_needs_its_clusters_and_targets(pool, tmp_path):
     with pytest.raises(RecipeError, match=r"tag\.clusters\.targets\.0.*is not a file"):
         compose(["recipe=datacomp_image_based", f"source.base_url={root}",
                  f"tag.clusters.targets=[{tmp_path / 'missing.pt'}]"], conf_dir=ROOT / "conf")
+
+
+def test_datacomp_1b_rule_takes_the_score_threshold_over_the_whole_pool(project, pool, tmp_path):
+    """datacomp_image_clip: image-based ∩ top 30% by L/14 score, the threshold DataComp's
+    get_threshold over every row of the pool (before the caption filter), not over the rows
+    that pass it: the two thresholds differ here, and the uids are DataComp's."""
+    root, rows = pool
+    targets, target_emb = write_targets(tmp_path, rows)
+    passed = caption_filter(rows)
+    features = np.stack(rows.l14_img[passed].tolist()).astype(np.float32)
+    centroids = datacomp_kmeans(features, K)
+    target_ids = np.unique((target_emb @ centroids.T).argmax(axis=1))
+    in_target = pd.Series(False, index=rows.index)
+    in_target[passed[passed].index] = np.isin((features @ centroids.T).argmax(axis=1), target_ids)
+    score = rows.clip_l14_similarity_score
+    pool_threshold = -np.sort(-score.values)[int(len(rows) * 0.3)]
+    assert pool_threshold != -np.sort(-score[passed].values)[int(passed.sum() * 0.3)]
+    keep = passed & in_target & (score >= pool_threshold)
+    assert 0 < keep.sum() < (passed & in_target).sum()
+    project.build_in_process("recipe=datacomp_image_clip", f"source.base_url={root}", "subset.parts=[0,1,2]",
+                             f"tag.clusters.num_clusters={K}", f"tag.clusters.targets=[{','.join(targets)}]",
+                             until="select")
+    assert np.load(project / "data/selected/uids.npy").tobytes() == datacomp_uids(rows.uid[keep]).tobytes()
+    stats = json.loads((project / "data/selected/stats.json").read_text())
+    assert stats["top_fraction_thresholds"] == {"clip_l14_similarity_score": float(pool_threshold)}
+    # a tag column by its canonical name: width is the pool's original_width (source=datacomp's mapping)
+    project.build_in_process("recipe=datacomp_image_clip", f"source.base_url={root}", "subset.parts=[0,1,2]",
+                             f"tag.clusters.num_clusters={K}", f"tag.clusters.targets=[{','.join(targets)}]",
+                             "~select.top_fraction.clip_l14_similarity_score", "+select.top_fraction.width=0.3",
+                             until="select")
+    stats = json.loads((project / "data/selected/stats.json").read_text())
+    width = rows.original_width.values
+    assert stats["top_fraction_thresholds"] == {"width": float(-np.sort(-width)[int(len(rows) * 0.3)])}

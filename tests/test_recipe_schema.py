@@ -205,7 +205,7 @@ def test_empty_or_broken_params_yaml_says_so(tmp_path):
 GIVEN = {recipe: ["prepare.blocklists.0.path=/lists/a.txt", "prepare.blocklists.1.path=/lists/b.txt",
                   "select.unsafe_keywords.keywords=/lists/k.txt"] for recipe in ("relaion_research", "relaion_research_safe")}
 # (compose checks that a target embeddings file exists: any file will do here)
-GIVEN["datacomp_image_based"] = [f"tag.clusters.targets=[{__file__}]"]
+GIVEN["datacomp_image_based"] = GIVEN["datacomp_image_clip"] = [f"tag.clusters.targets=[{__file__}]"]
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in (CONF / "recipe").glob("*.yaml")))

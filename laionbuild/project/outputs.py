@@ -1,8 +1,9 @@
 """What stages read of one another's outputs, in one place, so no stage imports another: the
 selected keys of a part (select's output, read by assemble, export, card), the selected samples
 per licence (card and report), the funnel's steps in order (report, `build --progress`), the
-keys the screen stage matched (select and report), and a part's keys with its image embeddings
-(embed's output, read by neardup and clusters).
+keys the screen stage matched (select and report), a part's keys with its image embeddings
+(embed's output, read by neardup and clusters), and one column of a fetched source part (select's
+top_fraction over the whole source).
 """
 
 from __future__ import annotations
@@ -89,3 +90,23 @@ def image_embeddings(part: int, model: str | None = None, normalise: bool = True
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
         emb = emb / np.where(norms == 0, 1, norms)
     return [str(k) for k in keys.to_pylist()], emb
+
+
+def source_column(cfg, part: int, column: str) -> np.ndarray:
+    """Every row's value of `column` (its canonical name: source.columns / column_aliases map it)
+    in fetched source part `part` (data/raw), as float64 with NaN for nulls: the pool as
+    published, before any filter. Reads that one column of a parquet part."""
+    from laionbuild.metadata.sources import canonical_columns, effective_source, source_schema
+    from laionbuild.project.atomic import read_json
+    from laionbuild.recipe.errors import InputError
+
+    raw = part_dir("fetch", part)
+    path = raw / read_json(raw / "fetch.json")["file"]
+    columns, aliases, fmt = effective_source(cfg)
+    schema, _, arrow = source_schema(path, fmt)
+    src = next((s for s, d in canonical_columns(schema, columns, path, aliases) if d == column), None)
+    if src is None:
+        raise InputError(f"select.top_fraction_of=source: {path} has no `{column}` column (it has {schema.names}): "
+                         "take the fraction of the tagged samples (top_fraction_of=tagged), or name a source column")
+    table = arrow.select([src]) if arrow is not None else pq.read_table(path, columns=[src])
+    return pc.cast(table.column(0), "float64").to_numpy(zero_copy_only=False)  # nulls: NaN

@@ -516,6 +516,11 @@ class SelectConfig:
     # DataComp's get_threshold over every part (the value at index int(N * fraction) of the
     # column sorted high to low, nulls last), and every sample scoring >= it is kept (ties too).
     top_fraction: Dict[str, Fraction] = field(default_factory=dict)
+    # Over what top_fraction's threshold is taken: `tagged`, the samples that reach select (after
+    # prepare's filters and dedup), or `source`, every row of the source parts as published
+    # (DataComp's get_threshold over the whole pool, as DataComp-1B's rule takes it; the column
+    # must then be a source column).
+    top_fraction_of: Literal["tagged", "source"] = "tagged"
     # Hash lists of downloaded images (Re-LAION's image-hash removal): the `screen` stage matches
     # them against img2dataset's download.compute_hash column; each is a funnel step
     # `image_blocklist_<name>`, before the other rules. docs/safety.md

@@ -15,7 +15,7 @@ from laionbuild.metadata.uids import uid_array
 from laionbuild.project.atomic import atomic_dir
 from laionbuild.project.funnel import Counts
 from laionbuild.project.layout import CLUSTERS, NEARDUP, SELECTED, part_dir
-from laionbuild.project.outputs import image_screened
+from laionbuild.project.outputs import image_screened, source_column
 from laionbuild.recipe.errors import InputError
 
 
@@ -34,14 +34,27 @@ def top_fraction_threshold(con, column: str, fraction: float) -> float | None:
     no sample has a value."""
     value = f"CAST({quote(column)} AS DOUBLE)"
     total = con.execute("SELECT count(*) FROM tags").fetchone()[0]
-    # the column's values, then a selection (numpy's introselect, linear) rather than a sort:
-    # 8 bytes a sample in memory (80 MB per 10M samples)
     values = con.execute(f"SELECT v FROM (SELECT {value} AS v FROM tags) WHERE v IS NOT NULL AND NOT isnan(v)"
                          ).fetchnumpy()["v"]
+    return threshold_of(np.asarray(values, np.float64), total, fraction)
+
+
+def source_top_fraction_threshold(cfg, column: str, fraction: float) -> float | None:
+    """The same over every row of the fetched source parts (select.top_fraction_of=source):
+    DataComp's get_threshold over the whole pool, before prepare's filters and dedup."""
+    values = [source_column(cfg, part, column) for part in cfg.subset.parts]
+    every = np.concatenate(values) if values else np.zeros(0)
+    return threshold_of(every[~np.isnan(every)], len(every), fraction)
+
+
+def threshold_of(values: np.ndarray, total: int, fraction: float) -> float | None:
+    """The value at index min(int(total * fraction), len(values) - 1) of `values` (the non-null
+    ones of `total`) sorted high to low, by a selection (numpy's introselect, linear), not a
+    sort: 8 bytes a value in memory (80 MB per 10M samples)."""
     if not len(values):
         return None
     index = min(int(total * fraction), len(values) - 1)
-    return float(-np.partition(-np.asarray(values, np.float64), index)[index])
+    return float(-np.partition(-values, index)[index])
 
 
 def run(cfg) -> None:
@@ -92,7 +105,10 @@ def run(cfg) -> None:
         apply(con, cfg, view, "tags", available)
         order = " ORDER BY _kw_row"
     # top_fraction's thresholds over every tagged row of the build
-    thresholds = {c: top_fraction_threshold(con, c, f) for c, f in sorted(cfg.select.top_fraction.items())}
+    if cfg.select.top_fraction_of == "source":
+        thresholds = {c: source_top_fraction_threshold(cfg, c, f) for c, f in sorted(cfg.select.top_fraction.items())}
+    else:
+        thresholds = {c: top_fraction_threshold(con, c, f) for c, f in sorted(cfg.select.top_fraction.items())}
     active = tag_rules(cfg.select, thresholds)
     counts = Counts()
     # rows in: the files' footers; after the last rule: the rows written. Only the rules before
