@@ -62,6 +62,21 @@ def test_sweep_is_one_experiment_per_point_sharing_expensive_stages(repo):
     assert bad.returncode != 0 and "select.min_clip_similarity" in bad.output  # validated before any run
 
 
+def test_a_top_fraction_sweep_is_one_build_plus_a_selection_per_point(repo):
+    """DataComp-style: five fractions of the build by a tag column, five experiments; the
+    expensive stages run at most once (not at all where an earlier point built them)."""
+    fractions = [0.1, 0.3, 0.5, 0.7, 0.9]
+    result = repo.laionbuild("build", "-m", *POINT, f"+select.top_fraction.width={','.join(map(str, fractions))}")
+    for stage in ("download@0", "embed@0", "tag@0", "clusters", "neardup"):
+        assert result.ran.count(stage) <= 1, stage
+    assert result.ran.count("select") == 5
+    exps = experiments(repo)
+    names = [f"width={f}" for f in fractions]
+    assert set(names) <= set(exps), sorted(exps)
+    selected = [exps[n]["metrics"]["selected"] for n in names]
+    assert selected == sorted(selected) and selected[0] < selected[-1]
+
+
 def test_dvc_queue_through_hydra_composition(repo):
     repo.dvc("exp", "run", "--queue", "-n", "queued", *[a for o in POINT for a in ("-S", o)],
              "-S", "select.min_clip_similarity=0.01")
