@@ -27,6 +27,7 @@ STAGE_READS = {
     "dedup": ["subset", "dedup"],
     "download": ["download"],
     "faces": ["tag.faces"],
+    "watermark": ["tag.watermark"],
     "embed": ["embed", "source.image_embeddings_model"],
     "tag": ["tag"],
     "neardup": ["subset", "tag.near_dup"],
@@ -43,6 +44,7 @@ CHANGED = {
     "source.fetch_retries": "2", "source.fetch_backoff_s": "0.5", "dedup.memory_limit": "2GB",
     "dedup.bucket_rows": "1000", "download.processes_count": "2", "download.thread_count": "4",
     "embed.batch_size": "8", "embed.num_prepro_workers": "1", "embed.device": "cpu", "tag.faces.processes": "1",
+    "tag.watermark.batch_size": "8", "tag.watermark.device": "cpu", "tag.watermark.decode_threads": "1",
     "index.nb_cores": "1",
 }
 

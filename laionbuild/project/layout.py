@@ -26,13 +26,14 @@ PART_DIRS = {
     "dedup": DEDUPED,
     "download": DATA / "images",
     "faces": DATA / "faces",
+    "watermark": DATA / "watermark",
     "embed": DATA / "embed",
     "tag": DATA / "tags",
 }
-PER_PART_STAGES = ("fetch", "prepare", "download", "faces", "embed", "tag")
+PER_PART_STAGES = ("fetch", "prepare", "download", "faces", "watermark", "embed", "tag")
 # `inputs` runs first on every build (always_changed): it only checks files, cheaply
 GLOBAL_STAGES = ("inputs", "consolidate", "dedup", "neardup", "select", "assemble", "export", "index", "report", "card")
-# pipeline order: inputs, consolidate, fetch, prepare, dedup, download, faces, embed, tag, neardup,
+# pipeline order: inputs, consolidate, fetch, prepare, dedup, download, faces, watermark, embed, tag, neardup,
 # select, assemble, export, index, report, card
 STAGES = GLOBAL_STAGES[:2] + PER_PART_STAGES[:2] + ("dedup",) + PER_PART_STAGES[2:] + GLOBAL_STAGES[3:]
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Iterator
 if TYPE_CHECKING:
     from laionbuild.recipe.schema import Config, Problem
 
+WATERMARK_COLUMN = "watermark_score"  # the watermark stage's tag column (laionbuild/models/watermark.py)
 # prepare filters and the source column each reads
 PREPARE_NEEDS = {"min_similarity": "similarity", "min_width": "width", "min_height": "height",
                  "max_aspect_ratio": "width"}
@@ -49,6 +50,8 @@ def images(c: Config) -> Iterator[Problem]:
                "(with source.image_embeddings)")
     if not c.download.enabled and c.tag.faces.detector != "none":
         yield "download.enabled", False, "face tags need images: set tag.faces.detector=none"
+    if not c.download.enabled and c.tag.watermark.weights is not None:
+        yield "download.enabled", False, "the watermark tag needs images: set tag.watermark.weights=null"
     if c.embed.from_source and c.select.min_clip_similarity is not None:
         yield ("select.min_clip_similarity", c.select.min_clip_similarity, "needs text embeddings, which "
                "embed.from_source does not have (use prepare.min_similarity, the source's own similarity column)")
@@ -73,9 +76,26 @@ def tags(c: Config) -> Iterator[Problem]:
         yield "select.max_near_dup_similarity", c.select.max_near_dup_similarity, "needs tag.near_dup.enabled=true"
     for bound in ("min_scores", "max_scores"):
         for name in getattr(c.select, bound):
-            if name not in c.tag.heads:
+            if name == WATERMARK_COLUMN and name not in c.tag.heads:
+                yield from _watermark_weights(f"select.{bound}.{name}", getattr(c.select, bound)[name], c)
+            elif name not in c.tag.heads:
                 yield (f"select.{bound}.{name}", getattr(c.select, bound)[name],
-                       f"is not a score head of tag.heads ({sorted(c.tag.heads)})")
+                       f"is not a score head of tag.heads ({sorted(c.tag.heads)}) nor the watermark tag "
+                       f"({WATERMARK_COLUMN}, tag.watermark)")
+
+
+def _watermark_weights(key: str, value, c: Config) -> Iterator[Problem]:
+    """A rule on watermark_score needs the pixel model's checkpoint, given and there: without it the
+    tag is skipped and the rule would have nothing to read (docs/watermark.md)."""
+    from pathlib import Path
+
+    weights = c.tag.watermark.weights
+    if weights is None:
+        yield (key, value, "needs the watermark tag: give LAION's checkpoint with tag.watermark.weights=PATH "
+               "(watermark_model_v1.pt from LAION-AI/LAION-5B-WatermarkDetection; docs/watermark.md)")
+    elif not Path(weights).expanduser().is_file():
+        yield (key, value, f"needs the watermark tag, and its checkpoint tag.watermark.weights={weights} does not "
+               "exist: put watermark_model_v1.pt there or give its path (docs/watermark.md)")
 
 
 def languages(c: Config) -> Iterator[Problem]:

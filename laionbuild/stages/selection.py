@@ -27,8 +27,8 @@ def run(cfg) -> None:
     available = _tag_columns(cfg.subset.parts)
     for name in [*cfg.select.min_scores, *cfg.select.max_scores]:
         if name not in available:
-            raise InputError(f"select: no `{name}` tag column (its score head was skipped: missing weights? "
-                             f"see data/tags/part_N/stats.json)")
+            raise InputError(f"select: no `{name}` tag column (its score head or the watermark model was skipped: "
+                             f"missing weights? see data/tags/part_N/stats.json, data/watermark/part_N/stats.json)")
     # only the columns the rules use (not face boxes and the like), read by DuckDB straight from
     # the parts' files, in build order (a multi-file scan keeps file and row order)
     needed = ["part", "key"] + [c for c in available if c not in ("part", "key")
