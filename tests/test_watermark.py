@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import timm
@@ -149,6 +151,43 @@ def test_the_watermark_tag_scores_every_downloaded_sample_and_select_keeps_what_
     assert selected == [k for k, p in zip(keys, want) if p <= threshold] and len(selected) == 5
     counts = json.loads((project / "data/selected/stats.json").read_text())["counts"]
     assert counts["after_max_watermark_score"] == counts["selected"] == 5
+
+    # resumed per shard: a run that fails on the last shard keeps the shards it finished, and the
+    # next run scores only the rest (that shard's image zeroed in place, size and mtime kept, so
+    # the stage's work fingerprint stays the same; then restored the same way)
+    output = project / "data/watermark/part_0/watermark.parquet"
+    reference = pq.read_table(output)
+    last = sorted((project / "data/images/part_0").glob("*.tar"))[-1]
+    original, stat = last.read_bytes(), last.stat()
+    with tarfile.open(last) as tar:
+        jpg = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+    with open(last, "r+b") as f:
+        f.seek(jpg.offset_data)
+        f.write(bytes(jpg.size))
+    os.utime(last, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    output.unlink()
+    failed = project.laionbuild("stage", "watermark", "--part", "0", check=False)
+    assert failed.returncode == 2 and "cannot be decoded" in failed.output
+    assert f"data/images/part_0/{last.name}: sample" in failed.output
+    assert not output.exists()
+    [work] = (project / "data/.work/watermark").iterdir()
+    finished = sorted(work.iterdir())
+    assert [p.name for p in finished] == [f"{t.stem}.parquet" for t in
+                                          sorted((project / "data/images/part_0").glob("*.tar"))[:-1]]
+    # mark one finished shard's scores: a resumed run takes them as they are, a fresh one would rescore
+    first = pq.read_table(finished[0])
+    marked = first.set_column(1, "watermark_score", pa.array([-1.0] * first.num_rows, pa.float32()))
+    pq.write_table(marked, finished[0])
+    last.write_bytes(original)
+    os.utime(last, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    project.laionbuild("stage", "watermark", "--part", "0")
+    resumed = pq.read_table(output)
+    assert resumed.column("key").equals(reference.column("key"))
+    marked_keys = set(first.column("key").to_pylist())
+    for key, got, was in zip(resumed.column("key").to_pylist(), resumed.column("watermark_score").to_pylist(),
+                             reference.column("watermark_score").to_pylist()):
+        assert got == (-1.0 if key in marked_keys else was)
+    assert not work.exists()  # scratch removed once the part is in place
 
 
 def test_a_rule_on_the_watermark_score_without_the_checkpoint_is_refused_at_compose(project, tmp_path):
