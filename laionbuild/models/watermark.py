@@ -55,7 +55,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WATERMARK_CLASS = 0  # softmax column of p(watermark); 1 is p(clean)
 HEAD_DROPOUT = 0.3  # after the first hidden layer (inactive in eval: no effect on scores or keys)
-COLUMN = "watermark_score"
 
 
 def head_layers(in_features: int, hidden: Sequence[int]):

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterator
 
+from laionbuild.recipe.values import WATERMARK_COLUMN
+
 if TYPE_CHECKING:
     from laionbuild.recipe.schema import Config, Problem
 
-WATERMARK_COLUMN = "watermark_score"  # the watermark stage's tag column (laionbuild/models/watermark.py)
 # prepare filters and the source column each reads
 PREPARE_NEEDS = {"min_similarity": "similarity", "min_width": "width", "min_height": "height",
                  "max_aspect_ratio": "width"}

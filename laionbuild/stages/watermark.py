@@ -29,10 +29,10 @@ from laionbuild.project.funnel import Counts
 from laionbuild.project.inputs import recorded
 from laionbuild.project.layout import KEY_COLUMN, WORK, part_dir
 from laionbuild.recipe.errors import InputError
+from laionbuild.recipe.values import WATERMARK_COLUMN as COLUMN
 from laionbuild.shards.storage import Shard, is_url, part_shards
 
 log = logging.getLogger(__name__)
-COLUMN = "watermark_score"
 SCHEMA = pa.schema([("key", pa.string()), (COLUMN, pa.float32())])
 
 
