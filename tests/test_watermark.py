@@ -152,6 +152,17 @@ def test_the_watermark_tag_scores_every_downloaded_sample_and_select_keeps_what_
     counts = json.loads((project / "data/selected/stats.json").read_text())["counts"]
     assert counts["after_max_watermark_score"] == counts["selected"] == 5
 
+    # the checkpoint is a dependency: new weights in the same file rescore the part and rerun the
+    # tags and the rule, never the download, the face tags or the embeddings
+    torch.manual_seed(2)
+    retrained = laion_model("test_efficientnet", (16, 8), 256)
+    spread_scores(retrained, [Image.open(io.BytesIO(make_image(i))) for i in range(14)])
+    torch.save(retrained.state_dict(), weights)
+    rescored = project.build(*common, f"+select.max_scores={{watermark_score:{threshold!r}}}", "--stage", "select")
+    assert sorted(rescored.ran) == ["select", "tag@0", "watermark@0"]
+    now = pq.read_table(project / "data/watermark/part_0/watermark.parquet").column("watermark_score").to_numpy()
+    np.testing.assert_allclose(now, p_watermark(retrained, [images[k] for k in keys]), rtol=1e-5, atol=1e-6)
+
     # resumed per shard: a run that fails on the last shard keeps the shards it finished, and the
     # next run scores only the rest (that shard's image zeroed in place, size and mtime kept, so
     # the stage's work fingerprint stays the same; then restored the same way)
