@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 FILES = ["conf", "dvc.yaml", "demo", ".dvcignore", ".gitignore"]
-PER_PART = ["fetch", "prepare", None, "download", "faces", "embed", "tag"]  # None: dedup (global) goes here
+PER_PART = ["fetch", "prepare", None, "download", "faces", "watermark", "embed", "tag"]  # None: dedup (global) goes here
 GLOBAL_AFTER = ["neardup", "select", "assemble", "export", "index", "report"]
 ON_SPARK = {"prepare", "dedup", "download", "embed", "index"}
 

@@ -24,7 +24,7 @@ from laionbuild.recipe.schema import SPEED_KNOBS, without_speed_knobs
 from .conftest import FAST
 from .shared_demo import EXTRA, RECIPE, copy_of, shared_demo
 
-PER_PART = ("fetch", "prepare", "download", "screen", "faces", "embed", "tag")
+PER_PART = ("fetch", "prepare", "download", "screen", "faces", "watermark", "embed", "tag")
 GLOBAL = ["select", "assemble", "export", "index", "report", "card"]  # after the tags; `dedup` runs before download
 
 

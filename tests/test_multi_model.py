@@ -42,7 +42,7 @@ def built5b(tmp_path_factory):
                   "embed.extra_models.vit_l_14.pretrained=random", "embed.extra_models.vit_l_14.seed=1",
                   f"tag.heads.aesthetic_score.path={tmp / 'aesthetic.pth'}",
                   f"tag.heads.nsfw_score.path={tmp / 'absent_nsfw.pth'}",
-                  f"tag.heads.watermark_score.path={tmp / 'absent_watermark.npz'}",
+                  f"tag.watermark.weights={tmp / 'absent_watermark.pt'}",
                   "select.min_clip_similarity=-0.05", "index.index_key=Flat")
     project.head = head
     return project
@@ -64,6 +64,8 @@ def test_each_tag_uses_the_model_it_names(built5b):
     assert "nsfw_score" not in tags and "watermark_score" not in tags
     stats = json.loads((root / "data/tags/part_0/stats.json").read_text())
     assert any("absent_nsfw.pth" in w for w in stats["skipped_heads"])
+    watermark = json.loads((root / "data/watermark/part_0/stats.json").read_text())
+    assert any("absent_watermark.pt" in w for w in watermark["skipped"])
 
 
 def test_index_is_over_the_model_it_names_and_query_uses_it(built5b, tmp_path):

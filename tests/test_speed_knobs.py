@@ -28,9 +28,10 @@ STAGE_READS = {
     "download": ["download"],
     "screen": ["select.image_blocklists"],
     "faces": ["tag.faces"],
+    "watermark": ["tag.watermark"],
     "embed": ["embed", "source.image_embeddings_model"],
-    "tag": ["tag.clip_similarity", "tag.clip_similarity_model", "tag.faces", "tag.heads", "tag.near_dup",
-            "tag.source_columns"],  # tag.clusters is the clusters stage's
+    "tag": ["tag.clip_similarity", "tag.clip_similarity_model", "tag.faces", "tag.watermark", "tag.heads",
+            "tag.near_dup", "tag.source_columns"],  # tag.clusters is the clusters stage's
     "neardup": ["subset", "tag.near_dup"],
     "clusters": ["subset", "tag.clusters"],
     "select": ["subset", "select"],
@@ -46,6 +47,7 @@ CHANGED = {
     "source.fetch_retries": "2", "source.fetch_backoff_s": "0.5", "dedup.memory_limit": "2GB",
     "dedup.bucket_rows": "1000", "download.processes_count": "2", "download.thread_count": "4",
     "embed.batch_size": "8", "embed.num_prepro_workers": "1", "embed.device": "cpu", "tag.faces.processes": "1",
+    "tag.watermark.batch_size": "8", "tag.watermark.device": "cpu", "tag.watermark.decode_threads": "1",
     "index.nb_cores": "1",
 }
 

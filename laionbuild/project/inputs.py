@@ -16,6 +16,7 @@ dependency:
     local_server.json    download@N    every image file under download.local_server.root
     faces.json           faces@N       what tag.faces.detector resolves to (auto: retinaface or
                                        opencv_haar) and that detector's weights or cascade file
+    watermark.json       watermark@N   tag.watermark.weights (the pixel watermark model's checkpoint)
     models.json          embed@N       local checkpoints (embed.pretrained, embed.extra_models.*.pretrained)
     heads.json           tag@N         tag.heads weights files (a missing file is recorded as missing)
     blocklists.json      prepare@N     prepare.blocklists hash lists (and card, which names them)
@@ -180,6 +181,8 @@ def expected(cfg) -> dict[str, dict]:
     groups["language.json"] = [str(Path(language).expanduser())] if language else []
     groups["local_server.json"] = _local_server_files(cfg)
     extra["faces.json"], groups["faces.json"] = _faces(cfg)
+    weights = cfg.tag.watermark.weights
+    groups["watermark.json"] = [str(Path(weights).expanduser())] if weights else []
     models = [cfg.embed.pretrained] if not cfg.embed.from_source else []
     models += [spec.pretrained for spec in cfg.embed.extra_models.values()]
     groups["models.json"] = [str(p) for p in map(checkpoint_path, models) if p is not None]

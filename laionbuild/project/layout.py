@@ -27,15 +27,16 @@ PART_DIRS = {
     "download": DATA / "images",
     "screen": DATA / "screened",
     "faces": DATA / "faces",
+    "watermark": DATA / "watermark",
     "embed": DATA / "embed",
     "tag": DATA / "tags",
 }
-PER_PART_STAGES = ("fetch", "prepare", "download", "screen", "faces", "embed", "tag")
+PER_PART_STAGES = ("fetch", "prepare", "download", "screen", "faces", "watermark", "embed", "tag")
 # `inputs` runs first on every build (always_changed): it only checks files, cheaply
 GLOBAL_STAGES = ("inputs", "consolidate", "dedup", "neardup", "clusters", "select", "assemble", "export", "index", "report",
                  "card")
-# pipeline order: inputs, consolidate, fetch, prepare, dedup, download, screen, faces, embed, tag, neardup,
-# clusters, select, assemble, export, index, report, card
+# pipeline order: inputs, consolidate, fetch, prepare, dedup, download, screen, faces, watermark, embed,
+# tag, neardup, clusters, select, assemble, export, index, report, card
 STAGES = GLOBAL_STAGES[:2] + PER_PART_STAGES[:2] + ("dedup",) + PER_PART_STAGES[2:] + GLOBAL_STAGES[3:]
 
 # Stages whose outputs changed layout in a way their inputs and params do not show: dvc.yaml

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from laionbuild.recipe.values import WATERMARK_COLUMN
+
 if TYPE_CHECKING:
     from laionbuild.recipe.schema import Config, Problem
 
@@ -56,6 +58,8 @@ def images(c: Config) -> Iterator[Problem]:
                "name the one to take (DataComp: l14_img or b32_img)")
     if c.embed.from_source and emb.endswith(".npy") and array is not None:
         yield "embed.from_source_array", array, f"source.image_embeddings `{emb}` is one array (.npy): set it to null"
+    if not c.download.enabled and c.tag.watermark.weights is not None:
+        yield "download.enabled", False, "the watermark tag needs images: set tag.watermark.weights=null"
     if c.embed.from_source and c.select.min_clip_similarity is not None:
         yield ("select.min_clip_similarity", c.select.min_clip_similarity, "needs text embeddings, which "
                "embed.from_source does not have (use prepare.min_similarity, the source's own similarity column)")
@@ -93,16 +97,20 @@ def tags(c: Config) -> Iterator[Problem]:
             yield f"tag.clusters.{key}", path, "is not a file (an array of embeddings: .npy, .npz or .pt)"
     for bound in ("min_scores", "max_scores"):
         for name in getattr(c.select, bound):
-            if name not in c.tag.heads and name not in c.tag.source_columns:
+            if name == WATERMARK_COLUMN and name not in c.tag.heads:
+                yield from _watermark_weights(f"select.{bound}.{name}", getattr(c.select, bound)[name], c)
+            elif name not in c.tag.heads and name not in c.tag.source_columns:
                 yield (f"select.{bound}.{name}", getattr(c.select, bound)[name],
-                       f"is not a score head of tag.heads ({sorted(c.tag.heads)}) nor in tag.source_columns")
+                       f"is not a score head of tag.heads ({sorted(c.tag.heads)}), nor in tag.source_columns, nor the "
+                       f"watermark tag ({WATERMARK_COLUMN}, tag.watermark)")
 
 
 def tag_columns(c: Config) -> list[str]:
     """The columns of the tag table this recipe's tag stage writes (besides key and part)."""
     faces = ["face_count", "face_max_score"] if c.tag.faces.detector != "none" else []
     similarity = [] if c.embed.from_source else ["clip_similarity"]  # no text embeddings: always null
-    return [*similarity, "width", "height", *faces, *c.tag.heads, *c.tag.source_columns]
+    watermark = [WATERMARK_COLUMN] if c.tag.watermark.weights is not None and WATERMARK_COLUMN not in c.tag.heads else []
+    return [*similarity, "width", "height", *faces, *watermark, *c.tag.heads, *c.tag.source_columns]
 
 
 def top_fractions(c: Config) -> Iterator[Problem]:
@@ -111,6 +119,20 @@ def top_fractions(c: Config) -> Iterator[Problem]:
         if name not in known:
             yield (f"select.top_fraction.{name}", fraction, f"`{name}` is not a tag column of this recipe "
                    f"({', '.join(known)}); a score head (tag.heads) or tag.source_columns adds one")
+
+
+def _watermark_weights(key: str, value, c: Config) -> Iterator[Problem]:
+    """A rule on watermark_score needs the pixel model's checkpoint, given and there: without it the
+    tag is skipped and the rule would have nothing to read (docs/watermark.md)."""
+    from pathlib import Path
+
+    weights = c.tag.watermark.weights
+    if weights is None:
+        yield (key, value, "needs the watermark tag: give LAION's checkpoint with tag.watermark.weights=PATH "
+               "(watermark_model_v1.pt from LAION-AI/LAION-5B-WatermarkDetection; docs/watermark.md)")
+    elif not Path(weights).expanduser().is_file():
+        yield (key, value, f"needs the watermark tag, and its checkpoint tag.watermark.weights={weights} does not "
+               "exist: put watermark_model_v1.pt there or give its path (docs/watermark.md)")
 
 
 def languages(c: Config) -> Iterator[Problem]:

@@ -446,11 +446,36 @@ class ClustersConfig:
 
 
 @dataclass
+class WatermarkConfig:
+    """LAION-5B's pixel watermark model on the downloaded images -> tag column `watermark_score`
+    (the watermark stage; laionbuild/models/watermark.py, docs/watermark.md)."""
+
+    # the checkpoint, LAION-5B-WatermarkDetection's watermark_model_v1.pt (a torch state dict);
+    # None: no watermark tag. A missing file skips the tag with a warning (compose refuses a
+    # select rule on watermark_score without the file)
+    weights: Optional[str] = None
+    architecture: str = "efficientnet_b3a"  # the timm backbone (LAION's; timm 1.0 maps it to efficientnet_b3)
+    # hidden sizes of the classifier head that replaces timm's: Linear-ReLU-Dropout, Linear-ReLU, ..., Linear(-, 2)
+    head: List[PosInt] = field(default_factory=lambda: [625, 256])
+    image_size: PosInt = 256  # images are resized to image_size x image_size (no crop), as LAION did
+    batch_size: PosInt = 32  # images per forward pass
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"  # auto | cpu | cuda | cuda:N
+    decode_threads: PosInt = 2  # threads decoding and resizing the images of a batch
+
+    def problems(self) -> Iterator[Problem]:
+        if self.weights in UNSET:
+            yield ("weights", self.weights, "give the watermark checkpoint's path (LAION's watermark_model_v1.pt), "
+                   "or null for no watermark tag (docs/watermark.md)")
+
+
+@dataclass
 class TagConfig:
     # Which tags the tag stage computes. clip_similarity and the image sizes are always there.
     clip_similarity: bool = True
     clip_similarity_model: Optional[str] = None  # embed.extra_models entry; None: embed.model
     faces: FacesConfig = field(default_factory=FacesConfig)
+    # LAION-5B's watermark probability from the pixels (tag column watermark_score)
+    watermark: WatermarkConfig = field(default_factory=WatermarkConfig)
     # Score heads on the image embeddings: tag column name -> head (e.g. aesthetic_score, nsfw_score).
     heads: Dict[str, HeadConfig] = field(default_factory=dict)
     # Near-duplicate tag over all parts (the global neardup stage).
@@ -466,12 +491,16 @@ class TagConfig:
         for name, head in self.heads.items():
             yield from _nested(f"heads.{name}", head)
         taken = {"key", "part", "clip_similarity", "width", "height", "face_count", "face_max_score", "face_boxes",
-                 *self.heads}
+                 "watermark_score", *self.heads}
         for name in self.source_columns:
             if name in taken:
                 yield "source_columns", list(self.source_columns), f"`{name}` is a tag the tag stage computes"
         if len(set(self.source_columns)) != len(self.source_columns):
             yield "source_columns", list(self.source_columns), "names a column twice"
+        yield from _nested("watermark", self.watermark)
+        if self.watermark.weights is not None and "watermark_score" in self.heads:
+            yield ("heads.watermark_score", self.heads["watermark_score"].path, "names the column the pixel "
+                   "watermark model (tag.watermark.weights) writes: rename this head, or set tag.watermark.weights=null")
 
 
 @dataclass
@@ -614,6 +643,9 @@ SPEED_KNOBS = frozenset({
     "embed.num_prepro_workers",
     "embed.device",
     "tag.faces.processes",  # shards tagged in parallel, each on its own
+    "tag.watermark.batch_size",  # per image, the same scores in any batch (CPU and GPU may differ in the last bits)
+    "tag.watermark.device",
+    "tag.watermark.decode_threads",
     "index.nb_cores",
 })
 # `engine` as a whole is not a parameter either: both engines give the same rows (dvc.yaml).

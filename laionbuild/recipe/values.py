@@ -14,6 +14,8 @@ HeadKind = Literal["linear", "mlp", "improved_aesthetic"]
 ActivationName = Literal["relu", "none"]
 # img2dataset computes the image hash with getattr(hashlib, name)
 HashName = Literal["md5", "sha256", "sha512"]
+# the tag column of the watermark stage (models/watermark.py), which select rules may name
+WATERMARK_COLUMN = "watermark_score"
 CanonicalColumn = Literal["url", "caption", "sample_id", "width", "height", "license", "nsfw", "similarity"]
 
 FACE_DETECTORS = get_args(FaceDetectorName)

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from laionbuild.project.layout import KEY_COLUMN, SELECTED, TMP, part_dir
 from laionbuild.project.outputs import selected_keys
-from laionbuild.shards.storage import filesystem, is_url, part_shards
+from laionbuild.shards.storage import filesystem, is_url, open_binary, part_shards
 
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
 ROW_COLUMNS_SKIP = {"key", "part", "url", "caption"}  # the others of a part's rows are its tags
@@ -107,3 +107,22 @@ def selected_samples(parts: list[int], root: Path = Path(".")) -> Iterator[dict]
         keys = selected_keys(selected, part)
         if keys:
             yield from part_samples(part, part_rows(part, keys, root), root)
+
+
+def shard_images(location: str) -> list[tuple[str, bytes]]:
+    """(our key, image bytes) of every sample of one img2dataset shard (a local path or URL) that
+    has an image and its `.json`, sorted by member stem; the tar is read once, sequentially. For the
+    stages that tag the pixels of a part shard by shard."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with open_binary(location) as f, tarfile.open(fileobj=f) as tar:
+        for member in tar.getmembers():
+            if member.isfile():
+                stem, _, ext = member.name.partition(".")
+                samples.setdefault(stem, {})[ext] = tar.extractfile(member).read()
+    out = []
+    for stem in sorted(samples):
+        sample = samples[stem]
+        image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+        if image is not None and "json" in sample:
+            out.append((str(json.loads(sample["json"])[KEY_COLUMN]), image))
+    return out

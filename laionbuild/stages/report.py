@@ -48,7 +48,7 @@ from laionbuild.shards.thumbs import ShardImages, add_downloaded_parts, data_uri
 from laionbuild.web.failures import classify
 
 log = logging.getLogger(__name__)
-PART_STEPS = ("prepare", "dedup", "download", "screen", "faces", "embed", "tag")
+PART_STEPS = ("prepare", "dedup", "download", "screen", "faces", "watermark", "embed", "tag")
 EXAMPLES = 12           # samples per grid (kept, dropped)
 THUMBNAIL = 96          # px, the longer side
 SCAN_ROWS = 200_000     # metadata-filter examples come from the first rows of each part
@@ -56,6 +56,7 @@ BINS = 20
 HISTOGRAM_TITLES = {"clip_similarity": "CLIP similarity (image, caption)", "width": "original width (px)",
                     "height": "original height (px)", "aspect_ratio": "aspect ratio (width / height)",
                     "face_count": "faces per image", "face_max_score": "best face score",
+                    "watermark_score": "p(watermark), LAION-5B-WatermarkDetection",
                     "near_dup_similarity": "similarity to the nearest earlier sample"}
 NOT_HISTOGRAMS = {"part"}
 

@@ -63,8 +63,8 @@ def run(cfg) -> None:
     available = _tag_columns(cfg.subset.parts)
     for name in [*cfg.select.min_scores, *cfg.select.max_scores]:
         if name not in available:
-            raise InputError(f"select: no `{name}` tag column (its score head was skipped: missing weights? "
-                             f"see data/tags/part_N/stats.json)")
+            raise InputError(f"select: no `{name}` tag column (its score head or the watermark model was skipped: "
+                             f"missing weights? see data/tags/part_N/stats.json, data/watermark/part_N/stats.json)")
     for name in cfg.select.top_fraction:
         if name not in available:
             raise InputError(f"select.top_fraction: no `{name}` tag column in data/tags (it has {available}); "

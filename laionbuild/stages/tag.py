@@ -1,7 +1,8 @@
 """tag: per-sample tag table of one part (`data/tags/part_N/tags.parquet`): `clip_similarity`
 (cosine of the image and text embeddings), the image's original width/height and, with
 `tag.faces.detector`, the face tags of the faces stage (face_count, face_max_score,
-face_boxes). Tags are computed once per part; selection only queries them."""
+face_boxes) and, with `tag.watermark.weights`, the watermark stage's `watermark_score`.
+Tags are computed once per part; selection only queries them."""
 
 from __future__ import annotations
 
@@ -62,6 +63,25 @@ def _with_source_columns(cfg, part: int, tags: pa.Table) -> pa.Table:
     return tags
 
 
+def _joined(tags: pa.Table, part: int, stage: str, name: str, what: str) -> pa.Table:
+    """`tags` with the tag columns of a pixel stage's table (faces, watermark) of the part, by key;
+    a table of keys only (its tag off) adds nothing."""
+    table = pq.read_table(part_dir(stage, part) / name)
+    columns = [c for c in table.column_names if c != "key"]
+    if not columns:
+        return tags
+    by_key = {k: i for i, k in enumerate(table.column("key").to_pylist())}
+    keys = tags.column("key").to_pylist()
+    missing = [k for k in keys if k not in by_key]
+    if missing:
+        raise RuntimeError(f"{part_dir(stage, part)}: no {what} for {len(missing)} embedded samples "
+                           f"(e.g. {missing[0]}); rebuild {stage}@{part}")
+    rows = pa.array([by_key[k] for k in keys], pa.int64())
+    for column in columns:
+        tags = tags.append_column(column, table.column(column).take(rows))
+    return tags
+
+
 def run(cfg, part: int) -> None:
     metadata = pd.read_parquet(part_dir("embed", part) / "metadata" / "metadata_0.parquet")
     sim_dir = embed_dir(part, cfg.tag.clip_similarity_model)
@@ -78,16 +98,8 @@ def run(cfg, part: int) -> None:
         "height": pa.array(metadata.get("original_height", pd.Series(dtype="float")).tolist(), pa.int64()),
     })
     tags = _with_source_columns(cfg, part, tags)
-    faces = pq.read_table(part_dir("faces", part) / "faces.parquet")
-    if "face_count" in faces.column_names:
-        by_key = {row["key"]: row for row in faces.to_pylist()}
-        missing = [k for k in tags.column("key").to_pylist() if k not in by_key]
-        if missing:
-            raise RuntimeError(f"{part_dir('faces', part)}: no face tags for {len(missing)} embedded samples "
-                               f"(e.g. {missing[0]}); rebuild faces@{part}")
-        for name in ("face_count", "face_max_score", "face_boxes"):
-            column = [by_key[k][name] for k in tags.column("key").to_pylist()]
-            tags = tags.append_column(name, pa.array(column, faces.schema.field(name).type))
+    tags = _joined(tags, part, "faces", "faces.parquet", "face tags")
+    tags = _joined(tags, part, "watermark", "watermark.parquet", "watermark scores")
     skipped = []
     if cfg.tag.heads:
         from laionbuild.models.heads import load_heads
