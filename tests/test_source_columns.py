@@ -1,6 +1,6 @@
 """tag.source_columns: a source's own scores carried into the tag table as they are, for the
-select rules to use without recomputing them; a `uid` column is always carried, and select then
-writes the selected uids in DataComp's format (data/selected/uids.npy: sorted `u8,u8`)."""
+select rules to use without recomputing them; a `uid` column listed there makes select write the
+selected uids in DataComp's format (data/selected/uids.npy: sorted `u8,u8`)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_source_scores_are_tags_for_the_rules_and_the_selected_uids_are_written(
     uids = {p: with_uids(root, p, rng) for p in parts}
     project.build_in_process("recipe=laion2b_en_emb", "subset.parts=[0,1]", f"source.base_url={root}",
                              "prepare.nsfw.drop=[]", "prepare.nsfw.drop_missing=false",
-                             "tag.source_columns=[similarity,source_key]", "+select.min_scores={similarity:0.3}",
+                             "tag.source_columns=[similarity,source_key,uid]", "+select.min_scores={similarity:0.3}",
                              "+select.top_fraction={similarity:0.6}", until="select")
     similarity = np.concatenate([np.array(parts[p][0]["similarity"]) for p in (0, 1)])
     every_uid = np.array(uids[0] + uids[1])

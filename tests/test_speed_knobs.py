@@ -34,7 +34,8 @@ STAGE_READS = {
             "tag.near_dup", "tag.source_columns"],  # tag.clusters is the clusters stage's
     "neardup": ["subset", "tag.near_dup"],
     "clusters": ["subset", "tag.clusters"],
-    "select": ["subset", "select"],
+    "select": ["subset", "select", "source.columns", "source.column_aliases", "source.format",
+               "source.consolidate_parts"],  # top_fraction_of=source reads the source parts
     "assemble": ["subset", "assemble"],
     "export": ["subset", "export"],
     "index": ["index"],

@@ -263,7 +263,7 @@ def consumers(name: str, parts: list[int]) -> list[str]:
         return ["select", "report", "card"]
     if name == "clusters.json":
         return ["clusters"]
-    stage = {"ids.json": "prepare", "local_server.json": "download", "faces.json": "faces",
+    stage = {"ids.json": "prepare", "local_server.json": "download", "faces.json": "faces", "watermark.json": "watermark",
              "models.json": "embed", "heads.json": "tag", "blocklists.json": "prepare",
              "word_list.json": "prepare", "language.json": "prepare",
              "image_blocklists.json": "screen"}[name]

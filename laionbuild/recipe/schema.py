@@ -484,7 +484,8 @@ class TagConfig:
     clusters: ClustersConfig = field(default_factory=ClustersConfig)
     # Columns of the prepared metadata carried into the tag table as they are (a pool's own
     # scores, e.g. DataComp's clip_l14_similarity_score), for select rules (min_scores,
-    # max_scores, top_fraction) to use without recomputing them. A `uid` column is always carried.
+    # max_scores, top_fraction) to use without recomputing them. A `uid` listed here (32 hex digits, as
+    # DataComp's) makes select write data/selected/uids.npy.
     source_columns: List[str] = field(default_factory=list)
 
     def problems(self) -> Iterator[Problem]:

@@ -40,15 +40,15 @@ def image_embeddings(part: int, model: str | None, rows: int) -> np.ndarray:
 
 
 def _with_source_columns(cfg, part: int, tags: pa.Table) -> pa.Table:
-    """tag.source_columns (and `uid` where the metadata has one) from the part's deduplicated
-    metadata, aligned with the tags by key."""
+    """tag.source_columns from the part's deduplicated metadata, aligned with the tags by key
+    (a `uid` listed there makes select write data/selected/uids.npy)."""
     path = part_dir("dedup", part) / "metadata.parquet"
     names = pq.read_schema(path).names
     missing = [c for c in cfg.tag.source_columns if c not in names]
     if missing:
         raise InputError(f"{path}: no column {', '.join(f'`{c}`' for c in missing)} (tag.source_columns); "
                          f"the part's metadata has {names}")
-    carried = [*cfg.tag.source_columns, *(["uid"] if "uid" in names and "uid" not in cfg.tag.source_columns else [])]
+    carried = list(cfg.tag.source_columns)
     if not carried:
         return tags
     source = pq.read_table(path, columns=["key", *carried])
