@@ -144,3 +144,17 @@ def test_an_array_the_npz_lacks_is_named_with_the_ones_it_has(project, pool):
     assert result.returncode != 0
     assert (f"{SHARDS[0]}.npz: no array `h14_img` (embed.from_source_array); it has b32_img, b32_txt, l14_img, l14_txt"
             in result.output)
+
+
+def test_caption_words_are_counted_as_str_split_counts_them():
+    """DataComp's basic filter counts words with str.split(): tabs, newlines, NBSP and Unicode
+    separators split words, and leading/trailing ones add none."""
+    import duckdb
+
+    from laionbuild.engine.sql import DUCKDB
+
+    captions = ["dog cat\n", "\tdog cat", "dog\xa0cat x", "", "   ", "one", "a  b   c", "x\u3000y\u2028z", "a\x1cb",
+                None, "é ü", "line\r\nbreak"]
+    for caption in captions:
+        counted = duckdb.execute(f"SELECT {DUCKDB.words('c')} FROM (SELECT ?::VARCHAR AS c)", [caption]).fetchone()[0]
+        assert counted == (len(caption.split()) if caption is not None else 0), repr(caption)

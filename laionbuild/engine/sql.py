@@ -26,9 +26,12 @@ class SqlDialect:
         return "VARCHAR" if self.name == "duckdb" else "STRING"
 
     def words(self, column: str) -> str:
-        split = (f"len(regexp_split_to_array(trim({column}), '\\s+'))" if self.name == "duckdb"
-                 else f"size(split(trim({column}), '\\\\s+'))")
-        return f"CASE WHEN trim(coalesce({column}, '')) = '' THEN 0 ELSE {split} END"
+        """The number of words as Python's str.split() counts them (DataComp's caption filters):
+        runs of anything but whitespace, where whitespace is str.isspace's set (ASCII blanks,
+        \\x1c-\\x1f, \\x85 and Unicode's separators, NBSP among them)."""
+        if self.name == "duckdb":
+            return f"coalesce(len(regexp_extract_all({column}, '[^{_SPACE_RE2}]+')), 0)"
+        return f"coalesce(size(filter(split({column}, '[{_SPACE_JAVA}]+'), w -> w != '')), 0)"
 
     def collect_list(self, column: str) -> str:
         # both skip NULLs (Spark's collect_list always does; DuckDB's list() would keep them)
@@ -41,6 +44,11 @@ class SqlDialect:
             return '"' + name.replace('"', '""') + '"'
         return "`" + name.replace("`", "``") + "`"
 
+
+# str.isspace's characters, as a regular-expression class body: RE2 (DuckDB) and Java (Spark,
+# in a SQL string literal, whose backslashes are escapes)
+_SPACE_RE2 = r"\s\x0b\x1c-\x1f\x{85}\pZ"
+_SPACE_JAVA = r"\\s\\x0b\\x1c-\\x1f\\x85\\p{Z}"
 
 DUCKDB = SqlDialect("duckdb")
 SPARK = SqlDialect("spark")
