@@ -14,7 +14,8 @@ HeadKind = Literal["linear", "mlp", "improved_aesthetic"]
 ActivationName = Literal["relu", "none"]
 # img2dataset computes the image hash with getattr(hashlib, name)
 HashName = Literal["md5", "sha256", "sha512"]
-CanonicalColumn = Literal["url", "caption", "sample_id", "width", "height", "license", "nsfw", "similarity"]
+CanonicalColumn = Literal["url", "caption", "sample_id", "width", "height", "license", "nsfw", "similarity",
+                          "language"]
 
 FACE_DETECTORS = get_args(FaceDetectorName)
 HEAD_KINDS = get_args(HeadKind)
