@@ -117,8 +117,8 @@ def _direct(project) -> pd.DataFrame:
                          "own_tower": np.einsum("ij,ij->i", _normalised(img), _normalised(own))})
 
 
-def _select(project, *overrides: str) -> list[str]:
-    """Compose with other select rules and run select (and the report) again, in-process."""
+def _rerun(project, stages: list[tuple[str, int | None]], *overrides: str) -> None:
+    """Compose with more overrides and run `stages` (name, part) again, in-process."""
     from laionbuild.recipe.schema import load_params
     from laionbuild.stages import run_stage
 
@@ -128,13 +128,34 @@ def _select(project, *overrides: str) -> list[str]:
     os.environ.update(build_env())
     try:
         cfg = load_params("params.yaml")
-        run_stage("select", cfg, None)
-        run_stage("report", cfg, None)
+        for stage, part in stages:
+            run_stage(stage, cfg, part)
     finally:
         os.chdir(old)
         os.environ.clear()
         os.environ.update(saved)
+
+
+def _select(project, *overrides: str) -> list[str]:
+    """Compose with other select rules and run select (and the report) again."""
+    _rerun(project, [("select", None), ("report", None)], *overrides)
     return pq.read_table(project / "data/selected/selected.parquet").column("key").to_pylist()
+
+
+def write_mclip_model(path, bert_of: str, width: int = WIDTH, seed: int = 1) -> str:
+    """An M-CLIP model folder (multilingual_clip): the text model's BERT as its base (a local
+    folder, so it loads offline) and a random linear map to `width`."""
+    import torch
+    from multilingual_clip import Config_MCLIP, pt_multilingual_clip
+    from transformers import BertTokenizerFast
+
+    bert = Path(bert_of).parent / f"{Path(bert_of).name}-bert"
+    torch.manual_seed(seed)
+    model = pt_multilingual_clip.MultilingualCLIP(Config_MCLIP.MCLIPConfig(
+        modelBase=str(bert), transformerDimSize=24, imageDimSize=width))
+    model.save_pretrained(path)
+    BertTokenizerFast.from_pretrained(bert).save_pretrained(path)
+    return str(path)
 
 
 def test_laion2b_multi_builds_end_to_end_with_the_pair_recorded(multi):
@@ -241,3 +262,42 @@ def test_the_pair_is_refused_at_compose_when_it_cannot_work(tmp_path):
     assert "`select.min_clip_similarity_by_language`" in message and "source.columns.language" in message
     message = refused(f"embed.text_model={wide}", "prepare.languages=[de]")
     assert "`prepare.languages`" in message and "source.columns.language" in message
+
+
+def test_spark_embeds_the_captions_with_the_text_model_as_local_does(multi, shared_spark):
+    """clip-retrieval's pyspark distributor with use_mclip: each executor loads the folder."""
+    part = multi / "data/embed/part_1"
+    local = {kind: np.load(part / f"{kind}/{kind}_0.npy") for kind in ("img_emb", "text_emb")}
+    _rerun(multi, [("embed", 1)], "engine=spark", "engine.master=active")
+    assert json.loads((part / "model.json").read_text())["text_model"]["path"] == multi.text_model
+    for kind, expected in local.items():
+        np.testing.assert_allclose(np.load(part / f"{kind}/{kind}_0.npy"), expected, atol=1e-5)
+
+
+def test_an_mclip_text_model_embeds_the_captions_as_multilingual_clip_does(multi, tmp_path):
+    import torch
+    from multilingual_clip import pt_multilingual_clip
+    from transformers import AutoTokenizer
+
+    from laionbuild.models import text_encoders
+
+    folder = write_mclip_model(tmp_path / "mclip", multi.text_model)
+    assert (text_encoders.kind(folder), text_encoders.dim(folder)) == ("mclip", WIDTH)
+    base = ["recipe=laion2b_multi", "embed.model=laionbuild-tiny", "embed.pretrained=random", f"embed.text_model={folder}"]
+    assert compose(base, conf_dir=ROOT / "conf").embed.text_model == folder
+    with pytest.raises(LaionbuildError, match="M-CLIP model embeds on the local engine only"):
+        compose([*base, "engine=spark"], conf_dir=ROOT / "conf")
+    # embed part 0 again with it: the captions' embeddings are M-CLIP's own forward pass
+    _rerun(multi, [("inputs", None), ("embed", 0), ("tag", 0)], f"embed.text_model={folder}")
+    model = json.loads((multi / "data/embed/part_0/model.json").read_text())
+    assert model["text_model"]["kind"] == "mclip" and model["text_model"]["path"] == folder
+    captions = pd.read_parquet(multi / "data/embed/part_0/metadata/metadata_0.parquet")["caption"].tolist()
+    mclip = pt_multilingual_clip.MultilingualCLIP.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = mclip.forward(captions, AutoTokenizer.from_pretrained(folder)).numpy()
+    text = np.load(multi / "data/embed/part_0/text_emb/text_emb_0.npy")
+    np.testing.assert_allclose(text, _normalised(expected), atol=1e-5)
+    img = np.load(multi / "data/embed/part_0/img_emb/img_emb_0.npy")
+    tags = pd.read_parquet(multi / "data/tags/part_0/tags.parquet")
+    np.testing.assert_allclose(tags["clip_similarity"], np.einsum("ij,ij->i", _normalised(img), _normalised(expected)),
+                               atol=1e-5)

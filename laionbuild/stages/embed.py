@@ -252,7 +252,8 @@ def run(cfg, part: int) -> None:
     downloaded = read_json(part_dir("download", part) / "stats.json")["counts"]["downloaded_ok"]
     model = resolve(cfg.embed)
     extra = {name: resolve(spec) for name, spec in cfg.embed.extra_models.items()}  # bad names fail first
-    text_model = cfg.embed.text_model
+    # (absolute: Spark's executors do not run in this directory)
+    text_model = str(text_encoders.folder(cfg.embed.text_model).resolve()) if cfg.embed.text_model else None
     described = {**describe(model), **({"text_model": text_encoders.describe(text_model)} if text_model else {})}
     counts = Counts()
     with atomic_dir(part_dir("embed", part)) as out:
