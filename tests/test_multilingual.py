@@ -177,6 +177,22 @@ def test_laion2b_multi_builds_end_to_end_with_the_pair_recorded(multi):
     assert prepared.column("language").to_pylist() == [r["LANGUAGE"] for r in multi.data[0] if r["NSFW"] != "NSFW"]
 
 
+def test_a_text_query_is_embedded_by_the_text_model(multi):
+    import faiss
+    from sentence_transformers import SentenceTransformer
+
+    from .test_build import _json_tail
+
+    caption = "кошка на пляже"
+    query = _normalised(SentenceTransformer(multi.text_model, device="cpu").encode([caption])).astype(np.float32)
+    scores, rows = faiss.read_index(str(multi / "data/index/image.index")).search(query, 3)
+    meta = pd.concat([pd.read_parquet(p) for p in sorted((multi / "data/embeddings/metadata").glob("*.parquet"))],
+                     ignore_index=True)
+    found = _json_tail(multi.laionbuild("query", "--text", caption, "-k", "3", "--json").output)
+    assert [f["key"] for f in found] == meta["key"].iloc[rows[0]].tolist()
+    np.testing.assert_allclose([f["score"] for f in found], scores[0], atol=1e-4)
+
+
 def test_similarities_equal_a_direct_computation_with_the_two_models(multi):
     tags, direct = _tagged(multi), _direct(multi)
     assert tags["key"].tolist() == direct["key"].tolist()

@@ -129,3 +129,14 @@ def mclip_encoder(text_model: str) -> Callable[[list[str]], np.ndarray]:
             return model.LinearTransformation(embs).float().cpu().numpy()
 
     return encode
+
+
+def encoder(text_model: str, device: str | None = None) -> Callable[[list[str]], np.ndarray]:
+    """Either kind as `captions -> float32 embeddings` (not normalised), loaded as embed loads it
+    (a query embedded like the build's captions)."""
+    if kind(text_model) == "mclip":
+        return mclip_encoder(text_model)
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(folder(text_model).resolve()), device=device)
+    return lambda captions: model.encode(list(captions), show_progress_bar=False)
