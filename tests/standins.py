@@ -85,3 +85,40 @@ def write_crawl(directory: Path, rows_per_file: int = 40) -> list[tuple[str, str
             written.append((url, caption))
         (directory / f"crawl_{f:03d}.{ext}").write_text("\n".join(lines) + "\n")
     return written
+
+
+# LAION-2B-multi's metadata release: LAION-400M's columns plus LANGUAGE (as detected at crawl time)
+LAION2B_MULTI_NAME = "part-{part:05d}-fc82da14-99c9-4ff6-ab6a-ac853ac82819-c000.snappy.parquet"
+LAION2B_MULTI_SCHEMA = pa.schema([*LAION400M_SCHEMA, ("LANGUAGE", pa.string())])
+# captions in several scripts: Latin with diacritics, Cyrillic, Greek, Japanese (kana and kanji)
+MULTI_WORDS = {
+    "de": ["eine", "rote", "Katze", "am", "Strand", "Hund", "Foto", "schöne", "Straße", "über"],
+    "fr": ["un", "chat", "rouge", "sur", "la", "plage", "photo", "été", "chien", "très"],
+    "ru": ["кошка", "на", "пляже", "красная", "собака", "фото", "улица", "ёж"],
+    "el": ["γάτα", "στην", "παραλία", "κόκκινη", "σκύλος", "φωτογραφία"],
+    "ja": ["海", "の", "猫", "赤い", "写真", "犬", "です", "ビーチ"],
+}
+
+
+def write_laion2b_multi(directory: Path, image_url: str, parts: int = 2, rows: int = 30,
+                        seed: int = 0) -> dict[int, list[dict]]:
+    """LAION-2B-multi-style parts whose URLs are `image_url`/img/N.jpg (tests/imageserver.py),
+    captions in five languages and scripts with their LANGUAGE code, and LAION's NSFW tags."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    data = {}
+    for p in range(parts):
+        data[p] = []
+        for i in range(rows):
+            language = rng.choice(sorted(MULTI_WORDS))
+            words = MULTI_WORDS[language]
+            sep = "" if language == "ja" else " "
+            data[p].append({
+                "SAMPLE_ID": p * 1_000_000 + i, "URL": f"{image_url}/img/{p * rows + i}.jpg",
+                "TEXT": sep.join(rng.choice(words) for _ in range(rng.randint(2, 8))),
+                "HEIGHT": 40, "WIDTH": 48, "LICENSE": "?",
+                "NSFW": rng.choice(["UNLIKELY", "UNLIKELY", "UNLIKELY", "UNSURE", "NSFW", None]),
+                "similarity": round(rng.uniform(0.2, 0.4), 4), "LANGUAGE": language})
+        pq.write_table(pa.Table.from_pylist(data[p], schema=LAION2B_MULTI_SCHEMA),
+                       directory / LAION2B_MULTI_NAME.format(part=p))
+    return data

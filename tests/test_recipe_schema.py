@@ -208,8 +208,28 @@ GIVEN = {recipe: ["prepare.blocklists.0.path=/lists/a.txt", "prepare.blocklists.
 GIVEN["datacomp_image_based"] = GIVEN["datacomp_image_clip"] = [f"tag.clusters.targets=[{__file__}]"]
 
 
+# recipes that want a text encoder folder (embed.text_model, read at compose for its width: tests/test_multilingual.py)
+TEXT_MODEL = ("laion2b_multi", "laion1b_nolang")
+
+
+def _text_model_configs(path) -> str:
+    """The configuration files of a sentence-transformers model folder embedding in 512
+    dimensions (ViT-B-32's width), all compose reads of it."""
+    import json
+
+    modules = [{"idx": i, "name": str(i), "path": where, "type": f"sentence_transformers.models.{kind}"}
+               for i, (where, kind) in enumerate([("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Dense", "Dense")])]
+    (path / "1_Pooling").mkdir(parents=True)
+    (path / "2_Dense").mkdir()
+    (path / "modules.json").write_text(json.dumps(modules))
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 768,
+                                                                "pooling_mode_mean_tokens": True}))
+    (path / "2_Dense" / "config.json").write_text(json.dumps({"in_features": 768, "out_features": 512}))
+    return str(path)
+
+
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in (CONF / "recipe").glob("*.yaml")))
-def test_every_shipped_recipe_validates_and_hydra_alone_writes_every_key(recipe):
+def test_every_shipped_recipe_validates_and_hydra_alone_writes_every_key(recipe, tmp_path):
     """DVC's Hydra composition (`dvc exp run -S`) writes params.yaml without our code: it must
     hold every key, since a params.yaml missing one is refused."""
     from hydra import compose as hydra_compose
@@ -219,6 +239,8 @@ def test_every_shipped_recipe_validates_and_hydra_alone_writes_every_key(recipe)
     from laionbuild.recipe.schema import missing_keys
 
     overrides = [f"recipe={recipe}", *GIVEN.get(recipe, [])]
+    if recipe in TEXT_MODEL:
+        overrides.append(f"embed.text_model={_text_model_configs(tmp_path / 'mclip')}")
     cfg = compose(overrides, conf_dir=CONF)
     assert cfg.recipe.name == recipe
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

@@ -134,6 +134,11 @@ def render(report: dict) -> str:
     out += ["</div><h2>Licences of the selected samples</h2>",
             bar_chart([(row["licence"], row["samples"], "") for row in report["licences"]], "licences", "licences",
                       label_width=330)]
+    if report.get("languages"):
+        out += ["<h2>Kept share per language</h2><p class=\"muted\">The samples' <code>language</code> column: "
+                "selected of tagged samples, per language.</p>",
+                bar_chart([(row["language"], row["selected"], f"  / {row['tagged']} ({100 * row['share']:.1f}%)")
+                           for row in report["languages"]], "languages", "kept per language")]
     out.append("<h2>Filters</h2><p class=\"muted\">For every filter, samples it kept and samples it dropped. "
                "Metadata filters and dedup act before the download: what they drop was never downloaded, "
                "so it is listed, not shown.</p>")

@@ -1,7 +1,8 @@
 """`laionbuild query --text "..." | --image PATH [-k 10]`: the nearest selected samples of a
 build. The query is embedded with the model whose embeddings the index holds (`index.model`:
-an `embed.extra_models` entry, else `embed.model` + `embed.pretrained`,
-loaded as clip-retrieval loads it, so a query image gets the embedding the build gave it),
+an `embed.extra_models` entry, else `embed.model` + `embed.pretrained`, and a text query by
+`embed.text_model` where one is paired with it; loaded as clip-retrieval loads it, so a query
+image gets the embedding the build gave it),
 normalised, and searched in the build's index (`data/index/image.index`, inner product);
 rows map to `data/embeddings/metadata` (url, caption, key, tags). `laionbuild serve` uses the
 same `Encoder` and `BuildIndex`."""
@@ -33,10 +34,20 @@ class Encoder:
         self.device = device
         self.model, self.preprocess, self.tokenizer = load_clip_without_warmup(model_ref.clip_model, False, device,
                                                                                None)
+        # an index over embed.model's images paired with embed.text_model: a text query is
+        # embedded by that text encoder, as the build's captions were
+        self.text_model = None
+        if not cfg.index.model and cfg.embed.text_model:
+            from laionbuild.models.text_encoders import encoder
+
+            self.text_model = encoder(cfg.embed.text_model, device)
 
     def text(self, text: str) -> np.ndarray:
         import torch
 
+        if self.text_model is not None:
+            emb = np.asarray(self.text_model([text]), np.float32)
+            return emb / np.linalg.norm(emb, axis=1, keepdims=True)
         with torch.no_grad():
             return _normalised(self.model.encode_text(self.tokenizer([text]).to(self.device)))
 

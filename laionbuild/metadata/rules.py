@@ -92,7 +92,15 @@ def tag_rules(select_cfg, thresholds: dict | None = None) -> list[tuple[str, str
     out = []
     for entry in select_cfg.image_blocklists:  # select adds `_image_blocked_<name>` (the screen stage's keys)
         out.append((f"image_blocklist_{entry.name}", f"NOT _image_blocked_{entry.name}"))
-    if select_cfg.min_clip_similarity is not None:
+    if by_language := select_cfg.min_clip_similarity_by_language:
+        # one rule, a threshold per language (`language`: metadata/language.py joins it); the others
+        # (and samples without a language) have min_clip_similarity, or no CLIP rule if it is None
+        default = select_cfg.min_clip_similarity
+        cases = " ".join(f"WHEN {sql_string(code)} THEN clip_similarity >= {float(value)!r}"
+                         for code, value in sorted(by_language.items()))
+        otherwise = f"clip_similarity >= {float(default)!r}" if default is not None else "true"
+        out.append(("min_clip_similarity", f"CASE language {cases} ELSE {otherwise} END"))
+    elif select_cfg.min_clip_similarity is not None:
         out.append(("min_clip_similarity", f"clip_similarity >= {float(select_cfg.min_clip_similarity)!r}"))
     if select_cfg.min_faces is not None:
         out.append(("min_faces", f"face_count >= {int(select_cfg.min_faces)}"))

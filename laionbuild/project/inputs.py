@@ -18,6 +18,7 @@ dependency:
                                        opencv_haar) and that detector's weights or cascade file
     watermark.json       watermark@N   tag.watermark.weights (the pixel watermark model's checkpoint)
     models.json          embed@N       local checkpoints (embed.pretrained, embed.extra_models.*.pretrained)
+                                       and every file of the embed.text_model folder
     heads.json           tag@N         tag.heads weights files (a missing file is recorded as missing)
     blocklists.json      prepare@N     prepare.blocklists hash lists (and card, which names them)
     image_blocklists.json screen@N     select.image_blocklists hash lists (and card); not prepare's: a
@@ -186,6 +187,10 @@ def expected(cfg) -> dict[str, dict]:
     models = [cfg.embed.pretrained] if not cfg.embed.from_source else []
     models += [spec.pretrained for spec in cfg.embed.extra_models.values()]
     groups["models.json"] = [str(p) for p in map(checkpoint_path, models) if p is not None]
+    if cfg.embed.text_model and not cfg.embed.from_source:  # every file of the text encoder's folder
+        from laionbuild.models.text_encoders import files as text_model_files
+
+        groups["models.json"] += text_model_files(cfg.embed.text_model)
     groups["heads.json"] = [str(Path(head.path).expanduser()) for head in cfg.tag.heads.values()]
     # the safety lists (docs/safety.md): prepare.blocklists, select.unsafe_keywords.keywords
     groups["blocklists.json"] = [entry.path for entry in cfg.prepare.blocklists]

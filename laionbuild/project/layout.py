@@ -69,6 +69,7 @@ FUNNEL_STEPS = METRICS / "funnel_steps.json"
 INDEX_METRICS = METRICS / "index.json"
 HISTOGRAMS = METRICS / "hist"  # one {bin, samples, selected} file per tag (DVC plots)
 LICENCES = METRICS / "licences.json"
+LANGUAGES = METRICS / "languages.json"  # tagged and kept per language of the samples' `language` column
 REPORT = DATA / "report"  # index.html: the build's report, self-contained
 CARD_MD = DATA / "card.md"
 CARD_JSON = DATA / "card.json"

@@ -60,9 +60,27 @@ def images(c: Config) -> Iterator[Problem]:
         yield "embed.from_source_array", array, f"source.image_embeddings `{emb}` is one array (.npy): set it to null"
     if not c.download.enabled and c.tag.watermark.weights is not None:
         yield "download.enabled", False, "the watermark tag needs images: set tag.watermark.weights=null"
-    if c.embed.from_source and c.select.min_clip_similarity is not None:
-        yield ("select.min_clip_similarity", c.select.min_clip_similarity, "needs text embeddings, which "
-               "embed.from_source does not have (use prepare.min_similarity, the source's own similarity column)")
+    for key in ("min_clip_similarity", "min_clip_similarity_by_language"):
+        if c.embed.from_source and getattr(c.select, key):
+            yield (f"select.{key}", getattr(c.select, key), "needs text embeddings, which embed.from_source does "
+                   "not have (use prepare.min_similarity, the source's own similarity column)")
+    if c.embed.from_source and c.embed.text_model is not None:
+        yield "embed.text_model", c.embed.text_model, "embeds captions beside images, which embed.from_source builds lack"
+
+
+def text_model(c: Config) -> Iterator[Problem]:
+    """embed.text_model's kind against the engine: M-CLIP models run on the local engine only."""
+    if not c.embed.text_model or c.embed.text_model == "???" or c.engine.name != "spark":
+        return
+    from laionbuild.models import text_encoders
+
+    try:
+        found = text_encoders.kind(c.embed.text_model)
+    except text_encoders.TextModelError:
+        return  # (embed.text_model's own check says what is wrong)
+    if found == "mclip":
+        yield ("embed.text_model", c.embed.text_model, "an M-CLIP model embeds on the local engine only (clip-retrieval's "
+               "Spark path loads sentence-transformers models): use engine=local or a sentence-transformers model")
 
 
 def model_names(c: Config) -> Iterator[Problem]:
@@ -136,6 +154,14 @@ def _watermark_weights(key: str, value, c: Config) -> Iterator[Problem]:
 
 
 def languages(c: Config) -> Iterator[Problem]:
+    mapped = "language" in c.source.columns
+    if c.select.min_clip_similarity_by_language and not (mapped or c.prepare.languages):
+        yield ("select.min_clip_similarity_by_language", dict(c.select.min_clip_similarity_by_language),
+               "needs a `language` column: map the source's (source.columns.language, e.g. LANGUAGE) or detect it "
+               "(prepare.languages)")
+    if mapped and c.prepare.languages:
+        yield ("prepare.languages", list(c.prepare.languages), f"detects a `language` column, and the source maps its "
+               f"own (source.columns.language: {c.source.columns['language']}): drop one (e.g. ~source.columns.language)")
     if not c.prepare.languages:
         return
     from laionbuild.metadata.language import known_languages
@@ -175,7 +201,8 @@ def safety(c: Config) -> Iterator[Problem]:
     yield from problems(c)
 
 
-CHECKS = (sections, parts, columns, images, model_names, tags, top_fractions, languages, engines, storage, safety)
+CHECKS = (sections, parts, columns, images, text_model, model_names, tags, top_fractions, languages, engines, storage,
+          safety)
 
 
 def problems(c: Config) -> Iterator[Problem]:

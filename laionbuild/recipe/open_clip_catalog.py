@@ -27,18 +27,27 @@ def _package_dir() -> Optional[Path]:
 
 
 @lru_cache(maxsize=1)
-def architectures() -> List[str]:
+def _configs() -> Dict[str, dict]:
     folders = [OURS]
     package = _package_dir()
     if package is not None:
         folders.append(package / "model_configs")
-    names = []
+    configs: Dict[str, dict] = {}
     for folder in folders:
         for path in sorted(folder.glob("*.json")):
             config = json.loads(path.read_text())
             if all(key in config for key in ("embed_dim", "vision_cfg", "text_cfg")):
-                names.append(path.stem)
-    return names
+                configs.setdefault(path.stem, config)
+    return configs
+
+
+def architectures() -> List[str]:
+    return list(_configs())
+
+
+def embed_dim(model: str) -> Optional[int]:
+    """The width of an architecture's embeddings (its config's `embed_dim`), None if unknown."""
+    return _configs().get(model, {}).get("embed_dim")
 
 
 def _tags_of_call(node: ast.AST) -> Optional[Dict[str, bool]]:

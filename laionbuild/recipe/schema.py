@@ -382,10 +382,17 @@ class EmbedConfig:
     # tag.near_dup.model, index.model and export.model name the one they use (null: embed.model).
     extra_models: Dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], ModelSpec] = field(
         default_factory=dict)  # names are identifiers: they name folders and tag keys
+    # A text encoder that is not embed.model's own text tower, paired with its image tower: a local
+    # folder (loaded offline) of a sentence-transformers model (e.g. clip-ViT-B-32-multilingual-v1)
+    # or an M-CLIP model (e.g. M-CLIP/XLM-Roberta-Large-Vit-B-32) whose embeddings have embed.model's
+    # width. It embeds the captions (text_emb, hence clip_similarity). None: embed.model's text tower.
+    text_model: Optional[str] = None
 
     def problems(self) -> Iterator[Problem]:
         if not self.from_source:
             yield from _model_problems(self.model, self.pretrained)
+        if self.text_model is not None:
+            yield from _text_model_problems(self.model, self.text_model)
         for name, spec in self.extra_models.items():
             yield from _nested(f"extra_models.{name}", spec)
         if self.from_source and self.extra_models:
@@ -527,6 +534,10 @@ class UnsafeKeywords:
 class SelectConfig:
     # Keep samples whose CLIP image-text cosine is >= this (None: no CLIP rule).
     min_clip_similarity: Optional[Cosine] = None
+    # Per-language thresholds instead, by the samples' `language` column (source.columns.language,
+    # e.g. LAION-2B-multi's LANGUAGE, or prepare.languages' detection): language code -> minimum;
+    # other languages (and samples without one) get min_clip_similarity (None: no CLIP rule for them).
+    min_clip_similarity_by_language: Dict[str, Cosine] = field(default_factory=dict)
     # Face rules (need tag.faces.detector): at least this many faces / a face scoring at least this.
     min_faces: Optional[NonNegInt] = None
     min_face_score: Optional[Probability] = None
@@ -687,6 +698,26 @@ def _model_problems(model: str, pretrained: str) -> Iterator[Problem]:
         yield "model", model, problem
     elif problem := pretrained_problem(model, pretrained):
         yield "pretrained", pretrained, problem
+
+
+def _text_model_problems(model: str, text_model: str) -> Iterator[Problem]:
+    from laionbuild.models import text_encoders
+    from laionbuild.recipe.open_clip_catalog import embed_dim
+
+    if text_model in UNSET:
+        yield ("text_model", text_model, "the text encoder must be given: the local folder of a sentence-transformers "
+               "or M-CLIP model, e.g. embed.text_model=/models/clip-ViT-B-32-multilingual-v1 (docs/multilingual.md)")
+        return
+    try:
+        width = text_encoders.dim(text_model)
+    except (text_encoders.TextModelError, KeyError, TypeError, ValueError) as exc:
+        yield "text_model", text_model, str(exc)
+        return
+    image_width = embed_dim(model)
+    if image_width is not None and width != image_width:
+        yield ("text_model", text_model, f"embeds captions in {width} dimensions, and embed.model {model}'s image "
+               f"embeddings have {image_width}: the pair must share one embedding space (a text encoder "
+               f"distilled into {model}'s)")
 
 
 def to_config(raw: Dict[str, Any] | DictConfig, where: str = "recipe", origin: Optional[Origin] = None) -> Config:

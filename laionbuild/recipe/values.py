@@ -16,7 +16,8 @@ ActivationName = Literal["relu", "none"]
 HashName = Literal["md5", "sha256", "sha512"]
 # the tag column of the watermark stage (models/watermark.py), which select rules may name
 WATERMARK_COLUMN = "watermark_score"
-CanonicalColumn = Literal["url", "caption", "sample_id", "width", "height", "license", "nsfw", "similarity"]
+CanonicalColumn = Literal["url", "caption", "sample_id", "width", "height", "license", "nsfw", "similarity",
+                          "language"]
 
 FACE_DETECTORS = get_args(FaceDetectorName)
 HEAD_KINDS = get_args(HeadKind)

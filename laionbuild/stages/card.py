@@ -138,6 +138,9 @@ def markdown(card: dict) -> str:
     for name, m in card["models"].items():
         lines.append(f"- `{name}`: {m.get('architecture')} ({m.get('pretrained')})"
                      + (" — UNTRAINED" if m.get("untrained") else ""))
+        if text := m.get("text_model"):  # embed.text_model: the captions' encoder, paired with the image tower
+            lines.append(f"  - captions embedded by `embed.text_model`: {text['path']} ({text['kind']}, "
+                         f"{text['dim']} dimensions, files md5 `{text['files_md5']}`)")
     lines += ["", "## Tools", ""] + [f"- {t} {v}" for t, v in card["tools"].items() if v]
     lines += ["", "## Reproduce", "", "```bash"] + card["reproduce"] + ["```", "",
               "## Recipe (params.yaml)", "",

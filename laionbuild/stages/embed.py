@@ -1,7 +1,9 @@
 """embed: clip-retrieval inference over one part's shards -> image and text embeddings in
 clip-retrieval's layout (`data/embed/part_N/{img_emb,text_emb,metadata}/..._0.npy|parquet`),
 rows sorted by key (build order), plus
-`model.json` saying which weights made them (and whether they are untrained)."""
+`model.json` saying which weights made them (and whether they are untrained). With
+`embed.text_model`, that encoder embeds the captions (laionbuild/models/text_encoders.py) and
+model.json names it under `text_model`."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from laionbuild.models import text_encoders
 from laionbuild.models.clip import describe, resolve
 from laionbuild.project.atomic import atomic_dir, read_json, write_json
 from laionbuild.project.files import by_number
@@ -138,11 +141,14 @@ class _StatsLogger:
                  self.samples / seconds if seconds else 0.0)
 
 
-def _run_local(raw: Path, shards: list[Shard], batch_size: int, workers: int, clip_model: str) -> None:
+def _run_local(raw: Path, shards: list[Shard], batch_size: int, workers: int, clip_model: str,
+               text_model: str | None = None) -> None:
     """clip_inference's sequential path, built from clip-retrieval's own blocks (Runner,
     WebdatasetReader, ClipMapper, NumpyWriter) as its worker() does, but with the stats kept
     in-process and, on CPU, all_clip's warm-up (two forward passes of a full batch, there to
-    settle CUDA kernels) at batch size 1. Same outputs, same layout."""
+    settle CUDA kernels) at batch size 1. Same outputs, same layout. `text_model` (a folder,
+    embed.text_model): its encoder embeds the captions, through ClipMapper's `use_mclip` path
+    (a sentence-transformers model as clip-retrieval loads it, an M-CLIP model as its encoder)."""
     import torch
     from all_clip import load_clip
     from clip_retrieval.clip_inference.mapper import ClipMapper
@@ -161,9 +167,15 @@ def _run_local(raw: Path, shards: list[Shard], batch_size: int, workers: int, cl
         return WebdatasetReader(sampler, preprocess, tokenizer, inputs, batch_size, workers, enable_text=True,
                                 enable_image=True, enable_metadata=True)
 
+    text_kind = text_encoders.kind(text_model) if text_model else None
+
     def mapper():
-        return ClipMapper(enable_image=True, enable_text=True, enable_metadata=True, use_mclip=False,
-                          clip_model=clip_model, use_jit=False, mclip_model=None, warmup_batch_size=warmup)
+        mapped = ClipMapper(enable_image=True, enable_text=True, enable_metadata=True,
+                            use_mclip=text_kind == "sentence_transformers", clip_model=clip_model, use_jit=False,
+                            mclip_model=text_model, warmup_batch_size=warmup)
+        if text_kind == "mclip":  # the same path with M-CLIP's encoder: captions -> embeddings, normalised
+            mapped.use_mclip, mapped.model_txt = True, text_encoders.mclip_encoder(text_model)
+        return mapped
 
     def writer(i):
         return NumpyWriter(partition_id=i, output_folder=str(raw), enable_text=True, enable_image=True,
@@ -173,8 +185,9 @@ def _run_local(raw: Path, shards: list[Shard], batch_size: int, workers: int, cl
            logger_builder=lambda i: _StatsLogger(raw.name), output_partition_count=1)(0)
 
 
-def _embed(cfg, part: int, shards: list[Shard], downloaded: int, model) -> tuple:
-    """One model over the part's shards -> (img, text, metadata, dim), rows in key order."""
+def _embed(cfg, part: int, shards: list[Shard], downloaded: int, model, text_model: str | None = None) -> tuple:
+    """One model (and `text_model`'s captions, if given) over the part's shards -> (img, text,
+    metadata, dim), rows in key order."""
     if downloaded == 0:
         metadata = pd.DataFrame({c: pd.Series(dtype="object") for c in METADATA_COLUMNS})
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), metadata, None
@@ -199,9 +212,10 @@ def _embed(cfg, part: int, shards: list[Shard], downloaded: int, model) -> tuple
                            input_format="webdataset",
                            enable_text=True, enable_image=True, enable_metadata=True,
                            batch_size=cfg.embed.batch_size, num_prepro_workers=1, clip_model=model.clip_model,
-                           use_jit=False, output_partition_count=len(shards), distribution_strategy="pyspark")
+                           use_jit=False, output_partition_count=len(shards), distribution_strategy="pyspark",
+                           **({"use_mclip": True, "mclip_model": text_model} if text_model else {}))
         else:
-            _run_local(raw, shards, cfg.embed.batch_size, cfg.embed.num_prepro_workers, model.clip_model)
+            _run_local(raw, shards, cfg.embed.batch_size, cfg.embed.num_prepro_workers, model.clip_model, text_model)
 
         def parts(kind: str, ext: str) -> list:
             found = by_number(fs.glob(f"{root.rstrip('/')}/{kind}/{kind}_*.{ext}"))
@@ -227,6 +241,10 @@ def _embed(cfg, part: int, shards: list[Shard], downloaded: int, model) -> tuple
     img, text = img[order], text[order]
     metadata = metadata.iloc[order].reset_index(drop=True)
     metadata = metadata[[c for c in METADATA_COLUMNS if c in metadata.columns]]
+    if text.shape[1] != img.shape[1]:  # (compose checks the widths the model files declare)
+        raise RuntimeError(f"part {part}: embed.text_model {text_model} embedded captions in {text.shape[1]} dimensions, "
+                           f"embed.model {model.architecture}'s images in {img.shape[1]}: the pair must share one "
+                           "embedding space")
     return img, text, metadata, int(img.shape[1])
 
 
@@ -249,11 +267,14 @@ def run(cfg, part: int) -> None:
     downloaded = read_json(part_dir("download", part) / "stats.json")["counts"]["downloaded_ok"]
     model = resolve(cfg.embed)
     extra = {name: resolve(spec) for name, spec in cfg.embed.extra_models.items()}  # bad names fail first
+    # (absolute: Spark's executors do not run in this directory)
+    text_model = str(text_encoders.folder(cfg.embed.text_model).resolve()) if cfg.embed.text_model else None
+    described = {**describe(model), **({"text_model": text_encoders.describe(text_model)} if text_model else {})}
     counts = Counts()
     with atomic_dir(part_dir("embed", part)) as out:
-        img, text, metadata, dim = _embed(cfg, part, shards, downloaded, model)
+        img, text, metadata, dim = _embed(cfg, part, shards, downloaded, model, text_model)
         write_part(out, img, text, metadata)
-        write_json(out / "model.json", {**describe(model), "dim": dim})
+        write_json(out / "model.json", {**described, "dim": dim})
         for name, other in extra.items():
             # the same shards again with another model (LAION-5B: ViT-B/32 to filter, ViT-L/14 to tag and index)
             o_img, o_text, o_meta, o_dim = _embed(cfg, part, shards, downloaded, other)

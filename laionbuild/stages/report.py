@@ -6,7 +6,8 @@
 - `data/metrics/hist/<tag>.json` (DVC plots): histograms of the numeric tags (CLIP similarity,
   original width and height, aspect ratio, face counts and scores, score heads, near-duplicate
   similarity) over every tagged sample, with the selected ones counted per bin;
-  `licences.json`: the selected samples per licence.
+  `licences.json`: the selected samples per licence; `languages.json`: per language of the
+  samples' `language` column (when the metadata has one), the tagged samples and the share kept.
 - `data/report/index.html`: all of the above drawn (`laionbuild/explore/html_report.py`), and for every
   filter a grid of samples it kept and samples it dropped. Thumbnails come from the build's
   shards (`data/images`), never downloaded again. Metadata filters and dedup act before the
@@ -26,6 +27,7 @@ import pyarrow.parquet as pq
 from laionbuild.engine.sql import DUCKDB
 from laionbuild.explore import html_report
 from laionbuild.metadata.blocklists import blocked_column
+from laionbuild.metadata.language import has_language, join_language
 from laionbuild.metadata.rules import metadata_rules, sql_string, tag_rules, where
 from laionbuild.metadata.sources import canonical_columns, duckdb_source, effective_source, part_ids, rows_sql, source_schema
 from laionbuild.project.atomic import atomic_dir, atomic_write_text, read_json, write_json
@@ -37,6 +39,7 @@ from laionbuild.project.layout import (
     HISTOGRAMS,
     INDEX,
     KEY_COLUMN,
+    LANGUAGES,
     LICENCES,
     NEARDUP,
     REPORT,
@@ -117,6 +120,8 @@ def run(cfg) -> None:
             write_json(out / f"{hist['name']}.json", hist["bins"])
     licence_rows = [{"licence": k, "samples": v} for k, v in licences(cfg).items()]
     write_json(LICENCES, licence_rows)
+    language_rows = _languages(con, cfg)
+    write_json(LANGUAGES, language_rows)
 
     # a sample an image list matched is never shown: its image is not registered, and no grid
     # lists its row (nor, for dedup, a duplicate shown with its picture)
@@ -130,7 +135,7 @@ def run(cfg) -> None:
         "selected": result.get("selected", 0), "indexed": result["indexed"],
         "untrained": result["untrained_embeddings"], "funnel_steps": steps,
         "failures": result["download_failed_by_reason"], "histograms": histograms, "licences": licence_rows,
-        "filters": filters})
+        "languages": language_rows, "filters": filters})
     with atomic_dir(REPORT) as out:
         atomic_write_text(out / "index.html", page)
     log.info("report: %s (%d histograms, %d filter grids)", REPORT / "index.html", len(histograms), len(filters))
@@ -164,6 +169,19 @@ def _tags_view(con, cfg) -> list[str]:
     return [name for name, kind in described if not name.startswith("_") and name not in NOT_HISTOGRAMS
             and kind.split("(")[0] in ("DOUBLE", "FLOAT", "BIGINT", "INTEGER", "SMALLINT", "TINYINT", "HUGEINT",
                                        "UBIGINT", "UINTEGER", "DECIMAL")]
+
+
+def _languages(con, cfg) -> list[dict]:
+    """[{language, tagged, selected, share}]: per language of the samples' `language` column (the
+    source's or prepare.languages' detection; `null`: none), the tagged samples and the share
+    select kept, most tagged first. [] when the metadata has no language column."""
+    if not has_language(con, cfg):
+        return []
+    join_language(con, cfg, "tags", "tags_by_language")
+    rows = con.execute("""SELECT coalesce(language, 'null') AS l, count(*) AS n, count(*) FILTER (WHERE _selected)
+                          FROM tags_by_language GROUP BY l ORDER BY n DESC, l""").fetchall()
+    return [{"language": code, "tagged": n, "selected": kept, "share": round(kept / n, 6) if n else 0.0}
+            for code, n, kept in rows]
 
 
 def _histogram(con, column: str) -> list[dict]:
@@ -358,12 +376,15 @@ def _select_sections(cfg, con, result: dict, images: ShardImages) -> list[dict]:
     # top_fraction's thresholds as select computed them over the whole build
     active = tag_rules(cfg.select, load_stats(SELECTED).get("top_fraction_thresholds") or {})
     relation = "tags"
+    if cfg.select.min_clip_similarity_by_language:  # + the samples' language (metadata/language.py)
+        join_language(con, cfg, relation, "language_tags")
+        relation = "language_tags"
     if cfg.select.unsafe_keywords is not None:  # + the captions' keyword matches (metadata/keywords.py)
         from laionbuild.metadata.keywords import apply
 
-        columns = [name for name, in con.execute("SELECT column_name FROM (DESCRIBE tags)").fetchall()]
+        columns = [name for name, in con.execute(f"SELECT column_name FROM (DESCRIBE {relation})").fetchall()]
+        apply(con, cfg, relation, "keyword_tags", columns)
         relation = "keyword_tags"
-        apply(con, cfg, "tags", relation, columns)
     columns = [name for name, in con.execute(f"SELECT column_name FROM (DESCRIBE {relation})").fetchall()]
     sections = []
     previous = "tagged"

@@ -83,7 +83,8 @@ def run(cfg) -> None:
     con.execute(f"SET threads = {int(cfg.engine.write_threads)}")
     order = ""
     keywords = cfg.select.unsafe_keywords is not None
-    view = "tagged" if keywords else "tags"
+    by_language = bool(cfg.select.min_clip_similarity_by_language)
+    view = "tagged" if keywords or by_language else "tags"
     # the global stages' per-sample tags, joined by key (a join: keep build order explicitly)
     joins = []
     if cfg.select.max_near_dup_similarity is not None:
@@ -99,6 +100,12 @@ def run(cfg) -> None:
         order = " ORDER BY _row"
     else:
         con.execute(f"CREATE TEMP VIEW {view} AS SELECT {columns} FROM {source}")
+    if by_language:  # the samples' language, joined by key (metadata/language.py): keep build order
+        from laionbuild.metadata.language import ORDER_COLUMN, join_language
+
+        join_language(con, cfg, view, "tagged_language" if keywords else "tags")
+        view = "tagged_language"
+        order = f" ORDER BY {ORDER_COLUMN}"
     if keywords:  # the captions' keyword matches, joined by key (metadata/keywords.py): keep build order
         from laionbuild.metadata.keywords import apply
 
