@@ -227,7 +227,8 @@ def test_params_yaml_is_what_dvc_tracks(built):
     params = yaml.safe_load((built / "params.yaml").read_text())
     assert params["subset"]["parts"] == [0, 1]
     lock = yaml.safe_load((built / "dvc.lock").read_text())["stages"]
-    assert set(lock["select"]["params"]["params.yaml"]) == {"subset", "select"}
+    assert set(lock["select"]["params"]["params.yaml"]) == {"subset", "select", "source.columns", "source.column_aliases",
+                                                           "source.format", "source.consolidate_parts"}
     # download: every key of its section but the speed knobs (recipe.schema.SPEED_KNOBS), with
     # the values params.yaml holds
     tracked = lock["download@0"]["params"]["params.yaml"]
