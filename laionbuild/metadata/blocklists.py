@@ -181,6 +181,27 @@ def _check_sample(con: duckdb.DuckDBPyConnection, entries: str, entry, path: Pat
                          f"match={entry.match} needs ({len(bad)} of the first {len(sample)} entries); check `match`")
 
 
+def _limit_memory(con: duckdb.DuckDBPyConnection, cfg, spill_name: str) -> None:
+    """engine.join_memory_limit for the joins of `con`, spilling to data/.tmp/SPILL_NAME."""
+    spill = TMP / spill_name
+    spill.mkdir(parents=True, exist_ok=True)
+    con.execute(f"SET memory_limit = {sql_string(cfg.engine.join_memory_limit)}")
+    con.execute(f"SET temp_directory = {sql_string(spill)}")
+
+
+def _streamed_join(con: duckdb.DuckDBPyConnection, sql: str, path, where: str) -> None:
+    """Run `sql`, an inner join whose build side (the right one) is the part and whose probe
+    side is a list streamed from its file, with the plan kept as written: DuckDB's optimizer
+    would build on the list (it cannot estimate a CSV's rows), holding 20M hashes in memory
+    instead of the part's 2M (docs/benchmarks.md). A list it cannot read is an error naming it."""
+    try:
+        con.execute("SET disabled_optimizers = 'join_order,build_side_probe_side'")
+        con.execute(sql)
+        con.execute("RESET disabled_optimizers")
+    except duckdb.Error as exc:
+        raise InputError(f"{path}: {where}: cannot read it: {str(exc).splitlines()[0]}") from None
+
+
 def apply(con: duckdb.DuckDBPyConnection, cfg, relation: str, out_view: str, part: int) -> list[dict]:
     """Create view `out_view`: `relation`'s rows plus one boolean `_blocked_<name>` column per
     list of prepare.blocklists (the rule `blocklist_<name>` drops its true rows). Returns, per
@@ -189,10 +210,7 @@ def apply(con: duckdb.DuckDBPyConnection, cfg, relation: str, out_view: str, par
     if not lists:
         con.execute(f"CREATE TEMP VIEW {out_view} AS SELECT * FROM {relation}")
         return []
-    spill = TMP / f"duckdb_blocklists_{part}"
-    spill.mkdir(parents=True, exist_ok=True)
-    con.execute(f"SET memory_limit = {sql_string(cfg.engine.join_memory_limit)}")
-    con.execute(f"SET temp_directory = {sql_string(spill)}")
+    _limit_memory(con, cfg, f"duckdb_blocklists_{part}")
     columns, found = [], []
     for i, entry in enumerate(lists):
         where = f"prepare.blocklists.{i} (`{entry.name}`, match={entry.match})"
@@ -201,18 +219,11 @@ def apply(con: duckdb.DuckDBPyConnection, cfg, relation: str, out_view: str, par
         _check_sample(con, entries, entry, path, where)
         table = f"_matched_{i}"
         side = PART_SIDE[entry.match]
-        try:
-            # an inner join whose build side (the right one) is the part and whose probe side is
-            # the list streamed from its file. DuckDB's optimizer would build on the list (it
-            # cannot estimate a CSV's rows): 20M hashes held in memory instead of the part's 2M
-            # (docs/benchmarks.md), so the plan is kept as written. DISTINCT: a list may repeat an entry
-            con.execute("SET disabled_optimizers = 'join_order,build_side_probe_side'")
-            con.execute(f"""CREATE TEMP TABLE {table} AS SELECT DISTINCT r._row FROM ({entries}) l JOIN
-                            (SELECT _row, {side} AS h FROM {relation} WHERE {NEEDS_COLUMN[entry.match]} IS NOT NULL) r
-                            ON l.h = r.h""")
-            con.execute("RESET disabled_optimizers")
-        except duckdb.Error as exc:
-            raise InputError(f"{path}: {where}: cannot read it: {str(exc).splitlines()[0]}") from None
+        # DISTINCT: a list may repeat an entry
+        _streamed_join(con, f"""CREATE TEMP TABLE {table} AS SELECT DISTINCT r._row FROM ({entries}) l JOIN
+                                (SELECT _row, {side} AS h FROM {relation}
+                                 WHERE {NEEDS_COLUMN[entry.match]} IS NOT NULL) r
+                                ON l.h = r.h""", path, where)
         matched = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
         found.append({"name": entry.name, "match": entry.match, "path": entry.path, "matched_rows": int(matched)})
         columns.append(f"(r._row IN (SELECT _row FROM {table})) AS {blocked_column(entry.name)}")
@@ -234,10 +245,7 @@ def screen_part(con: duckdb.DuckDBPyConnection, cfg, shard_tables: list[Path], p
             {"name": e.name, "match": e.match, "path": e.path, "matched_samples": 0} for e in lists]
     import pyarrow.parquet as pq
 
-    spill = TMP / f"duckdb_image_blocklists_{part}"
-    spill.mkdir(parents=True, exist_ok=True)
-    con.execute(f"SET memory_limit = {sql_string(cfg.engine.join_memory_limit)}")
-    con.execute(f"SET temp_directory = {sql_string(spill)}")
+    _limit_memory(con, cfg, f"duckdb_image_blocklists_{part}")
     files = f"[{', '.join(sql_string(f) for f in shard_tables)}]"
     found = []
     for i, entry in enumerate(lists):
@@ -251,19 +259,13 @@ def screen_part(con: duckdb.DuckDBPyConnection, cfg, shard_tables: list[Path], p
         path = local_copy(entry.path, "select.image_blocklists", IMAGE_INPUT_FILE)
         entries = _entries_sql(con, entry, path, where)
         _check_sample(con, entries, entry, path, where)
-        try:
-            # as in `apply`: the part (its downloaded samples' digests) is the build side, the
-            # list streamed from its file the probe side, the plan kept as written
-            con.execute("SET disabled_optimizers = 'join_order,build_side_probe_side'")
-            con.execute(f"""INSERT INTO _image_blocked SELECT DISTINCT r.key, {sql_string(entry.name)}, {i}
+        # the part (its downloaded samples' digests) the build side, the list the probe side
+        _streamed_join(con, f"""INSERT INTO _image_blocked SELECT DISTINCT r.key, {sql_string(entry.name)}, {i}
                             FROM ({entries}) l JOIN
                             (SELECT CAST({_quote(KEY_COLUMN)} AS VARCHAR) AS key, lower({_quote(column)}) AS h
                              FROM read_parquet({files}, union_by_name=true)
                              WHERE status = 'success' AND {_quote(column)} IS NOT NULL) r
-                            ON l.h = r.h""")
-            con.execute("RESET disabled_optimizers")
-        except duckdb.Error as exc:
-            raise InputError(f"{path}: {where}: cannot read it: {str(exc).splitlines()[0]}") from None
+                            ON l.h = r.h""", path, where)
         matched = con.execute(f"SELECT count(*) FROM _image_blocked WHERE _list = {i}").fetchone()[0]
         found.append({"name": entry.name, "match": entry.match, "path": entry.path, "matched_samples": int(matched)})
     con.execute("RESET memory_limit")

@@ -23,9 +23,9 @@ from laionbuild.metadata.rules import sql_string
 from laionbuild.project.atomic import atomic_dir
 from laionbuild.project.funnel import Counts
 from laionbuild.project.layout import part_dir
+from laionbuild.project.outputs import SCREENED_FILE
 
 log = logging.getLogger(__name__)
-BLOCKED_FILE = "blocked.parquet"
 
 
 def run(cfg, part: int) -> None:
@@ -33,6 +33,6 @@ def run(cfg, part: int) -> None:
     con = duckdb.connect()
     blocked, found = screen_part(con, cfg, tables, part)
     with atomic_dir(part_dir("screen", part)) as out:
-        con.execute(f"COPY {blocked} TO {sql_string(out / BLOCKED_FILE)} (FORMAT parquet)")
+        con.execute(f"COPY {blocked} TO {sql_string(out / SCREENED_FILE)} (FORMAT parquet)")
         Counts().save(out, image_blocklists=found)
     log.info("screened part %d: %s", part, {f["name"]: f["matched_samples"] for f in found})
