@@ -9,13 +9,30 @@ top_fraction over the whole source).
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from laionbuild.metadata.rules import metadata_rules, sql_string, tag_rules
-from laionbuild.project.layout import KEY_COLUMN, SELECTED, embed_dir, part_dir
+from laionbuild.project.layout import EMBEDDINGS, KEY_COLUMN, SELECTED, embed_dir, part_dir
+
+# data/dataset/ and data/embeddings/ of a point built with assemble.materialize=false hold only
+# this file, the same for every point (so the stages after assemble see no change between points)
+UNMATERIALIZED_FILE = "UNMATERIALIZED.json"
+UNMATERIALIZED = {
+    "materialized": False,
+    "why": "assemble.materialize is false (a sweep point): the selection is data/selected/selected.parquet",
+    "read": "laionbuild.read('.') yields the selected samples from the download shards",
+    "materialize": "`laionbuild materialize` writes data/dataset, data/embeddings, data/export and data/index",
+}
+
+
+def materialized(root: Path = Path(".")) -> bool:
+    """Whether data/embeddings holds the selection's embeddings (false: assemble.materialize=false)."""
+    return not (root / EMBEDDINGS / UNMATERIALIZED_FILE).exists()
+
 
 SCREENED_FILE = "blocked.parquet"  # data/screened/part_N/: (key, list) of the samples an image list names
 

@@ -577,6 +577,10 @@ class SelectConfig:
 class AssembleConfig:
     samples_per_shard: PosInt = 10000
     embeddings_per_file: PosInt = 1_000_000
+    # false: a sweep point is its selection only (data/selected): assemble writes no shards or
+    # embeddings, only a marker (project/outputs.UNMATERIALIZED_FILE), so a point costs a
+    # selection, not a copy of the images; `laionbuild materialize` builds the point's outputs.
+    materialize: bool = True
 
 
 @dataclass

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from laionbuild.project.atomic import atomic_dir, read_json, write_json
 from laionbuild.project.layout import DATASET, EMBEDDINGS, KEY_COLUMN, SELECTED, embed_dir, part_dir
-from laionbuild.project.outputs import selected_keys
+from laionbuild.project.outputs import UNMATERIALIZED, UNMATERIALIZED_FILE, selected_keys
 from laionbuild.recipe.errors import InputError
 from laionbuild.shards.samples import part_rows, part_samples
 
@@ -146,6 +146,11 @@ class _ParquetShards:
 
 
 def run(cfg) -> None:
+    if not cfg.assemble.materialize:  # a sweep point: its selection only (data/selected)
+        with atomic_dir(DATASET) as dataset_out, atomic_dir(EMBEDDINGS) as emb_out:
+            for out in (dataset_out, emb_out):
+                write_json(out / UNMATERIALIZED_FILE, UNMATERIALIZED)
+        return
     selected = pq.ParquetFile(SELECTED / "selected.parquet")
     images_wanted = cfg.download.enabled
     kinds = ("img_emb", "text_emb") if all((part_dir("embed", p) / "text_emb").exists()
