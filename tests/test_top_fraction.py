@@ -87,3 +87,36 @@ def test_a_fraction_of_a_column_with_nulls_ranks_them_last(tmp_path):
     assert top_fraction_threshold(con, "s", 0.9) == 0.1  # index 7 is a null: every value is kept
     con.register("tags", pa.table({"s": pa.array([None, None], pa.float32())}))
     assert top_fraction_threshold(con, "s", 0.5) is None
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_the_threshold_over_the_source_parts_is_datacomps_over_every_row(tmp_path, monkeypatch, fmt):
+    """select.top_fraction_of=source: the value over every row of the fetched parts (nulls
+    counted in N, ranked last), whether the parts' row counts come from parquet footers (one
+    array sized up front) or the parts are read first (csv)."""
+    import pandas as pd
+
+    from laionbuild.stages.selection import source_top_fraction_threshold
+
+    cfg = compose([f"source.format={fmt}", "subset.parts=[0,1,2]"],
+                  conf_dir=ROOT / "conf")  # (in the checkout: the demo's folders are checked)
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(3)
+    every = []
+    for part, n in enumerate([7, 1, 12]):  # (part 1: one row, a null)
+        score = rng.random(n).round(3)
+        score[::4] = np.nan
+        every.append(score)
+        frame = pd.DataFrame({"URL": [f"http://127.0.0.1/{part}/{i}.jpg" for i in range(n)],
+                              "TEXT": ["a caption"] * n, "SAMPLE_ID": np.arange(n), "WIDTH": 64, "HEIGHT": 64,
+                              "LICENSE": "?", "NSFW": "UNLIKELY", "similarity": score})
+        raw = tmp_path / "data" / "raw" / f"part_{part}"
+        raw.mkdir(parents=True)
+        name = f"part-{part:05d}.{fmt}"
+        (frame.to_parquet if fmt == "parquet" else frame.to_csv)(raw / name, index=False)
+        (raw / "fetch.json").write_text(json.dumps({"file": name}))
+    values = np.concatenate(every)
+    valued = -np.sort(-values[~np.isnan(values)])
+    for fraction in (0.1, 0.3, 0.5, 0.9):
+        index = min(int(len(values) * fraction), len(valued) - 1)
+        assert source_top_fraction_threshold(cfg, "similarity", fraction) == valued[index]

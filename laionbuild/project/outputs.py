@@ -109,16 +109,33 @@ def image_embeddings(part: int, model: str | None = None, normalise: bool = True
     return [str(k) for k in keys.to_pylist()], emb
 
 
+def _source_path(part: int) -> Path:
+    """The file of fetched source part `part` (data/raw/part_N)."""
+    from laionbuild.project.atomic import read_json
+
+    raw = part_dir("fetch", part)
+    return raw / read_json(raw / "fetch.json")["file"]
+
+
+def source_rows(cfg, part: int) -> int | None:
+    """The row count of fetched source part `part` from its parquet footer; None for formats
+    that have no footer (the whole file would have to be read)."""
+    from laionbuild.metadata.sources import effective_source, file_format
+
+    path = _source_path(part)
+    if file_format(path, effective_source(cfg)[2]) != "parquet":
+        return None
+    return pq.read_metadata(path).num_rows
+
+
 def source_column(cfg, part: int, column: str) -> np.ndarray:
     """Every row's value of `column` (its canonical name: source.columns / column_aliases map it)
     in fetched source part `part` (data/raw), as float64 with NaN for nulls: the pool as
     published, before any filter. Reads that one column of a parquet part."""
     from laionbuild.metadata.sources import canonical_columns, effective_source, source_schema
-    from laionbuild.project.atomic import read_json
     from laionbuild.recipe.errors import InputError
 
-    raw = part_dir("fetch", part)
-    path = raw / read_json(raw / "fetch.json")["file"]
+    path = _source_path(part)
     columns, aliases, fmt = effective_source(cfg)
     schema, _, arrow = source_schema(path, fmt)
     src = next((s for s, d in canonical_columns(schema, columns, path, aliases) if d == column), None)
