@@ -203,7 +203,7 @@ def test_empty_or_broken_params_yaml_says_so(tmp_path):
 
 # recipes that leave paths for the user to give (`???`, refused until given: tests/test_relaion_recipes.py)
 GIVEN = {recipe: ["prepare.blocklists.0.path=/lists/a.txt", "prepare.blocklists.1.path=/lists/b.txt",
-                  "select.unsafe_keywords.keywords=/lists/k.txt"] for recipe in ("relaion_research", "relaion_research_safe")}
+                  "tag.unsafe_keywords=/lists/k.txt"] for recipe in ("relaion_research", "relaion_research_safe")}
 # (compose checks that a target embeddings file exists: any file will do here)
 GIVEN["datacomp_image_based"] = GIVEN["datacomp_image_clip"] = [f"tag.clusters.targets=[{__file__}]"]
 

@@ -18,7 +18,7 @@ from .conftest import ROOT
 
 def given(folder) -> list[str]:
     return [f"prepare.blocklists.0.path={folder / 'iwf_c3p.txt.gz'}", f"prepare.blocklists.1.path={folder / 'sio.txt'}",
-            f"select.unsafe_keywords.keywords={folder / 'keywords.txt'}"]
+            f"tag.unsafe_keywords={folder / 'keywords.txt'}"]
 
 
 @pytest.mark.parametrize("recipe", ["relaion_research", "relaion_research_safe"])
@@ -27,7 +27,7 @@ def test_the_recipes_want_their_lists_then_compose(recipe, tmp_path):
     for left_out in range(3):  # each unset path is refused by its key
         with pytest.raises(LaionbuildError) as info:
             compose([f"recipe={recipe}", *missing[:left_out]], conf_dir=ROOT / "conf")
-        key = ["prepare.blocklists.0.path", "prepare.blocklists.1.path", "select.unsafe_keywords.keywords"][left_out]
+        key = ["prepare.blocklists.0.path", "prepare.blocklists.1.path", "tag.unsafe_keywords"][left_out]
         assert f"`{key}`" in str(info.value) and "must be given" in str(info.value) and "\n" not in str(info.value)
     cfg = compose([f"recipe={recipe}", *missing], conf_dir=ROOT / "conf")
     assert [(e.name, e.match) for e in cfg.prepare.blocklists] == [("iwf_c3p", "url_md5"), ("sio", "url_sha256")]

@@ -31,7 +31,7 @@ STAGE_READS = {
     "watermark": ["tag.watermark"],
     "embed": ["embed", "source.image_embeddings_model"],
     "tag": ["tag.clip_similarity", "tag.clip_similarity_model", "tag.faces", "tag.watermark", "tag.heads",
-            "tag.near_dup", "tag.source_columns"],  # tag.clusters is the clusters stage's
+            "tag.near_dup", "tag.source_columns", "tag.unsafe_keywords"],  # tag.clusters is the clusters stage's
     "neardup": ["subset", "tag.near_dup"],
     "clusters": ["subset", "tag.clusters"],
     "select": ["subset", "select", "source.columns", "source.column_aliases", "source.format",

@@ -1,7 +1,8 @@
-"""select.unsafe_keywords (laionbuild/metadata/keywords.py): "score above X and the caption holds
-a listed keyword" drops exactly the samples a direct computation (Python's re, whole words, any
-case) says, counted as the funnel step `unsafe_keywords`; the keyword file is an outside input,
-so editing it reruns select (and what follows it), never a per-part stage."""
+"""tag.unsafe_keywords + select.unsafe_keywords (laionbuild/metadata/keywords.py): "score above X
+and the caption holds a listed keyword" drops exactly the samples a direct computation (Python's
+re, whole words, any case) says, counted as the funnel step `unsafe_keywords`. The keyword match
+is a tag (`unsafe_keyword`, once per part): editing the list reruns tag and what follows, never
+embed or download; a new score threshold reruns select and what follows, never tag."""
 
 from __future__ import annotations
 
@@ -36,16 +37,19 @@ def selected(project) -> list[str]:
     return pq.read_table(project / "data/selected/selected.parquet").column("key").to_pylist()
 
 
-def test_keywords_and_score_drop_exactly_the_matching_samples_and_an_edit_reruns_select(tmp_path_factory):
+def test_keywords_and_score_drop_exactly_the_matching_samples_and_an_edit_reruns_the_tags(tmp_path_factory):
     shared, _ = shared_demo(tmp_path_factory)
     project = copy_of(shared, tmp_path_factory.mktemp("keywords") / "project")
     before = selected(project)
     keywords = project.path.parent / "keywords.txt"
     keywords.write_text(KEYWORDS)
     above = 0.3
-    rule = [f"select.unsafe_keywords={{score: similarity, above: {above}, keywords: '{keywords}'}}"]
+    # the score a metadata column (the source's similarity), carried into the tags
+    tagging = [f"tag.unsafe_keywords={keywords}", "tag.source_columns=[similarity]"]
+    rule = [*tagging, f"select.unsafe_keywords={{score: similarity, above: {above}}}"]
     first = project.build(*RECIPE, *rule)
-    assert "select" in first.ran and not [s for s in first.ran if "@" in s], first.ran
+    assert {"tag@0", "tag@1", "select"} <= set(first.ran), first.ran
+    assert not {s for s in first.ran if "@" in s and not s.startswith("tag@")}, first.ran
     words = ["RED", "white background", "stripe", "tissue"]
     want = expected(project, before, words, above)
     assert selected(project) == want and 0 < len(want) < len(before)
@@ -55,22 +59,30 @@ def test_keywords_and_score_drop_exactly_the_matching_samples_and_an_edit_reruns
     meta = pd.concat([pd.read_parquet(project / f"data/deduped/part_{p}/metadata.parquet") for p in (0, 1)])
     stripes = meta[meta["caption"].str.contains("stripes") & ~meta["caption"].str.contains("red|white background")]
     assert set(stripes["key"]) & set(before) <= set(selected(project))
+    # the tag itself: every tagged sample's match, as Python's re says
+    captions = meta.set_index("key")["caption"]
+    tags = pd.concat([pd.read_parquet(project / f"data/tags/part_{p}/tags.parquet") for p in (0, 1)]).set_index("key")
+    assert tags["unsafe_keyword"].tolist() == [python_match(words, captions[k]) for k in tags.index]
 
     keywords.write_text(KEYWORDS + "cameraman\n")
-    assert project.status_reasons()["select"] == ("stale", f"file: {keywords}")
+    assert project.status_reasons()["tag@0"] == ("stale", f"file: {keywords}")
     edited = project.build(*RECIPE, *rule)
-    assert "select" in edited.ran and not [s for s in edited.ran if "@" in s or s == "dedup"], edited.ran
-    assert selected(project) == expected(project, before, [*words, "cameraman"], above) != want
+    assert {"tag@0", "tag@1", "select"} <= set(edited.ran), edited.ran
+    assert not {s for s in edited.ran if s.split("@")[0] in ("download", "embed", "prepare", "dedup")}, edited.ran
+    words = [*words, "cameraman"]
+    assert selected(project) == expected(project, before, words, above) != want
     card = (project / "data/card.md").read_text()
     assert "## Safety lists" in card and str(keywords) in card
 
-    # the score a tag column (clip_similarity, in data/tags) rather than a metadata column
-    tags = pd.concat([pd.read_parquet(project / f"data/tags/part_{p}/tags.parquet") for p in (0, 1)]).set_index("key")
+    # a sweep of the threshold is a selection: no tag reruns, no caption is matched again
+    lower = project.build(*RECIPE, *tagging, "select.unsafe_keywords={score: similarity, above: 0.2}")
+    assert "select" in lower.ran and not [s for s in lower.ran if "@" in s], lower.ran
+    assert selected(project) == expected(project, before, words, 0.2)
+
+    # the score a tag column (clip_similarity) rather than a carried metadata column
     median = float(tags.loc[before, "clip_similarity"].median())
-    tagged = [f"select.unsafe_keywords={{score: clip_similarity, above: {median!r}, keywords: '{keywords}'}}"]
+    tagged = [*tagging, f"select.unsafe_keywords={{score: clip_similarity, above: {median!r}}}"]
     assert "select" in project.build(*RECIPE, *tagged).ran
-    captions = meta.set_index("key")["caption"]
-    words = [*words, "cameraman"]
     assert selected(project) == [k for k in before if not (tags.loc[k, "clip_similarity"] > median
                                                           and python_match(words, captions[k]))] != before
 
@@ -90,5 +102,10 @@ def test_the_pattern_matches_whole_words_in_any_case():
 
 
 def test_an_unset_keyword_file_or_score_column_is_refused(tmp_path):
-    with pytest.raises(LaionbuildError, match=r"`select.unsafe_keywords.keywords`.*must be given"):
-        compose(["select.unsafe_keywords={score: nsfw_score, above: 0.95, keywords: '???'}"], conf_dir=ROOT / "conf")
+    with pytest.raises(LaionbuildError, match=r"`tag.unsafe_keywords`.*must be given"):
+        compose(["tag.unsafe_keywords='???'"], conf_dir=ROOT / "conf")
+    with pytest.raises(LaionbuildError, match=r"`tag.unsafe_keywords`.*must be given for select.unsafe_keywords"):
+        compose(["select.unsafe_keywords={score: clip_similarity, above: 0.95}"], conf_dir=ROOT / "conf")
+    with pytest.raises(LaionbuildError, match=r"`select.unsafe_keywords.score`.*tag.source_columns=\[similarity\]"):
+        compose([f"tag.unsafe_keywords={tmp_path / 'k.txt'}", "select.unsafe_keywords={score: similarity, above: 0.9}"],
+                conf_dir=ROOT / "conf")

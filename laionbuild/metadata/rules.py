@@ -116,9 +116,9 @@ def tag_rules(select_cfg, thresholds: dict | None = None) -> list[tuple[str, str
         out.append(("max_near_dup_similarity", f"near_dup_similarity < {float(select_cfg.max_near_dup_similarity)!r}"))
     if select_cfg.in_target_clusters:  # data/clusters (the clusters stage), joined by key
         out.append(("in_target_clusters", "coalesce(in_target_cluster, false)"))
-    if (unsafe := select_cfg.unsafe_keywords) is not None:  # metadata/keywords.py adds `_unsafe_keyword`
+    if (unsafe := select_cfg.unsafe_keywords) is not None:  # the tag stage's `unsafe_keyword` (metadata/keywords.py)
         out.append(("unsafe_keywords", f"NOT (coalesce({quote(unsafe.score)} > {float(unsafe.above)!r}, false) "
-                                       "AND coalesce(_unsafe_keyword, false))"))
+                                       "AND coalesce(unsafe_keyword, false))"))
     return out
 
 

@@ -23,7 +23,7 @@ dependency:
     blocklists.json      prepare@N     prepare.blocklists hash lists (and card, which names them)
     image_blocklists.json screen@N     select.image_blocklists hash lists (and card); not prepare's: a
                                        new image list reruns nothing before the download's screen
-    keywords.json        select        select.unsafe_keywords.keywords (and report, card)
+    keywords.json        tag@N         tag.unsafe_keywords, the keyword list (and card)
     clusters.json        clusters      tag.clusters.centroids and tag.clusters.targets files
 
 A local file's fingerprint is its size and md5, the md5 remembered by path, size and mtime
@@ -192,11 +192,11 @@ def expected(cfg) -> dict[str, dict]:
 
         groups["models.json"] += text_model_files(cfg.embed.text_model)
     groups["heads.json"] = [str(Path(head.path).expanduser()) for head in cfg.tag.heads.values()]
-    # the safety lists (docs/safety.md): prepare.blocklists, select.unsafe_keywords.keywords
+    # the safety lists (docs/safety.md): prepare.blocklists, tag.unsafe_keywords
     groups["blocklists.json"] = [entry.path for entry in cfg.prepare.blocklists]
     groups["image_blocklists.json"] = [entry.path for entry in cfg.select.image_blocklists]
-    keywords = cfg.select.unsafe_keywords
-    groups["keywords.json"] = [keywords.keywords] if keywords is not None else []
+    keywords = cfg.tag.unsafe_keywords
+    groups["keywords.json"] = [keywords] if keywords else []
     clusters = cfg.tag.clusters
     named = ([clusters.centroids] if clusters.centroids else []) + list(clusters.targets)
     groups["clusters.json"] = [u if is_remote(u) else str(Path(u).expanduser()) for u in named] if clusters.enabled else []
@@ -264,15 +264,14 @@ def consumers(name: str, parts: list[int]) -> list[str]:
         return [f"fetch@{m.group(1)}"]
     if name == "consolidate.json":
         return ["consolidate"]
-    if name == "keywords.json":
-        return ["select", "report", "card"]
     if name == "clusters.json":
         return ["clusters"]
     stage = {"ids.json": "prepare", "local_server.json": "download", "faces.json": "faces", "watermark.json": "watermark",
              "models.json": "embed", "heads.json": "tag", "blocklists.json": "prepare",
              "word_list.json": "prepare", "language.json": "prepare",
-             "image_blocklists.json": "screen"}[name]
-    return [f"{stage}@{p}" for p in parts] + (["card"] if name in ("blocklists.json", "image_blocklists.json") else [])
+             "image_blocklists.json": "screen", "keywords.json": "tag"}[name]
+    return [f"{stage}@{p}" for p in parts] + (["card"] if name in ("blocklists.json", "image_blocklists.json",
+                                                                   "keywords.json") else [])
 
 
 def changes(old: dict | None, new: dict) -> list[str]:

@@ -128,7 +128,8 @@ def tag_columns(c: Config) -> list[str]:
     faces = ["face_count", "face_max_score"] if c.tag.faces.detector != "none" else []
     similarity = [] if c.embed.from_source else ["clip_similarity"]  # no text embeddings: always null
     watermark = [WATERMARK_COLUMN] if c.tag.watermark.weights is not None and WATERMARK_COLUMN not in c.tag.heads else []
-    return [*similarity, "width", "height", *faces, *watermark, *c.tag.heads, *c.tag.source_columns]
+    keyword = ["unsafe_keyword"] if c.tag.unsafe_keywords else []
+    return [*similarity, "width", "height", *faces, *watermark, *keyword, *c.tag.heads, *c.tag.source_columns]
 
 
 def top_fractions(c: Config) -> Iterator[Problem]:
@@ -137,6 +138,22 @@ def top_fractions(c: Config) -> Iterator[Problem]:
         if name not in known:
             yield (f"select.top_fraction.{name}", fraction, f"`{name}` is not a tag column of this recipe "
                    f"({', '.join(known)}); a score head (tag.heads) or tag.source_columns adds one")
+
+
+def unsafe_keywords(c: Config) -> Iterator[Problem]:
+    """select.unsafe_keywords rules on two tags: the keyword match and the score."""
+    rule = c.select.unsafe_keywords
+    if rule is None:
+        return
+    if not c.tag.unsafe_keywords:
+        yield ("tag.unsafe_keywords", c.tag.unsafe_keywords, "the keyword list must be given for select.unsafe_keywords "
+               f"({rule.score} > {rule.above} and a listed keyword): tag.unsafe_keywords=PATH, a local path or fsspec "
+               "URL, one keyword a line (docs/safety.md)")
+    known = tag_columns(c)
+    if rule.score not in known:
+        yield ("select.unsafe_keywords.score", rule.score, f"is not a tag column of this recipe ({', '.join(known)}): "
+               f"a score head (tag.heads), or a metadata column listed in tag.source_columns (e.g. "
+               f"tag.source_columns=[{rule.score}])")
 
 
 def _watermark_weights(key: str, value, c: Config) -> Iterator[Problem]:
@@ -195,14 +212,14 @@ def storage(c: Config) -> Iterator[Problem]:
 
 
 def safety(c: Config) -> Iterator[Problem]:
-    """prepare.blocklists and select.unsafe_keywords: what they read (docs/safety.md)."""
+    """prepare.blocklists and tag.unsafe_keywords: what they read (docs/safety.md)."""
     from laionbuild.metadata.blocklists import problems
 
     yield from problems(c)
 
 
-CHECKS = (sections, parts, columns, images, text_model, model_names, tags, top_fractions, languages, engines, storage,
-          safety)
+CHECKS = (sections, parts, columns, images, text_model, model_names, tags, top_fractions, unsafe_keywords,
+          languages, engines, storage, safety)
 
 
 def problems(c: Config) -> Iterator[Problem]:

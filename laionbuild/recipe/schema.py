@@ -494,12 +494,19 @@ class TagConfig:
     # max_scores, top_fraction) to use without recomputing them. A `uid` listed here (32 hex digits, as
     # DataComp's) makes select write data/selected/uids.npy.
     source_columns: List[str] = field(default_factory=list)
+    # Re-LAION's keyword list (local path or fsspec URL, one keyword or phrase a line, UTF-8; blank
+    # lines and lines starting with # are skipped): tag column `unsafe_keyword`, whether the caption
+    # holds a listed keyword as a whole word, any case; select.unsafe_keywords rules on it.
+    unsafe_keywords: Optional[str] = None
 
     def problems(self) -> Iterator[Problem]:
         for name, head in self.heads.items():
             yield from _nested(f"heads.{name}", head)
         taken = {"key", "part", "clip_similarity", "width", "height", "face_count", "face_max_score", "face_boxes",
-                 "watermark_score", *self.heads}
+                 "watermark_score", "unsafe_keyword", *self.heads}
+        if self.unsafe_keywords in UNSET:
+            yield ("unsafe_keywords", self.unsafe_keywords, "the keyword list must be given: its local path or fsspec "
+                   "URL, e.g. tag.unsafe_keywords=/lists/keywords.txt (docs/safety.md)")
         for name in self.source_columns:
             if name in taken:
                 yield "source_columns", list(self.source_columns), f"`{name}` is a tag the tag stage computes"
@@ -514,20 +521,12 @@ class TagConfig:
 @dataclass
 class UnsafeKeywords:
     """Re-LAION's research rule: drop samples whose unsafe score is above `above` AND whose
-    caption holds a keyword of the list (docs/safety.md)."""
+    caption holds a keyword of tag.unsafe_keywords' list (the `unsafe_keyword` tag; docs/safety.md)."""
 
-    # a tag column (a tag.heads score, e.g. nsfw_score) or a column of the prepared metadata
-    # (e.g. the source's punsafe)
+    # a tag column: a tag.heads score (e.g. nsfw_score) or a metadata column listed in
+    # tag.source_columns (e.g. the source's punsafe)
     score: str = "nsfw_score"
     above: float = 0.95  # strictly above
-    # local path or fsspec URL of the keyword file: one keyword or phrase a line (UTF-8; blank
-    # lines and lines starting with # are skipped), matched as whole words, case-insensitively
-    keywords: str = ""
-
-    def problems(self) -> Iterator[Problem]:
-        if self.keywords in UNSET:
-            yield ("keywords", self.keywords, "the keyword list must be given: its local path or fsspec URL, e.g. "
-                   "select.unsafe_keywords.keywords=/lists/keywords.txt (docs/safety.md)")
 
 
 @dataclass
@@ -569,8 +568,6 @@ class SelectConfig:
 
     def problems(self) -> Iterator[Problem]:
         yield from list_problems(self.image_blocklists, "image_blocklists")
-        if self.unsafe_keywords is not None:
-            yield from _nested("unsafe_keywords", self.unsafe_keywords)
 
 
 @dataclass

@@ -82,7 +82,7 @@ def run(cfg) -> None:
 
 
 def _safety_lists(cfg, funnel: dict | None = None) -> list[dict]:
-    """prepare.blocklists, select.image_blocklists and select.unsafe_keywords' keyword file, each
+    """prepare.blocklists, select.image_blocklists and tag.unsafe_keywords' keyword file, each
     with the fingerprint the inputs check recorded (data/inputs/blocklists.json,
     image_blocklists.json, keywords.json): size and md5 of a local file, what the store says
     (ETag...) of a remote one; and, for a hash list, how many rows (samples) it matched, from
@@ -98,10 +98,11 @@ def _safety_lists(cfg, funnel: dict | None = None) -> list[dict]:
     matched = funnel.get("image_blocklist_matches", {})
     out += [{"name": e.name, "use": f"select.image_blocklists ({e.match})", "path": e.path,
              "content": images.get(e.path), "matched": matched.get(e.name)} for e in cfg.select.image_blocklists]
-    if (rule := cfg.select.unsafe_keywords) is not None:
-        recorded_keywords = recorded_inputs("keywords.json")
-        out.append({"name": "keywords", "use": f"select.unsafe_keywords ({rule.score} > {rule.above})",
-                    "path": rule.keywords, "content": recorded_keywords.get(rule.keywords)})
+    if (keywords := cfg.tag.unsafe_keywords) is not None:
+        rule = cfg.select.unsafe_keywords
+        use = f"select.unsafe_keywords ({rule.score} > {rule.above})" if rule else "tag.unsafe_keywords (no select rule)"
+        out.append({"name": "keywords", "use": use, "path": keywords,
+                    "content": recorded_inputs("keywords.json").get(keywords)})
     return out
 
 

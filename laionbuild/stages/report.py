@@ -379,12 +379,6 @@ def _select_sections(cfg, con, result: dict, images: ShardImages) -> list[dict]:
     if cfg.select.min_clip_similarity_by_language:  # + the samples' language (metadata/language.py)
         join_language(con, cfg, relation, "language_tags")
         relation = "language_tags"
-    if cfg.select.unsafe_keywords is not None:  # + the captions' keyword matches (metadata/keywords.py)
-        from laionbuild.metadata.keywords import apply
-
-        columns = [name for name, in con.execute(f"SELECT column_name FROM (DESCRIBE {relation})").fetchall()]
-        apply(con, cfg, relation, "keyword_tags", columns)
-        relation = "keyword_tags"
     columns = [name for name, in con.execute(f"SELECT column_name FROM (DESCRIBE {relation})").fetchall()]
     sections = []
     previous = "tagged"

@@ -104,9 +104,8 @@ def run(cfg) -> None:
     # one thread writes the ordered file with the least CPU (what a sweep point costs)
     con.execute(f"SET threads = {int(cfg.engine.write_threads)}")
     order = ""
-    keywords = cfg.select.unsafe_keywords is not None
     by_language = bool(cfg.select.min_clip_similarity_by_language)
-    view = "tagged" if keywords or by_language else "tags"
+    view = "tagged" if by_language else "tags"
     # the global stages' per-sample tags, joined by key (a join: keep build order explicitly)
     joins = []
     if cfg.select.max_near_dup_similarity is not None:
@@ -125,14 +124,8 @@ def run(cfg) -> None:
     if by_language:  # the samples' language, joined by key (metadata/language.py): keep build order
         from laionbuild.metadata.language import ORDER_COLUMN, join_language
 
-        join_language(con, cfg, view, "tagged_language" if keywords else "tags")
-        view = "tagged_language"
+        join_language(con, cfg, view, "tags")
         order = f" ORDER BY {ORDER_COLUMN}"
-    if keywords:  # the captions' keyword matches, joined by key (metadata/keywords.py): keep build order
-        from laionbuild.metadata.keywords import apply
-
-        apply(con, cfg, view, "tags", available)
-        order = " ORDER BY _kw_row"
     # top_fraction's thresholds over every tagged row of the build
     if cfg.select.top_fraction_of == "source":
         thresholds = {c: source_top_fraction_threshold(cfg, c, f) for c, f in sorted(cfg.select.top_fraction.items())}

@@ -1,7 +1,8 @@
 """tag: per-sample tag table of one part (`data/tags/part_N/tags.parquet`): `clip_similarity`
 (cosine of the image and text embeddings), the image's original width/height and, with
 `tag.faces.detector`, the face tags of the faces stage (face_count, face_max_score,
-face_boxes) and, with `tag.watermark.weights`, the watermark stage's `watermark_score`.
+face_boxes), with `tag.watermark.weights`, the watermark stage's `watermark_score` and, with
+`tag.unsafe_keywords`, `unsafe_keyword` (the caption holds a listed keyword).
 Tags are computed once per part; selection only queries them."""
 
 from __future__ import annotations
@@ -100,6 +101,11 @@ def run(cfg, part: int) -> None:
     tags = _with_source_columns(cfg, part, tags)
     tags = _joined(tags, part, "faces", "faces.parquet", "face tags")
     tags = _joined(tags, part, "watermark", "watermark.parquet", "watermark scores")
+    if cfg.tag.unsafe_keywords:  # whether the caption holds a listed keyword (metadata/keywords.py)
+        from laionbuild.metadata.keywords import KEYWORD_COLUMN, matches
+
+        hits = matches(cfg.tag.unsafe_keywords, part, tags.column("key").to_pylist())
+        tags = tags.append_column(KEYWORD_COLUMN, pa.array(hits, pa.bool_()))
     skipped = []
     if cfg.tag.heads:
         from laionbuild.models.heads import load_heads
