@@ -206,7 +206,7 @@ def test_a_remote_list_is_read_once_per_version(project, parts, tmp_path):
         project.build_in_process(*recipe, entry, until="prepare")
         assert [u for u in kept() if md5(u) in first] == [] and len(kept()) == 120 - sum(
             md5(r["URL"]) in first for r in data[0])
-        copies = list((project / "data/.work/blocklists").rglob("iwf.txt.gz"))
+        copies = list((project / "data/.work/inputs").rglob("iwf.txt.gz"))
         assert len(copies) == 1
         more = first + [md5(u) for u in kept()[:5]]  # a new version: one more copy, more rows dropped
         with gzip.open(folder / "iwf.txt.gz", "wt") as f:
@@ -214,4 +214,4 @@ def test_a_remote_list_is_read_once_per_version(project, parts, tmp_path):
         before = len(kept())
         project.build_in_process(*recipe, entry, until="prepare")
         assert len(kept()) == sum(md5(r["URL"]) not in more for r in data[0]) <= before - 5
-        assert len(list((project / "data/.work/blocklists").rglob("iwf.txt.gz"))) == 2
+        assert len(list((project / "data/.work/inputs").rglob("iwf.txt.gz"))) == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import json
 import re
 import shutil
 import threading
@@ -341,3 +342,45 @@ def test_the_face_detector_auto_resolves_to_and_its_weights_are_recorded(tmp_pat
     weights.write_bytes(b"retinaface weights v2")
     assert faces("retinaface")["inputs"][str(weights)]["md5"] != first["md5"]
     assert consumers("faces.json", [0, 1]) == ["faces@0", "faces@1"]
+
+
+def test_a_remote_list_is_fetched_once_per_version_not_once_per_part(tmp_path):
+    """prepare.caption_word_list on a store: three parts' prepare read one local copy of the
+    recorded version (data/.work/inputs/); a republished list is fetched once more, and every
+    part's prepare reruns."""
+    store = tmp_path / "store"
+    (store / "metadata").mkdir(parents=True)
+    for part in (0, 1, 2):
+        shutil.copy(ROOT / f"demo/metadata/part-{part:05d}.parquet", store / "metadata")
+    (store / "words.txt").write_text("cat\ndog\n")
+    project = new_project(tmp_path / "project")
+    with FolderServer(store) as server:
+        recipe = [*FAST, f"source.base_url={server.url}/metadata", "source.num_parts=3", "subset.parts=[0,1,2]",
+                  f"prepare.caption_word_list={server.url}/words.txt"]
+        first = project.laionbuild("build", "--stage", "dedup", *recipe)
+        assert {"prepare@0", "prepare@1", "prepare@2"} <= set(first.ran)
+        assert server.gets["/words.txt"] == 1, server.gets
+        (store / "words.txt").write_text("cat\ndog\nbird\n")
+        second = project.laionbuild("build", "--stage", "dedup", *recipe)
+        assert {"prepare@0", "prepare@1", "prepare@2"} <= set(second.ran) and "fetch@0" not in second.ran
+        assert server.gets["/words.txt"] == 2, server.gets
+
+
+def test_a_list_changed_after_the_inputs_check_is_refused_not_read(tmp_path, monkeypatch):
+    from laionbuild.project.inputs import local_copy, remote_fingerprint
+    from laionbuild.recipe.errors import InputError
+
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "words.txt").write_text("cat\n")
+    with FolderServer(store) as server:
+        url = f"{server.url}/words.txt"
+        (tmp_path / "data/inputs").mkdir(parents=True)
+        (tmp_path / "data/inputs/word_list.json").write_text(json.dumps({"inputs": {url: remote_fingerprint(url)}}))
+        (store / "words.txt").write_text("cat\ndog\n")  # republished between the check and the stage
+        with pytest.raises(InputError, match=r"prepare.caption_word_list: the file changed after the inputs check"):
+            local_copy(url, "word_list.json", "prepare.caption_word_list")
+        assert not [p for p in (tmp_path / "data/.work/inputs").rglob("*") if p.is_file() and p.name == "words.txt"]
+        (store / "words.txt").write_text("cat\n")  # the recorded version again: read, and kept
+        assert local_copy(url, "word_list.json", "prepare.caption_word_list").read_text() == "cat\n"

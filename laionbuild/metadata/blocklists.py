@@ -20,23 +20,21 @@ build side is the part's downloaded samples, the probe side the list streamed fr
 It yields the matched keys (`screen_part`), which select drops by the rules
 `image_blocklist_<name>`.
 
-A remote list (any fsspec URL) is copied once per version into data/.work/blocklists/ (keyed by
+A remote list (any fsspec URL) is copied once per version into data/.work/inputs/ (keyed by
 its URL and the fingerprint the `inputs` stage recorded in data/inputs/blocklists.json, or
 image_blocklists.json), then read there.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import duckdb
 
 from laionbuild.metadata.rules import sql_string
-from laionbuild.project.layout import TMP, WORK
-from laionbuild.recipe.errors import InputError, MissingInputError
+from laionbuild.project.layout import TMP
+from laionbuild.recipe.errors import InputError
 
 if TYPE_CHECKING:
     from laionbuild.recipe.schema import Config, Problem
@@ -108,22 +106,10 @@ def _suffix(path: str) -> str:
 
 def local_copy(url: str, key: str = "prepare.blocklists", input_file: str = INPUT_FILE) -> Path:
     """Where DuckDB reads the list at `url`: the path itself when local, else a copy made once
-    per version (its fingerprint recorded in data/inputs/`input_file`) under data/.work/blocklists/."""
-    from laionbuild.project.inputs import is_remote, recorded_inputs
+    per version (its fingerprint recorded in data/inputs/`input_file`; project/inputs.local_copy)."""
+    from laionbuild.project.inputs import local_copy as copy
 
-    if not is_remote(url):
-        path = Path(url.removeprefix("file://")).expanduser()
-        if not path.is_file():
-            raise MissingInputError(f"{url}: {key}: no such file")
-        return path
-    from laionbuild.metadata.transfer import fetch_file
-
-    version = recorded_inputs(input_file).get(url)
-    key = hashlib.sha256(json.dumps([url, version], sort_keys=True).encode()).hexdigest()[:20]
-    dest = WORK / "blocklists" / key / url.rstrip("/").rsplit("/", 1)[-1]
-    if not dest.is_file():
-        fetch_file(url, dest, dest.with_name(dest.name + ".partial"))
-    return dest
+    return copy(url, input_file, key)
 
 
 def _relation(path: Path) -> tuple[str, str]:

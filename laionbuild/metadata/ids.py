@@ -9,33 +9,21 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from laionbuild.metadata.transfer import fetch_file
-from laionbuild.project.layout import WORK
 from laionbuild.recipe.errors import InputError
 
 
 def local_copy(url: str) -> Path:
-    """The id list on local disk, fetched once per content (resumably) into data/.work/ids/: a
-    republished list (another ETag, size or modification time) is fetched again."""
-    if Path(url).exists():
-        return Path(url)
-    from laionbuild.project.inputs import remote_fingerprint
+    """The id list on local disk: the path itself, or one copy per version the inputs check
+    recorded (data/inputs/ids.json; project/inputs.local_copy): a republished list is fetched again."""
+    from laionbuild.project.inputs import local_copy as copy
 
-    name = url.rstrip("/").rsplit("/", 1)[-1]
-    key = url + json.dumps(remote_fingerprint(url), sort_keys=True)
-    directory = WORK / "ids" / hashlib.sha256(key.encode()).hexdigest()[:16]
-    path = directory / name
-    if not path.exists():
-        fetch_file(url, path, directory / f"{name}.partial")
-    return path
+    return copy(url, "ids.json", "source.ids_url")
 
 
 def safe_torch_load(path: Path):

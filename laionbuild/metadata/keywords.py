@@ -28,8 +28,11 @@ _NOT_WORD = r"[^\pL\pN_]"
 def read_keywords(url: str) -> list[str]:
     import fsspec
 
+    from laionbuild.project.inputs import local_copy
+
+    path = local_copy(url, INPUT_FILE, "tag.unsafe_keywords")  # remote: one copy per version, not one a part
     try:
-        with fsspec.open(url, "rt", encoding="utf-8", compression="infer") as f:
+        with fsspec.open(str(path), "rt", encoding="utf-8", compression="infer") as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
         raise MissingInputError(f"{url}: tag.unsafe_keywords: no such file") from None

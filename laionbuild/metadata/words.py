@@ -9,8 +9,6 @@ from __future__ import annotations
 import re
 from typing import Callable, Iterable
 
-import fsspec
-
 from laionbuild.recipe.errors import InputError
 
 _WORD = re.compile(r"\w+")
@@ -23,8 +21,10 @@ def words(text: str) -> tuple[str, ...]:
 def load_word_list(url: str) -> dict[int, set[tuple[str, ...]]]:
     """The list's phrases by their number of words: one word or phrase per line; blank lines
     and lines starting with `#` are skipped."""
-    try:
-        with fsspec.open(url, "r", encoding="utf-8") as fh:
+    from laionbuild.project.inputs import local_copy
+
+    try:  # a remote list: one local copy per recorded version, not one download per part
+        with open(local_copy(url, "word_list.json", "prepare.caption_word_list"), encoding="utf-8") as fh:
             lines = fh.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{url}: cannot read the word list (prepare.caption_word_list): {exc}") from None

@@ -84,5 +84,9 @@ def nearest(embeddings: np.ndarray, centroids: np.ndarray, batch: int = 65536) -
     return out
 
 
-def local(path: str) -> str:
-    return path if "://" in path else str(Path(path).expanduser())
+def local(path: str, key: str) -> str:
+    """The file to read for `path` (a recipe's centroid or target file, recorded in
+    data/inputs/clusters.json): local as it is, remote as the copy of the recorded version."""
+    from laionbuild.project.inputs import local_copy
+
+    return str(local_copy(path if "://" in path else str(Path(path).expanduser()), "clusters.json", key))

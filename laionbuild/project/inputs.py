@@ -65,6 +65,40 @@ def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
+def local_copy(url: str, input_file: str, key: str) -> Path:
+    """Where a stage reads the outside file `url` (a list, an id file, embeddings): the path
+    itself when local, else one copy per recorded version under data/.work/inputs/ (fetched
+    resumably by the first stage that needs it; at 1,112 parts one download instead of one
+    per part). The version is the fingerprint the inputs check recorded in data/inputs/`input_file`;
+    a copy whose size or md5 is not that fingerprint's (the file changed after the check) is
+    refused, so no stage reads content other than what DVC recorded. `key` names the recipe key."""
+    import hashlib
+
+    from laionbuild.metadata.transfer import fetch_file
+    from laionbuild.project.layout import WORK
+    from laionbuild.recipe.errors import InputError, MissingInputError
+
+    if not is_remote(url):
+        path = Path(url.removeprefix("file://")).expanduser()
+        if not path.is_file():
+            raise MissingInputError(f"{url}: {key}: no such file")
+        return path
+    version = recorded_inputs(input_file).get(url)
+    name = hashlib.sha256(json.dumps([url, version], sort_keys=True).encode()).hexdigest()[:20]
+    dest = WORK / "inputs" / name / (url.split("?")[0].rstrip("/").rsplit("/", 1)[-1] or "file")
+    if dest.is_file():
+        return dest
+    info = fetch_file(url, dest.with_name(dest.name + ".fetched"), dest.with_name(dest.name + ".partial"))
+    wrong = [k for k in ("size", "md5") if (version or {}).get(k) is not None and info.get(k) != version[k]]
+    if wrong:
+        dest.with_name(dest.name + ".fetched").unlink()
+        raise InputError(f"{url}: {key}: the file changed after the inputs check recorded it ({wrong[0]} "
+                         f"{info.get(wrong[0])} != {version[wrong[0]]} in data/inputs/{input_file}); build again: "
+                         "the check records the new version and reruns what reads it")
+    dest.with_name(dest.name + ".fetched").rename(dest)
+    return dest
+
+
 def _plain(value: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
 

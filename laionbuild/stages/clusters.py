@@ -31,7 +31,7 @@ SCHEMA = pa.schema([("key", pa.string()), ("cluster", pa.int32()), ("in_target_c
 def _centroids(cfg) -> tuple[np.ndarray, int]:
     s = cfg.tag.clusters
     if s.centroids is not None:
-        return load_embeddings(local(s.centroids), "tag.clusters.centroids"), 0
+        return load_embeddings(local(s.centroids, "tag.clusters.centroids"), "tag.clusters.centroids"), 0
     sample = []
     for part in cfg.subset.parts:
         _, emb = image_embeddings(part, s.model, normalise=False)
@@ -58,7 +58,7 @@ def run(cfg) -> None:
         centroids, sampled = _centroids(cfg)
         targets = []
         for i, url in enumerate(s.targets):
-            emb = load_embeddings(local(url), f"tag.clusters.targets.{i}")
+            emb = load_embeddings(local(url, f"tag.clusters.targets.{i}"), f"tag.clusters.targets.{i}")
             if emb.shape[1] != centroids.shape[1]:
                 raise InputError(f"tag.clusters.targets.{i}: {url} has {emb.shape[1]}-d embeddings and the centroids "
                                  f"are {centroids.shape[1]}-d: give targets embedded by the model the build clusters "
