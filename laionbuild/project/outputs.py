@@ -99,10 +99,14 @@ def step_order(cfg) -> list[str]:
 
 def image_embeddings(part: int, model: str | None = None, normalise: bool = True) -> tuple[list[str], np.ndarray]:
     """A part's keys and its image embeddings by `model` (None: embed.model) as float32, in the
-    part's row order; `normalise`: each row scaled to unit length (a zero row stays zero)."""
+    part's row order; `normalise`: each row scaled to unit length (a zero row stays zero). A
+    file whose row count is not the part's metadata's is refused, naming the stage to rebuild."""
     keys = pq.read_table(part_dir("embed", part) / "metadata" / "metadata_0.parquet",
                          columns=[KEY_COLUMN]).column(KEY_COLUMN)
-    emb = np.load(embed_dir(part, model) / "img_emb" / "img_emb_0.npy").astype(np.float32)
+    path = embed_dir(part, model) / "img_emb" / "img_emb_0.npy"
+    emb = np.load(path).astype(np.float32)
+    if len(emb) != len(keys):
+        raise RuntimeError(f"{path}: {len(emb)} rows, the part has {len(keys)}; rebuild embed@{part}")
     if normalise:
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
         emb = emb / np.where(norms == 0, 1, norms)

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from laionbuild.project.atomic import atomic_dir
 from laionbuild.project.funnel import Counts
 from laionbuild.project.layout import KEY_COLUMN, embed_dir, part_dir
+from laionbuild.project.outputs import image_embeddings
 from laionbuild.recipe.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -30,14 +31,6 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
     return np.einsum("ij,ij->i", a, b)
-
-
-def image_embeddings(part: int, model: str | None, rows: int) -> np.ndarray:
-    path = embed_dir(part, model) / "img_emb" / "img_emb_0.npy"
-    emb = np.load(path)
-    if len(emb) != rows:
-        raise RuntimeError(f"{path}: {len(emb)} rows, the part has {rows}; rebuild embed@{part}")
-    return emb
 
 
 def _with_source_columns(cfg, part: int, tags: pa.Table) -> pa.Table:
@@ -87,7 +80,7 @@ def run(cfg, part: int) -> None:
     metadata = pd.read_parquet(part_dir("embed", part) / "metadata" / "metadata_0.parquet")
     sim_dir = embed_dir(part, cfg.tag.clip_similarity_model)
     if (sim_dir / "text_emb").exists():
-        similarity = pa.array(cosine(image_embeddings(part, cfg.tag.clip_similarity_model, len(metadata)),
+        similarity = pa.array(cosine(image_embeddings(part, cfg.tag.clip_similarity_model, normalise=False)[1],
                                      np.load(sim_dir / "text_emb" / "text_emb_0.npy")), pa.float32())
     else:  # embeddings from the source (embed.from_source): no text embeddings, no CLIP similarity
         similarity = pa.nulls(len(metadata), pa.float32())
@@ -116,7 +109,7 @@ def run(cfg, part: int) -> None:
         for warning in skipped:
             log.warning(warning)
         for head in heads:  # each head scores the embeddings of the model it names
-            emb = image_embeddings(part, cfg.tag.heads[head.name].model, len(metadata))
+            _, emb = image_embeddings(part, cfg.tag.heads[head.name].model, normalise=False)
             tags = tags.append_column(head.name, pa.array(head.score(emb), pa.float32()))
     counts = Counts()
     counts.set("tagged", tags.num_rows)
