@@ -36,9 +36,12 @@ def cmd_compose(args) -> int:
 
         sys.stdout.write(keys_table())
         return 0
-    if (splits := compose_splits_recipe(args.overrides, conf_dir=args.conf_dir)) is not None:
-        return compose_split_build(args, splits)
-    cfg = compose(args.overrides, conf_dir=args.conf_dir)
+    try:
+        cfg = compose(args.overrides, conf_dir=args.conf_dir)
+    except RecipeError:  # (a split build's recipe never composes as one build's: `splits` is no section)
+        if (splits := compose_splits_recipe(args.overrides, conf_dir=args.conf_dir)) is not None:
+            return compose_split_build(args, splits)
+        raise
     atomic_write_text(args.output, to_yaml(cfg))
     if Path(args.output).resolve() != Path("params.yaml").resolve():
         print(f"wrote {args.output} (recipe={cfg.recipe.name}, parts={list(cfg.subset.parts)})")
@@ -63,6 +66,7 @@ def compose_split_build(args, recipe) -> int:
     if Path(args.output).resolve() != Path("params.yaml").resolve():
         raise RecipeError(f"recipe {recipe.recipe.name} is a split build ({', '.join(recipe.splits)}): it composes "
                           "into the project (splits/<split>/params.yaml), not into --output")
+    splits.check_root(recipe)  # (before composing: compose makes the split folders)
     composed = splits.compose_splits(recipe, args.overrides, args.conf_dir)
     splits.write_layout(recipe, composed, template_root())
     for name, cfg in composed.items():

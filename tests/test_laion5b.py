@@ -154,6 +154,8 @@ def test_each_split_is_its_own_recipe_with_its_own_threshold_and_text_encoder(la
     assert root == {"recipe": root["recipe"], "splits": SPLITS} and root["recipe"]["name"] == "laion5b"
     ran = _stages(laion5b.first)
     assert ran[-1] == "union" and {s.split("/")[1] for s in ran[:-1]} == set(SPLITS)
+    status = laion5b.laionbuild("status", check=False)  # one build's status: refused at a split build's root
+    assert status.returncode == 2 and "split build" in status.output
 
 
 def test_the_union_is_the_three_selections_each_by_its_own_threshold(laion5b):
@@ -222,3 +224,55 @@ def test_a_change_to_one_split_reruns_that_split_and_the_union_only(laion5b):
         assert union.loc[union["split"] == split, "key"].tolist() == d.loc[d["similarity"] >= THRESHOLD[split], "key"].tolist()
     card = json.loads((laion5b / "data/card.json").read_text())
     assert {s["split"]: s["min_clip_similarity"] for s in card["splits"]}["laion1b_nolang"] == threshold
+
+
+def test_a_new_text_encoder_for_one_split_re_embeds_that_split_only(laion5b, tmp_path):
+    import shutil
+
+    # the same weights in another folder: a changed embed.text_model, the same embeddings
+    moved = tmp_path / "mclip-tiny-moved"
+    shutil.copytree(laion5b.text_model, moved)
+    nolang = f"laion1b_nolang.select.min_clip_similarity={_threshold_inside(laion5b.direct['laion1b_nolang']['similarity'])}"
+    before = _union(laion5b)
+    result = laion5b.build(*laion5b.overrides, nolang, f"laion2b_multi.embed.text_model={moved}")
+    ran = _stages(result)
+    assert "splits/laion2b_multi/dvc.yaml:embed@0" in ran and ran[-1] == "union"
+    assert all(s.startswith("splits/laion2b_multi/dvc.yaml:") for s in ran[:-1]), ran
+    for split, path in (("laion2b_multi", str(moved)), ("laion1b_nolang", laion5b.text_model)):
+        model = json.loads((laion5b / f"splits/{split}/data/embed/part_0/model.json").read_text())
+        assert model["text_model"]["path"] == path
+    pd.testing.assert_frame_equal(_union(laion5b), before)
+    splits = {s["split"]: s for s in json.loads((laion5b / "data/card.json").read_text())["splits"]}
+    assert splits["laion2b_multi"]["text_model"]["path"] == str(moved)
+
+
+def test_overrides_go_to_every_split_or_to_the_one_they_name():
+    from laionbuild.project.splits import split_overrides
+    from laionbuild.recipe.errors import RecipeError
+
+    common, own = split_overrides(["recipe=laion5b", "subset.parts=[0]", "~tag.heads.nsfw_score",
+                                   "laion2b_multi.embed.text_model=/m", "++laion1b_nolang.select.x=1"], SPLITS)
+    assert common == ["subset.parts=[0]", "~tag.heads.nsfw_score"]
+    assert own == {"laion2b_en": [], "laion2b_multi": ["embed.text_model=/m"], "laion1b_nolang": ["++select.x=1"]}
+    with pytest.raises(RecipeError, match="names a key under it"):
+        split_overrides(["laion2b_multi=1"], SPLITS)
+
+
+def test_a_split_build_is_refused_where_it_cannot_be_built(tmp_path):
+    project = new_project(tmp_path / "project")
+    (project / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")  # a built recipe of one build
+    text_model = write_text_model(tmp_path / "mclip-tiny")
+    given = ["recipe=laion5b", f"laion2b_multi.embed.text_model={text_model}",
+             f"laion1b_nolang.embed.text_model={text_model}"]
+    refused = project.laionbuild("compose", *FAST, *given, check=False)
+    assert refused.returncode == 2 and "a repository of its own" in refused.output
+    assert not (project / "splits").exists()
+    elsewhere = project.laionbuild("compose", *FAST, *given, "--output", "other.yaml", check=False)
+    assert elsewhere.returncode == 2 and "not into --output" in elsewhere.output
+    (project / "dvc.lock").unlink()
+    missing = project.laionbuild("compose", *FAST, "recipe=laion5b", check=False)  # multi's text encoder not given
+    assert missing.returncode == 2 and "split laion2b_multi" in missing.output and "embed.text_model" in missing.output
+    assert not (project / "params.yaml").exists()  # nothing written
+    project.laionbuild("compose", *FAST, *given)
+    assert (project / "dvc.yaml").read_text().startswith("# laionbuild split build")
+    assert sorted(p.name for p in (project / "splits").iterdir()) == sorted(SPLITS)

@@ -126,19 +126,24 @@ def is_split_root(dvc_yaml: Path = Path("dvc.yaml")) -> bool:
     return dvc_yaml.exists() and dvc_yaml.read_text().startswith(ROOT_MARK)
 
 
+def check_root(recipe) -> None:
+    """Refuse a root that holds a built recipe of one build, or split folders of other splits."""
+    if Path("dvc.lock").exists() and not is_split_root():
+        raise RecipeError(f"recipe {recipe.recipe.name} is a split build ({', '.join(recipe.splits)}), and this "
+                          "repository's root holds a built recipe of one build (dvc.lock): build it in a repository "
+                          "of its own (`laionbuild init DIR`)")
+    stray = [p.name for p in SPLITS.iterdir() if p.is_dir() and p.name not in recipe.splits] if SPLITS.is_dir() else []
+    if stray:
+        raise RecipeError(f"{SPLITS}/ holds {stray}, not splits of recipe {recipe.recipe.name} "
+                          f"({', '.join(recipe.splits)}): remove them (`dvc remove` their stages) first")
+
+
 def write_layout(recipe, composed: dict, template: Path) -> None:
     """Write the split build's files: every split folder's params.yaml and template files, the
     root dvc.yaml and params.yaml. Refuses a root that holds a built recipe of one build."""
     from laionbuild.recipe.schema import to_yaml
 
-    if Path("dvc.lock").exists() and not is_split_root():
-        raise RecipeError(f"recipe {recipe.recipe.name} is a split build ({', '.join(recipe.splits)}), and this "
-                          "repository's root holds a built recipe of one build (dvc.lock): build it in a repository "
-                          "of its own (`laionbuild init DIR`)")
-    stray = [p.name for p in SPLITS.iterdir() if p.is_dir() and p.name not in composed] if SPLITS.is_dir() else []
-    if stray:
-        raise RecipeError(f"{SPLITS}/ holds {stray}, not splits of recipe {recipe.recipe.name} "
-                          f"({', '.join(composed)}): remove them (`dvc remove` their stages) first")
+    check_root(recipe)
     for name, cfg in composed.items():
         folder = split_dir(name)
         for file in SPLIT_FILES:
