@@ -28,6 +28,10 @@ SPLITS = Path("splits")
 SPLIT_FILES = ("dvc.yaml", ".gitignore", ".dvcignore")
 # what `union` reads of each split's outputs (relative to its folder): dvc.yaml deps
 SPLIT_OUTPUTS = ("data/selected", "data/card.json", "data/metrics/funnel_steps.json", "data/metrics/languages.json")
+# outputs of a split's graph that no stage reads (`export`'s): deps of `union` too, never read,
+# because a plain `dvc repro` builds the stages of the dvc.yaml where it runs and what they depend
+# on -- without these the splits' `export` stages would never run from the root
+SPLIT_SINKS = ("data/export",)
 ROOT_MARK = "# laionbuild split build"  # first line of a split build's root dvc.yaml
 
 
@@ -86,13 +90,13 @@ def compose_splits(recipe, overrides: list[str], conf_dir: str | Path) -> dict:
 
 def root_dvc_yaml(names) -> str:
     """The root graph of a split build: the `union` stage over the splits' outputs."""
-    deps = "".join(f"      - {split_dir(n).as_posix()}/{o}\n" for n in names for o in SPLIT_OUTPUTS)
+    deps = "".join(f"      - {split_dir(n).as_posix()}/{o}\n" for n in names for o in SPLIT_OUTPUTS + SPLIT_SINKS)
     return f"""{ROOT_MARK} (laionbuild/project/splits.py; written by `laionbuild compose`): the splits' graphs
 # are splits/<split>/dvc.yaml (the standard one, run in that folder); this one holds their union.
 stages:
   union:          # the splits' selected keys (a `split` column), one funnel with a column per split,
     cmd: laionbuild stage union    # the per-language table, one card
-    deps:
+    deps:         # (each split's data/export is not read: there so that `dvc repro` here builds it)
 {deps}    params: [recipe, splits]
     outs:
       - data/union
