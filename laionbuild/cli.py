@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from laionbuild.project.atomic import atomic_write_text
-from laionbuild.project.layout import STAGES, output_layout_error
+from laionbuild.project.layout import SPLIT_STAGES, STAGES, output_layout_error
 from laionbuild.project.repo import (
     check_output_layouts,
     clear_dead_dvc_locks,
@@ -22,7 +22,7 @@ from laionbuild.project.repo import (
     stage_status,
 )
 from laionbuild.recipe.errors import LaionbuildError
-from laionbuild.recipe.schema import RecipeError, compose, load_params, to_yaml
+from laionbuild.recipe.schema import RecipeError, compose, compose_splits_recipe, load_params, to_yaml
 from laionbuild.web import without_torch
 
 log = logging.getLogger("laionbuild")
@@ -36,7 +36,12 @@ def cmd_compose(args) -> int:
 
         sys.stdout.write(keys_table())
         return 0
-    cfg = compose(args.overrides, conf_dir=args.conf_dir)
+    try:
+        cfg = compose(args.overrides, conf_dir=args.conf_dir)
+    except RecipeError:  # (a split build's recipe never composes as one build's: `splits` is no section)
+        if (splits := compose_splits_recipe(args.overrides, conf_dir=args.conf_dir)) is not None:
+            return compose_split_build(args, splits)
+        raise
     atomic_write_text(args.output, to_yaml(cfg))
     if Path(args.output).resolve() != Path("params.yaml").resolve():
         print(f"wrote {args.output} (recipe={cfg.recipe.name}, parts={list(cfg.subset.parts)})")
@@ -52,12 +57,41 @@ def cmd_compose(args) -> int:
     return 0
 
 
+def compose_split_build(args, recipe) -> int:
+    """A split build (recipe=laion5b): each split's params.yaml and dvc.yaml in splits/<split>/,
+    the `union` graph at the root (laionbuild/project/splits.py)."""
+    from laionbuild.project import splits
+    from laionbuild.project.template import template_root
+
+    if Path(args.output).resolve() != Path("params.yaml").resolve():
+        raise RecipeError(f"recipe {recipe.recipe.name} is a split build ({', '.join(recipe.splits)}): it composes "
+                          "into the project (splits/<split>/params.yaml), not into --output")
+    splits.check_root(recipe)  # (before composing: compose makes the split folders)
+    composed = splits.compose_splits(recipe, args.overrides, args.conf_dir)
+    splits.write_layout(recipe, composed, template_root())
+    for name, cfg in composed.items():
+        with splits._in(splits.split_dir(name)):
+            removed, kept = prune_stale_parts(list(cfg.subset.parts))
+        for path in removed:
+            log.info("removed %s/%s from the workspace (part not in subset.parts; kept in DVC's cache)",
+                     splits.split_dir(name), path)
+        for path, target in kept:
+            print(f"kept {splits.split_dir(name)}/{path} in {target}: part not in subset.parts, and DVC's cache does "
+                  "not hold it as it is", file=sys.stderr)
+        print(f"wrote {splits.split_dir(name)}/params.yaml (recipe={cfg.recipe.name}, parts={list(cfg.subset.parts)})")
+    print(f"wrote params.yaml and dvc.yaml (recipe={recipe.recipe.name}: splits {', '.join(composed)} and their union)")
+    return 0
+
+
 def cmd_sweep(args) -> int:
     """Each point of a Hydra multirun sweep as one DVC experiment, run one after the other in
     this workspace; stages a point shares with an earlier one are restored, not recomputed."""
     from laionbuild.project.sweeps import experiment_name, sweep_points
 
     points, varying = sweep_points(args.overrides)
+    if compose_splits_recipe(points[0], conf_dir=args.conf_dir) is not None:
+        raise RecipeError("build -m: a split build (recipe.splits) is not swept: DVC's Hydra composition writes one "
+                          "params.yaml; sweep a split's recipe in a repository of its own")
     for point in points:  # every point is a valid recipe before any work starts
         compose(point, conf_dir=args.conf_dir)
     enable_dvc_hydra()
@@ -112,11 +146,16 @@ def cmd_build(args) -> int:
     repro = ["repro"]
     if args.force:
         repro.append("--force")
-    if args.stage:
+    from laionbuild.project.splits import is_split_root
+
+    split_build = is_split_root()
+    if args.stage and split_build:  # DVC's own names: union, splits/<split>/dvc.yaml:select, ...
+        repro.append(args.stage)
+    elif args.stage:
         if args.stage not in STAGES and args.stage.split("@")[0] not in STAGES:
             raise RecipeError(f"--stage: unknown stage `{args.stage}`; stages: {', '.join(STAGES)}")
         repro.append(args.stage)
-    if args.progress or (args.progress is None and sys.stderr.isatty()):
+    if not split_build and (args.progress or (args.progress is None and sys.stderr.isatty())):
         from laionbuild.explore.progress import BuildProgress, run_with_progress
         from laionbuild.project.outputs import step_order
 
@@ -134,7 +173,12 @@ def cmd_stage(args) -> int:
 
     if wrong := output_layout_error(args.name, args.layout):
         raise LaionbuildError(wrong)
-    cfg = load_params(args.params)
+    if args.name in SPLIT_STAGES:  # a split build's root stage: its params.yaml is the SplitsRecipe
+        from laionbuild.project.splits import load_root
+
+        cfg = load_root(args.params)
+    else:
+        cfg = load_params(args.params)
     if args.name in TORCH_FREE_STAGES and without_torch.enable():
         log.info("stage %s runs without torch, in this process and those it spawns (img2dataset needs none; "
                  "LAIONBUILD_WITHOUT_TORCH=0 turns this off)", args.name)
@@ -228,6 +272,11 @@ def cmd_projector(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from laionbuild.project.splits import is_split_root
+
+    if is_split_root():
+        raise RecipeError("status: this is a split build (dvc.yaml holds `union`): `dvc status` shows its stages; "
+                          "`laionbuild status` reads one build's params.yaml")
     check_output_layouts()
     rows = stage_status()
     width = max(len(n) for n, _, _ in rows)
@@ -273,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
-    p.add_argument("name", choices=STAGES)
+    p.add_argument("name", choices=STAGES + SPLIT_STAGES)
     p.add_argument("--part", type=int, help="part id, for per-part stages")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--layout", type=int, help="the output layout dvc.yaml was written for (assemble: 2); a stage "

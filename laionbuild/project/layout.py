@@ -38,6 +38,9 @@ GLOBAL_STAGES = ("inputs", "consolidate", "dedup", "neardup", "clusters", "selec
 # pipeline order: inputs, consolidate, fetch, prepare, dedup, download, screen, faces, watermark, embed,
 # tag, neardup, clusters, select, assemble, export, index, report, card
 STAGES = GLOBAL_STAGES[:2] + PER_PART_STAGES[:2] + ("dedup",) + PER_PART_STAGES[2:] + GLOBAL_STAGES[3:]
+# the stages of a split build's root graph (laionbuild/project/splits.py), not of the standard
+# dvc.yaml: they run at the repository's root, after every split's graph
+SPLIT_STAGES = ("union",)
 
 # Stages whose outputs changed layout in a way their inputs and params do not show: dvc.yaml
 # calls them with `--layout N`, so a new layout changes the stage's cmd and DVC reruns it (and

@@ -839,6 +839,50 @@ def compose(overrides: List[str], conf_dir: str | Path = "conf", config_name: st
     """Compose `conf/config.yaml` with Hydra override grammar, then validate. A dataset repo's
     config.yaml lists the shipped conf/ in `hydra.searchpath` (`laionbuild://conf`): its own
     groups and recipes are searched first, the shipped ones after."""
+    raw, where, origin = _hydra_compose(overrides, conf_dir, config_name)
+    return to_config(raw, where=where, origin=origin)
+
+
+SplitName = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")]
+
+
+@dataclass
+class SplitsRecipe:
+    """A split build's recipe (conf/recipe/laion5b.yaml; docs/multilingual.md): one build per
+    split, each of its own recipe (`splits`: split name -> conf/recipe/NAME), in the folder
+    splits/<split>/ of one DVC repository, and the `union` stage over their selections. It has
+    no other section: each split's recipe is its own params.yaml."""
+    recipe: RecipeInfo = field(default_factory=RecipeInfo)
+    splits: Dict[SplitName, str] = field(default_factory=dict)
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("~+")
+
+
+def compose_splits_recipe(overrides: List[str], conf_dir: str | Path = "conf",
+                          config_name: str = "config") -> Optional[SplitsRecipe]:
+    """The split build the overrides' recipe is (a recipe with a top-level `splits:` mapping),
+    composed from the `recipe=`/`recipe.*` overrides only; None for a recipe of one build."""
+    from omegaconf import OmegaConf
+
+    from laionbuild.recipe.validate import typed
+
+    picked = [o for o in overrides if _override_key(o) == "recipe" or _override_key(o).startswith("recipe.")]
+    try:
+        raw, where, origin = _hydra_compose(picked, conf_dir, config_name)
+    except RecipeError:
+        return None  # (not a split build's recipe either: the full compose says what is wrong)
+    if "splits" not in raw:
+        return None
+    recipe = typed(SplitsRecipe, OmegaConf.to_container(raw, resolve=True), where, origin)
+    if not recipe.splits:
+        raise RecipeError(f"{where}: `splits` is empty: name each split and the recipe it builds, "
+                          "e.g. splits: {laion2b_en: laion5b_en}")
+    return recipe
+
+
+def _hydra_compose(overrides: List[str], conf_dir: str | Path, config_name: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -860,7 +904,7 @@ def compose(overrides: List[str], conf_dir: str | Path = "conf", config_name: st
         raise RecipeError(yaml_error_message(exc)) from None
     except (HydraException, OmegaConfBaseException) as exc:
         raise RecipeError(hydra_message(exc, where)) from None
-    return to_config(raw, where=where, origin=composed_origin(overrides, files, searched))
+    return raw, where, composed_origin(overrides, files, searched)
 
 
 def hydra_message(exc: Exception, where: str) -> str:

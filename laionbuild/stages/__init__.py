@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-from laionbuild.project.layout import GLOBAL_STAGES, PER_PART_STAGES
+from laionbuild.project.layout import GLOBAL_STAGES, PER_PART_STAGES, SPLIT_STAGES
 from laionbuild.recipe.errors import InputError
 
 # stage name -> module, where the stage's name would shadow the standard library
@@ -14,8 +14,8 @@ MODULES = {"select": "selection"}
 
 
 def run_stage(name: str, cfg, part: int | None = None) -> None:
-    if name not in PER_PART_STAGES + GLOBAL_STAGES:
-        raise InputError(f"unknown stage `{name}`; stages: {', '.join(PER_PART_STAGES + GLOBAL_STAGES)}")
+    if name not in PER_PART_STAGES + GLOBAL_STAGES + SPLIT_STAGES:
+        raise InputError(f"unknown stage `{name}`; stages: {', '.join(PER_PART_STAGES + GLOBAL_STAGES + SPLIT_STAGES)}")
     module = importlib.import_module(f"laionbuild.stages.{MODULES.get(name, name)}")
     if name in PER_PART_STAGES:
         if part is None:
