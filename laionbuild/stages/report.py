@@ -32,12 +32,13 @@ from laionbuild.metadata.rules import metadata_rules, sql_string, tag_rules, whe
 from laionbuild.metadata.sources import canonical_columns, duckdb_source, effective_source, part_ids, rows_sql, source_schema
 from laionbuild.project.atomic import atomic_dir, atomic_write_text, read_json, write_json
 from laionbuild.project.funnel import load_stats
+from laionbuild.project.index_filter import all_samples_index, filtered_report, indexed_count
 from laionbuild.project.layout import (
     CLUSTERS,
     FUNNEL,
     FUNNEL_STEPS,
     HISTOGRAMS,
-    INDEX,
+    INDEX_FILTERED_METRICS,
     KEY_COLUMN,
     LANGUAGES,
     LICENCES,
@@ -65,8 +66,6 @@ NOT_HISTOGRAMS = {"part"}
 
 
 def funnel(cfg) -> dict:
-    import faiss
-
     totals: Counter = Counter()
     failures: Counter = Counter()
     parts = {}
@@ -93,7 +92,7 @@ def funnel(cfg) -> dict:
     for name, value in selected["counts"].items():
         if name != "tagged":
             result[name] = value
-    result["indexed"] = int(faiss.read_index(str(INDEX / "image.index")).ntotal)
+    result["indexed"] = indexed_count()  # an unmaterialised point: its selected vectors of the all-samples index
     result["parts"] = parts
     result["untrained_embeddings"] = any(read_json(part_dir("embed", p) / "model.json")["untrained"]
                                          for p in cfg.subset.parts)
@@ -107,6 +106,10 @@ def funnel_steps(cfg, result: dict) -> list[dict]:
 def run(cfg) -> None:
     result = funnel(cfg)
     write_json(FUNNEL, result)
+    # an unmaterialised point searches the all-samples index under its selection: measured here,
+    # where the selection is a dependency (the index stage's own index.json does not depend on it)
+    write_json(INDEX_FILTERED_METRICS, filtered_report(cfg, cfg.index.report_queries, cfg.index.report_seed)
+               if all_samples_index() else {"filtered": False})
     # the same funnel as a DVC plot (`dvc plots show` / `dvc plots diff` across experiments)
     steps = funnel_steps(cfg, result)
     write_json(FUNNEL_STEPS, steps)
