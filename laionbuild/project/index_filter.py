@@ -32,7 +32,6 @@ import pyarrow.parquet as pq
 from laionbuild.project.atomic import read_json
 from laionbuild.project.files import numbered
 from laionbuild.project.layout import INDEX, SELECTED, embed_dir, embeddings_dir
-from laionbuild.project.outputs import selected_keys
 from laionbuild.recipe.errors import InputError
 
 PARTS_FILE = "parts.json"  # data/index/ of an unmaterialised build: [{part, first_id, count}] in id order
@@ -79,24 +78,55 @@ def rows(kind: str, wanted: np.ndarray, model: str | None = None, root: Path = P
 
 
 def selected_ids(root: Path = Path(".")) -> np.ndarray:
-    """The sorted index ids of the selected samples (data/selected) in an all-samples index."""
+    """The sorted index ids of the selected samples (data/selected) in an all-samples index: per
+    part, its selected keys (the row groups of selected.parquet that can hold the part) looked up
+    in the part's index keys, both in key order (embed sorts each part by key). Keys are compared
+    as int64 (a key is 14 digits: part + source row), so memory is one part's keys at 8 bytes
+    each. Measured (a 1M-row part, 500k selected, 2 shared cores): 0.14-0.2 s warm (0.7 s for
+    the first, imports included), so ~1-1.5 min over LAION-400M's ~400 parts."""
     selected = pq.ParquetFile(root / SELECTED / "selected.parquet")
     files = numbered(root / INDEX / "metadata", "metadata", ".parquet")
-    parts = read_json(root / INDEX / PARTS_FILE)
     ids = []
-    for entry, path in zip(parts, files):
-        keys = selected_keys(selected, entry["part"])
-        if not keys:
+    for entry, path in zip(read_json(root / INDEX / PARTS_FILE), files):
+        wanted = _selected_of_part(selected, entry["part"])
+        if not len(wanted):
             continue
-        indexed = pq.read_table(path, columns=["key"]).column("key").to_numpy(zero_copy_only=False).astype(str)
-        wanted = np.asarray(keys).astype(str)
-        at = np.searchsorted(indexed, wanted)  # both in key order (embed sorts each part by key)
+        indexed = _keys(pq.read_table(path, columns=["key"]).column("key"))
+        at = np.searchsorted(indexed, wanted)
         found = (at < len(indexed)) & (indexed[np.minimum(at, len(indexed) - 1)] == wanted)
         if not found.all():
             raise InputError(f"{root / INDEX}: {int((~found).sum())} selected samples of part {entry['part']} are not "
                              f"indexed (e.g. {wanted[~found][0]}); rebuild the index (`laionbuild build`)")
         ids.append(entry["first_id"] + at)
     return np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
+
+
+def _keys(column) -> np.ndarray:
+    """Keys as sortable numbers: int64 (14 digits), or strings if a key is not all digits."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        return pc.cast(column, pa.int64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return np.asarray(column.to_pylist(), dtype=str)
+
+
+def _selected_of_part(selected: pq.ParquetFile, part: int) -> np.ndarray:
+    """A part's selected keys in build order (`outputs.selected_keys`, kept columnar)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    part_index = selected.schema_arrow.get_field_index("part")
+    chunks = []
+    for i in range(selected.num_row_groups):
+        stats = selected.metadata.row_group(i).column(part_index).statistics
+        if stats is not None and stats.has_min_max and not stats.min <= part <= stats.max:
+            continue
+        group = selected.read_row_group(i, columns=["key", "part"])
+        chunks.append(group.filter(pc.equal(group.column("part"), part)).column("key"))
+    keys = pa.chunked_array([c for chunk in chunks for c in chunk.chunks], type=pa.string()) if chunks else None
+    return _keys(keys) if keys is not None and len(keys) else np.zeros(0, np.int64)
 
 
 class SelectionFilter:
@@ -107,7 +137,7 @@ class SelectionFilter:
         import faiss
 
         self.ids = np.asarray(ids, np.int64)
-        mask = np.zeros(index.ntotal, bool)
+        mask = np.zeros(index.ntotal, bool)  # (transient: 1 byte a vector, 400 MB at 400M)
         mask[self.ids] = True
         self.bitmap = np.packbits(mask, bitorder="little")  # faiss: bit (i & 7) of byte i >> 3
         self.selector = faiss.IDSelectorBitmap(index.ntotal, faiss.swig_ptr(self.bitmap))
