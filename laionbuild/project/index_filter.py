@@ -222,17 +222,22 @@ def filtered_report(cfg, queries: int, seed: int, root: Path = Path(".")) -> dic
 def exact_search_within(queries: np.ndarray, k: int, ids: np.ndarray, model: str | None = None,
                         root: Path = Path("."), chunk: int = 262_144) -> np.ndarray:
     """Exact inner-product top k of `queries` over the image embeddings of the index ids `ids`
-    (sorted) only, as index ids; a chunk of ids at a time (memory: one chunk). Ties break toward
-    the lower id."""
+    (sorted) only, as index ids: one pass over the indexed files, a chunk of a file's selected
+    rows at a time (memory: one chunk). Ties break toward the lower id."""
     best_d = np.full((len(queries), 0), -np.inf, np.float32)
     best_i = np.zeros((len(queries), 0), np.int64)
-    for offset in range(0, len(ids), chunk):
-        block_ids = ids[offset:offset + chunk]
-        block = rows("img_emb", block_ids, model, root)
-        d = np.concatenate([best_d, queries @ block.T], axis=1)
-        i = np.concatenate([best_i, np.broadcast_to(block_ids, (len(queries), len(block_ids)))], axis=1)
-        order = np.lexsort((i, -d), axis=1)[:, :k]
-        best_d, best_i = np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+    start = 0
+    for path in embedding_files("img_emb", model, root):
+        array = np.load(path, mmap_mode="r")
+        mine = ids[(ids >= start) & (ids < start + len(array))]
+        for offset in range(0, len(mine), chunk):
+            block_ids = mine[offset:offset + chunk]
+            block = np.asarray(array[block_ids - start], np.float32)
+            d = np.concatenate([best_d, queries @ block.T], axis=1)
+            i = np.concatenate([best_i, np.broadcast_to(block_ids, (len(queries), len(block_ids)))], axis=1)
+            order = np.lexsort((i, -d), axis=1)[:, :k]
+            best_d, best_i = np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+        start += len(array)
     return best_i
 
 
