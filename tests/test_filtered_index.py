@@ -270,3 +270,29 @@ def test_the_filter_searches_as_the_index_is_set_up(key):
     assert all(int(r) in tenth for r in some) and not any(int(r) in tenth for r in np.setdiff1d(np.arange(100), some))
     if key == "Flat":
         assert found[:, 0].tolist() == [exact_top(q, x, some) for q in queries]
+
+
+def test_an_ivf_index_is_searched_with_the_nprobe_autofaiss_tuned(point, tmp_path, monkeypatch):
+    """autofaiss saves an IVF index with the nprobe it tuned (here every list of 4): the filter's
+    search parameters keep it, so the filtered search still reaches every selected sample (at the
+    parameters' default nprobe=1 it would reach about a quarter)."""
+    from laionbuild.explore.query import BuildIndex
+
+    project = copy_of(point[0], tmp_path / "project")
+    threshold = float(similarities(project)[len(similarities(project)) // 2])  # the point's own
+    result = project.laionbuild("build", "--stage", "report", *POINT, f"select.min_clip_similarity={threshold!r}",
+                                'index.index_key="IVF4,Flat"')
+    assert "index" in result.ran
+    infos = json.loads((project / "data/index/image_infos.json").read_text())
+    assert infos["index_key"] == "IVF4,Flat" and infos["index_param"] == "nprobe=4"
+    keys, img, text = embedded(project)
+    chosen = set(selected(project))
+    rows = np.flatnonzero(np.isin(keys, list(chosen)))
+    monkeypatch.chdir(project.path)
+    index = BuildIndex()
+    assert faiss.extract_index_ivf(index.index).nlist == 4
+    for q in text[:10]:
+        _, found = index.search(q[None, :], len(keys))
+        assert {keys[r] for r in found} == chosen and found[0] == exact_top(q, img, rows)
+    metrics = json.loads((project / "data/metrics/index_filtered.json").read_text())
+    assert metrics["recall_at_1"] == 1.0 and metrics["short_results"] == 0.0 and metrics["outside_selection"] == 0

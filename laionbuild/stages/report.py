@@ -65,7 +65,8 @@ HISTOGRAM_TITLES = {"clip_similarity": "CLIP similarity (image, caption)", "widt
 NOT_HISTOGRAMS = {"part"}
 
 
-def funnel(cfg) -> dict:
+def funnel(cfg, indexed: int | None = None) -> dict:
+    """`indexed`: the vectors a search returns, when known (else read from data/index)."""
     totals: Counter = Counter()
     failures: Counter = Counter()
     parts = {}
@@ -92,7 +93,7 @@ def funnel(cfg) -> dict:
     for name, value in selected["counts"].items():
         if name != "tagged":
             result[name] = value
-    result["indexed"] = indexed_count()  # an unmaterialised point: its selected vectors of the all-samples index
+    result["indexed"] = indexed_count() if indexed is None else indexed
     result["parts"] = parts
     result["untrained_embeddings"] = any(read_json(part_dir("embed", p) / "model.json")["untrained"]
                                          for p in cfg.subset.parts)
@@ -104,12 +105,14 @@ def funnel_steps(cfg, result: dict) -> list[dict]:
 
 
 def run(cfg) -> None:
-    result = funnel(cfg)
-    write_json(FUNNEL, result)
     # an unmaterialised point searches the all-samples index under its selection: measured here,
-    # where the selection is a dependency (the index stage's own index.json does not depend on it)
-    write_json(INDEX_FILTERED_METRICS, filtered_report(cfg, cfg.index.report_queries, cfg.index.report_seed)
-               if all_samples_index() else {"filtered": False})
+    # where the selection is a dependency (the index stage's own index.json does not depend on it);
+    # the funnel's `indexed` is then the selected vectors the filter lets through
+    filtered = (filtered_report(cfg, cfg.index.report_queries, cfg.index.report_seed) if all_samples_index()
+                else {"filtered": False})
+    write_json(INDEX_FILTERED_METRICS, filtered)
+    result = funnel(cfg, filtered.get("selected"))
+    write_json(FUNNEL, result)
     # the same funnel as a DVC plot (`dvc plots show` / `dvc plots diff` across experiments)
     steps = funnel_steps(cfg, result)
     write_json(FUNNEL_STEPS, steps)
