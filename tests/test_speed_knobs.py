@@ -38,8 +38,9 @@ STAGE_READS = {
                "source.consolidate_parts"],  # top_fraction_of=source reads the source parts
     "assemble": ["subset", "assemble"],
     "export": ["subset", "export"],
-    "index": ["index"],
-    "report": ["recipe", "subset", "source", "prepare", "dedup", "select"],
+    "index": ["subset", "index"],  # subset: an unmaterialised build's index covers every part's embeddings
+    "report": ["recipe", "subset", "source", "prepare", "dedup", "select", "index.model", "index.report_queries",
+               "index.report_seed"],  # index.*: the index measured under the selection filter
     "card": [f.name for f in dataclasses.fields(Config) if f.name not in UNTRACKED_SECTIONS],  # it prints the recipe
 }
 

@@ -12,8 +12,13 @@ The API follows clip-retrieval's back end (`clip_retrieval/clip_back.py`), so it
   the image itself); use_mclip, the safety and violence models and aesthetic re-weighting are
   not available and are ignored, listed in the `X-Laionbuild-Ignored` response header.
 - `GET /indices-list` -> [the recipe's name]; `POST /metadata` {ids} -> [{id, metadata}].
-- Ours: `GET /image/ID` (the image, from `data/dataset` shards: a build's URLs may be gone),
+- Ours: `GET /image/ID` (the image, from `data/dataset` shards: a build's URLs may be gone; on
+  an unmaterialised point from the download's shards),
   `GET /embedding/ID` (its image embedding: the page's "neighbours" query), `GET /build-info`.
+
+On an unmaterialised point (`assemble.materialize=false`) the index holds every embedded sample
+and every endpoint answers for the selected ones only: searches apply the selection as a faiss id
+filter built once at start (laionbuild/project/index_filter.py), and an id outside it is a 404.
 
 Errors are JSON {"error": ...} with a 4xx/5xx status; the page shows them."""
 
@@ -29,8 +34,9 @@ from importlib import resources
 import numpy as np
 
 from laionbuild.explore.query import BuildIndex, Encoder
-from laionbuild.project.layout import DATASET, EMBEDDINGS
-from laionbuild.shards.thumbs import ShardImages
+from laionbuild.project.atomic import read_json
+from laionbuild.project.layout import DATASET, EMBEDDINGS, part_dir
+from laionbuild.shards.thumbs import ShardImages, add_downloaded_parts
 
 log = logging.getLogger(__name__)
 DEDUP_SIMILARITY = 0.94  # clip-back's threshold for "the same image" among results
@@ -53,10 +59,14 @@ class SearchService:
         meta = self.index.metadata
         self.tags = [c for c in meta.columns if c not in META_COLUMNS and np.issubdtype(meta[c].dtype, np.number)]
         self.images = ShardImages()
-        for shard in sorted(DATASET.glob("*.tar")):
-            self.images.add_shard(str(shard))
-        readme = EMBEDDINGS / "README.txt"  # assemble says there whether the weights were untrained
-        self.untrained = readme.exists() and "UNTRAINED" in readme.read_text()
+        if self.index.filter is None:
+            for shard in sorted(DATASET.glob("*.tar")):
+                self.images.add_shard(str(shard))
+            readme = EMBEDDINGS / "README.txt"  # assemble says there whether the weights were untrained
+            self.untrained = readme.exists() and "UNTRAINED" in readme.read_text()
+        else:  # an unmaterialised point: images from the download's shards (only selected rows are reachable)
+            add_downloaded_parts(self.images, cfg.subset.parts)
+            self.untrained = any(read_json(part_dir("embed", p) / "model.json")["untrained"] for p in cfg.subset.parts)
 
     def info(self) -> dict:
         meta = self.index.metadata
@@ -154,8 +164,10 @@ class SearchService:
             row = int(value)
         except (TypeError, ValueError):
             raise RequestError(f"id `{value}`: not an integer") from None
-        if not 0 <= row < len(self.index):
-            raise LookupError(f"id {row}: not in the index (0..{len(self.index) - 1})")
+        if row not in self.index:
+            where = (f"(0..{len(self.index) - 1})" if self.index.filter is None
+                     else "(not a sample of this point's selection, data/selected)")
+            raise LookupError(f"id {row}: not in the index {where}")
         return row
 
     def image(self, value) -> tuple[bytes, str]:

@@ -70,6 +70,7 @@ METRICS = DATA / "metrics"
 FUNNEL = METRICS / "funnel.json"
 FUNNEL_STEPS = METRICS / "funnel_steps.json"
 INDEX_METRICS = METRICS / "index.json"
+INDEX_FILTERED_METRICS = METRICS / "index_filtered.json"  # report: the index under the selection filter
 HISTOGRAMS = METRICS / "hist"  # one {bin, samples, selected} file per tag (DVC plots)
 LICENCES = METRICS / "licences.json"
 LANGUAGES = METRICS / "languages.json"  # tagged and kept per language of the samples' `language` column

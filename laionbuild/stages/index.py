@@ -7,7 +7,14 @@ it (`data/metrics/index.json`, DVC metrics): with `index.report_queries` of the 
 samples' *text* embeddings as queries (text-to-image search, what `query` does), recall@1 (the
 index's top hit is the exact top hit) and recall@10 (share of the exact top 10 found in the
 index's top 10) against an exact inner-product search, p50/p99 latency of one query at a time,
-and the index's size."""
+and the index's size.
+
+An unmaterialised build (`assemble.materialize=false`: data/embeddings holds only the marker)
+gets an index over **every embedded sample** instead (data/embed of every part, in build order),
+with `metadata/` of those rows and `parts.json` (each part's first id and count): it depends on
+nothing a sweep point changes, so DVC builds it once and skips it at every later point; `query`,
+`serve` and the report apply the point's selection as a faiss id filter
+(laionbuild/project/index_filter.py). index.json then measures the unfiltered index."""
 
 from __future__ import annotations
 
@@ -22,7 +29,9 @@ import pyarrow.parquet as pq
 
 from laionbuild.project.atomic import atomic_dir, read_json, write_json
 from laionbuild.project.files import numbered
-from laionbuild.project.layout import INDEX, INDEX_METRICS, TMP, embeddings_dir
+from laionbuild.project.index_filter import PARTS_FILE, all_samples_index, embedded_parts, embedding_files
+from laionbuild.project.layout import INDEX, INDEX_METRICS, KEY_COLUMN, TMP, embed_dir, embeddings_dir, part_dir
+from laionbuild.project.outputs import materialized
 from laionbuild.shards.storage import filesystem, join
 
 log = logging.getLogger(__name__)
@@ -31,8 +40,20 @@ log = logging.getLogger(__name__)
 def run(cfg) -> None:
     c = cfg.index
     distributed, staged = {}, None
-    source = embeddings_dir(c.model)
-    embeddings = str((source / "img_emb").resolve())  # absolute: read by executors on Spark
+    parts = None if materialized() else embedded_parts(cfg.subset.parts, c.model)
+    if parts is None:
+        source = embeddings_dir(c.model)
+        embeddings = str((source / "img_emb").resolve())  # absolute: read by executors on Spark
+    else:  # every embedded sample: each part's file linked under a name whose order is build order
+        if not parts:
+            raise RuntimeError("index: no part has an embedded sample; nothing to index")
+        source = part_dir("embed", parts[0]["part"]).parent
+        linked = TMP / f"index_embeddings.{uuid.uuid4().hex[:12]}"
+        linked.mkdir(parents=True)
+        for i, entry in enumerate(parts):
+            target = (embed_dir(entry["part"], c.model) / "img_emb" / "img_emb_0.npy").resolve()
+            (linked / f"img_emb_{i:06d}.npy").symlink_to(target)
+        embeddings = str(linked.resolve())
     if cfg.engine.name == "spark":
         # autofaiss's own Spark path: trained on the driver, vectors added by one task per slice
         # of the embeddings, the task indices merged through a folder every executor reaches
@@ -47,18 +68,21 @@ def run(cfg) -> None:
             fs.put(f"{embeddings}/", f"{root}/", recursive=True)
             embeddings = staged
     try:
-        _build(cfg, c, source, embeddings, distributed)
+        _build(cfg, c, source, embeddings, distributed, parts)
     finally:
         if staged:
             fs.rm(root, recursive=True)
+        if parts is not None:
+            shutil.rmtree(linked, ignore_errors=True)
     report(cfg)
 
 
-def _build(cfg, c, source, embeddings: str, distributed: dict) -> None:
+def _build(cfg, c, source, embeddings: str, distributed: dict, parts: list | None = None) -> None:
     import faiss
     from autofaiss import build_index
 
-    _files("img_emb", c.model)  # name order is row order (checked before autofaiss numbers them)
+    if parts is None:
+        _named_in_order("img_emb", c.model)  # name order is row order (checked before autofaiss numbers them)
     with atomic_dir(INDEX) as out:
         build_index(
             embeddings=embeddings,
@@ -76,26 +100,51 @@ def _build(cfg, c, source, embeddings: str, distributed: dict) -> None:
         )
         index = faiss.read_index(str(out / "image.index"))
         spec = cfg.embed.extra_models[c.model] if c.model else cfg.embed
-        write_json(out / "model.json", {"embeddings": str(source), "name": c.model, "model": spec.model,
-                                        "pretrained": spec.pretrained})
-        _clip_back_layout(cfg, source, out, spec)
+        model = {"embeddings": str(source), "name": c.model, "model": spec.model, "pretrained": spec.pretrained}
+        if parts is None:
+            write_json(out / "model.json", model)
+            _clip_back_layout(cfg, out, spec, numbered(source / "metadata", "metadata", ".parquet"), link=True)
+        else:
+            write_json(out / "model.json", {**model, "samples": "all embedded (assemble.materialize=false)"})
+            write_json(out / PARTS_FILE, parts)
+            _clip_back_layout(cfg, out, spec, _all_metadata(parts, out / "metadata"), link=False)
+            if index.ntotal != sum(p["count"] for p in parts):
+                raise RuntimeError(f"index: {index.ntotal} vectors indexed, {sum(p['count'] for p in parts)} embedded")
         log.info("index: %s with %d vectors", type(index).__name__, index.ntotal)
 
 
-def _clip_back_layout(cfg, source, out, spec) -> None:
+def _all_metadata(parts: list, folder) -> list:
+    """`metadata/metadata_NNNNNN.parquet` of every embedded sample, one file per part in build
+    order (row i over the files = index id i): key, url, caption and tags, the columns
+    data/embeddings/metadata has. Memory: one part's rows."""
+    from laionbuild.shards.samples import part_rows
+
+    folder.mkdir()
+    files = []
+    for i, entry in enumerate(parts):
+        keys = pq.read_table(part_dir("embed", entry["part"]) / "metadata" / "metadata_0.parquet",
+                             columns=[KEY_COLUMN]).column(KEY_COLUMN).to_pylist()
+        path = folder / f"metadata_{i:06d}.parquet"
+        part_rows(entry["part"], [str(k) for k in keys]).drop(columns=["part"]).to_parquet(path, index=False)
+        files.append(path)
+    return files
+
+
+def _clip_back_layout(cfg, out, spec, files: list, link: bool) -> None:
     """`metadata/` (clip-retrieval back's metadata provider reads `<folder>/metadata/*.parquet`,
-    row i = index id i: data/embeddings' metadata, whose rows follow the image embeddings) and
-    `indices.json` (`clip-retrieval back --indices_paths`): hard links where the filesystem
-    allows (no second copy in the workspace; DVC's cache holds one object per content anyway)."""
+    row i = index id i: data/embeddings' metadata, whose rows follow the image embeddings; `link`:
+    hard links to those files where the filesystem allows: no second copy in the workspace, DVC's
+    cache holds one object per content anyway) and `indices.json` (`clip-retrieval back
+    --indices_paths`)."""
     from laionbuild.models.clip import clip_retrieval_model
 
-    (out / "metadata").mkdir()
-    files = numbered(source / "metadata", "metadata", ".parquet")
-    for path in files:
-        try:
-            os.link(path, out / "metadata" / path.name)
-        except OSError:
-            shutil.copy2(path, out / "metadata" / path.name)
+    if link:
+        (out / "metadata").mkdir()
+        for path in files:
+            try:
+                os.link(path, out / "metadata" / path.name)
+            except OSError:
+                shutil.copy2(path, out / "metadata" / path.name)
     columns = pq.read_schema(files[0]).names
     write_json(out / "indices.json", {cfg.recipe.name: {
         "indice_folder": str(INDEX),
@@ -110,7 +159,13 @@ def _clip_back_layout(cfg, source, out, spec) -> None:
 def _files(kind: str, model: str | None = None) -> list:
     """The embedding files in row order, which must be their name order: autofaiss reads them
     sorted by name, so an index id is a row number only when the two agree (assemble pads the
-    file numbers)."""
+    file numbers). An all-samples index: the indexed parts' data/embed files, in id order."""
+    if all_samples_index():
+        return embedding_files(kind, model)
+    return _named_in_order(kind, model)
+
+
+def _named_in_order(kind: str, model: str | None = None) -> list:
     files = numbered(embeddings_dir(model) / kind, kind, ".npy")
     if files != sorted(files, key=lambda p: p.name):
         raise RuntimeError(f"{files[0].parent}: file names do not sort in row order ({files[0].name} ... "

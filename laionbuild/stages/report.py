@@ -32,12 +32,13 @@ from laionbuild.metadata.rules import metadata_rules, sql_string, tag_rules, whe
 from laionbuild.metadata.sources import canonical_columns, duckdb_source, effective_source, part_ids, rows_sql, source_schema
 from laionbuild.project.atomic import atomic_dir, atomic_write_text, read_json, write_json
 from laionbuild.project.funnel import load_stats
+from laionbuild.project.index_filter import all_samples_index, filtered_report, indexed_count
 from laionbuild.project.layout import (
     CLUSTERS,
     FUNNEL,
     FUNNEL_STEPS,
     HISTOGRAMS,
-    INDEX,
+    INDEX_FILTERED_METRICS,
     KEY_COLUMN,
     LANGUAGES,
     LICENCES,
@@ -64,9 +65,8 @@ HISTOGRAM_TITLES = {"clip_similarity": "CLIP similarity (image, caption)", "widt
 NOT_HISTOGRAMS = {"part"}
 
 
-def funnel(cfg) -> dict:
-    import faiss
-
+def funnel(cfg, indexed: int | None = None) -> dict:
+    """`indexed`: the vectors a search returns, when known (else read from data/index)."""
     totals: Counter = Counter()
     failures: Counter = Counter()
     parts = {}
@@ -93,7 +93,7 @@ def funnel(cfg) -> dict:
     for name, value in selected["counts"].items():
         if name != "tagged":
             result[name] = value
-    result["indexed"] = int(faiss.read_index(str(INDEX / "image.index")).ntotal)
+    result["indexed"] = indexed_count() if indexed is None else indexed
     result["parts"] = parts
     result["untrained_embeddings"] = any(read_json(part_dir("embed", p) / "model.json")["untrained"]
                                          for p in cfg.subset.parts)
@@ -105,7 +105,13 @@ def funnel_steps(cfg, result: dict) -> list[dict]:
 
 
 def run(cfg) -> None:
-    result = funnel(cfg)
+    # an unmaterialised point searches the all-samples index under its selection: measured here,
+    # where the selection is a dependency (the index stage's own index.json does not depend on it);
+    # the funnel's `indexed` is then the selected vectors the filter lets through
+    filtered = (filtered_report(cfg, cfg.index.report_queries, cfg.index.report_seed) if all_samples_index()
+                else {"filtered": False})
+    write_json(INDEX_FILTERED_METRICS, filtered)
+    result = funnel(cfg, filtered.get("selected"))
     write_json(FUNNEL, result)
     # the same funnel as a DVC plot (`dvc plots show` / `dvc plots diff` across experiments)
     steps = funnel_steps(cfg, result)
