@@ -378,9 +378,10 @@ def test_a_list_changed_after_the_inputs_check_is_refused_not_read(tmp_path, mon
         url = f"{server.url}/words.txt"
         (tmp_path / "data/inputs").mkdir(parents=True)
         (tmp_path / "data/inputs/word_list.json").write_text(json.dumps({"inputs": {url: remote_fingerprint(url)}}))
-        (store / "words.txt").write_text("cat\ndog\n")  # republished between the check and the stage
-        with pytest.raises(InputError, match=r"prepare.caption_word_list: the file changed after the inputs check"):
-            local_copy(url, "word_list.json", "prepare.caption_word_list")
+        for republished in ("cat\ndog\n", "dog\n"):  # between the check and the stage; the second the same size
+            (store / "words.txt").write_text(republished)
+            with pytest.raises(InputError, match=r"prepare.caption_word_list: the file changed after the inputs check"):
+                local_copy(url, "word_list.json", "prepare.caption_word_list")
         assert not [p for p in (tmp_path / "data/.work/inputs").rglob("*") if p.is_file() and p.name == "words.txt"]
         (store / "words.txt").write_text("cat\n")  # the recorded version again: read, and kept
         assert local_copy(url, "word_list.json", "prepare.caption_word_list").read_text() == "cat\n"

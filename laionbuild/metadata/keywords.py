@@ -13,10 +13,9 @@ matches no caption again (at 400M captions the regex costs minutes of CPU; the s
 
 from __future__ import annotations
 
-import numpy as np
+import pyarrow as pa
 
 from laionbuild.metadata.rules import sql_string
-from laionbuild.project.layout import part_dir
 from laionbuild.recipe.errors import InputError, MissingInputError
 
 INPUT_FILE = "keywords.json"  # data/inputs/keywords.json (project/inputs.py)
@@ -56,21 +55,13 @@ def pattern(words: list[str]) -> str:
     return f"(?i)(?:^|{_NOT_WORD})(?:{alternatives})(?:{_NOT_WORD}|$)"
 
 
-def matches(url: str, part: int, keys: list[str]) -> np.ndarray:
-    """For each of `keys` (the part's tagged samples), whether its caption in the part's
-    deduplicated metadata holds a keyword of the file at `url` (a null caption holds none)."""
+def matches(url: str, captions: pa.ChunkedArray) -> pa.Array:
+    """For each caption, whether it holds a keyword of the file at `url` (a null caption holds
+    none): one RE2 expression in DuckDB over the column, in its order."""
     import duckdb
-    import pyarrow as pa
 
-    path = part_dir("dedup", part) / "metadata.parquet"
-    regex = sql_string(pattern(read_keywords(url)))
     con = duckdb.connect()
-    con.register("wanted", pa.table({"key": pa.array(keys, pa.string()), "_i": pa.array(range(len(keys)), pa.int64())}))
-    rows = con.execute(f"""SELECT m.key IS NOT NULL AS found,
-                           coalesce(regexp_matches(m.caption, {regex}), false) AS hit
-                           FROM wanted w LEFT JOIN read_parquet({sql_string(str(path))}) m ON w.key = m.key
-                           ORDER BY w._i""").fetchnumpy()
-    lost = [keys[i] for i in np.flatnonzero(~rows["found"])]
-    if lost:
-        raise RuntimeError(f"{path}: no row for {len(lost)} embedded samples (e.g. {lost[0]}); rebuild dedup")
-    return np.asarray(rows["hit"], bool)
+    con.register("captions", pa.table({"caption": captions}))
+    regex = sql_string(pattern(read_keywords(url)))
+    hits = con.execute(f"SELECT coalesce(regexp_matches(caption, {regex}), false) AS hit FROM captions").fetchnumpy()
+    return pa.array(hits["hit"], pa.bool_())  # (DuckDB keeps a scan's row order: preserve_insertion_order)

@@ -68,35 +68,60 @@ def is_remote(url: str) -> bool:
 def local_copy(url: str, input_file: str, key: str) -> Path:
     """Where a stage reads the outside file `url` (a list, an id file, embeddings): the path
     itself when local, else one copy per recorded version under data/.work/inputs/ (fetched
-    resumably by the first stage that needs it; at 1,112 parts one download instead of one
-    per part). The version is the fingerprint the inputs check recorded in data/inputs/`input_file`;
-    a copy whose size or md5 is not that fingerprint's (the file changed after the check) is
-    refused, so no stage reads content other than what DVC recorded. `key` names the recipe key."""
+    resumably by the first stage that needs it, under a lock: at 1,112 parts one download
+    instead of one per part). The version is the fingerprint the inputs check recorded in
+    data/inputs/`input_file`; the store is asked again before and after the copy, and a file
+    whose fingerprint (ETag, version, modification time, size) is no longer the recorded one
+    (republished after the check) is refused, so no stage reads content DVC did not record. A
+    store that says nothing of the content (the inputs check warns of it) cannot be checked.
+    `key` names the recipe key."""
+    import fcntl
     import hashlib
 
     from laionbuild.metadata.transfer import fetch_file
     from laionbuild.project.layout import WORK
-    from laionbuild.recipe.errors import InputError, MissingInputError
+    from laionbuild.recipe.errors import MissingInputError
 
     if not is_remote(url):
         path = Path(url.removeprefix("file://")).expanduser()
         if not path.is_file():
             raise MissingInputError(f"{url}: {key}: no such file")
         return path
-    version = recorded_inputs(input_file).get(url)
+    version = recorded_inputs(input_file).get(url) or {}
     name = hashlib.sha256(json.dumps([url, version], sort_keys=True).encode()).hexdigest()[:20]
     dest = WORK / "inputs" / name / (url.split("?")[0].rstrip("/").rsplit("/", 1)[-1] or "file")
     if dest.is_file():
         return dest
-    info = fetch_file(url, dest.with_name(dest.name + ".fetched"), dest.with_name(dest.name + ".partial"))
-    wrong = [k for k in ("size", "md5") if (version or {}).get(k) is not None and info.get(k) != version[k]]
-    if wrong:
-        dest.with_name(dest.name + ".fetched").unlink()
-        raise InputError(f"{url}: {key}: the file changed after the inputs check recorded it ({wrong[0]} "
-                         f"{info.get(wrong[0])} != {version[wrong[0]]} in data/inputs/{input_file}); build again: "
-                         "the check records the new version and reruns what reads it")
-    dest.with_name(dest.name + ".fetched").rename(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch per copy, whatever the number of stage processes
+        if dest.is_file():
+            return dest
+        _same_version(url, version, input_file, key)
+        fetched = dest.with_name(dest.name + ".fetched")
+        info = fetch_file(url, fetched, dest.with_name(dest.name + ".partial"))
+        try:
+            _same_version(url, version, input_file, key, size=info.get("size"))
+        except BaseException:
+            fetched.unlink()
+            raise
+        fetched.rename(dest)
     return dest
+
+
+def _same_version(url: str, version: dict, input_file: str, key: str, size: int | None = None) -> None:
+    """Refuse `url` when what the store says now (or the fetched `size`) is not `version`."""
+    from laionbuild.recipe.errors import InputError
+
+    now = remote_fingerprint(url)
+    if size is not None:
+        now = {**now, "size": size}
+    wrong = [k for k in sorted(set(version) & set(now)) if version[k] != now[k]]
+    if wrong or (now.get("missing") and not version.get("missing")):
+        field = wrong[0] if wrong else "missing"
+        raise InputError(f"{url}: {key}: the file changed after the inputs check recorded it ({field} "
+                         f"{now.get(field)!r}, recorded {version.get(field)!r} in data/inputs/{input_file}); build "
+                         "again: the check records the new version and reruns what reads it")
 
 
 def _plain(value: Any) -> Any:

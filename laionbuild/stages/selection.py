@@ -31,12 +31,12 @@ def top_fraction_threshold(con, column: str, fraction: float) -> float | None:
     int(N * fraction) of the column sorted high to low (N counts every sample; nulls and NaN
     rank below every value), or the lowest value where that index falls on a null (every
     sample with a value is then kept; DataComp's would compare with NaN and keep none). None:
-    no sample has a value. Memory: one float64 a valued sample (80 MB per 10M), filled from
+    no sample has a value. Memory: one float64 a tagged sample (80 MB per 10M), filled from
     DuckDB's result in batches and selected in place."""
     value = f"CAST({quote(column)} AS DOUBLE)"
     valued = f"SELECT v FROM (SELECT {value} AS v FROM tags) WHERE v IS NOT NULL AND NOT isnan(v)"
-    total, count = con.execute(f"SELECT (SELECT count(*) FROM tags), (SELECT count(*) FROM ({valued}))").fetchone()
-    values, filled = np.empty(count, np.float64), 0  # filled batch by batch: no second copy
+    total = con.execute("SELECT count(*) FROM tags").fetchone()[0]  # (no value computed: one scan of the values)
+    values, filled = np.empty(total, np.float64), 0  # filled batch by batch: no second copy
     for batch in con.execute(valued).fetch_record_batch(1 << 20):
         chunk = batch.column(0).to_numpy(zero_copy_only=False)
         values[filled:filled + len(chunk)] = chunk
@@ -49,22 +49,19 @@ def source_top_fraction_threshold(cfg, column: str, fraction: float) -> float | 
     DataComp's get_threshold over the whole pool, before prepare's filters and dedup. The valued
     rows go into one array sized from the parquet footers (one float64 a source row, plus a few
     copies of one part's column at a time: 80 MB per 10M rows, 100 GB for DataComp's 12.8B pool); parts
-    with no footer (csv, json) are read first and copied in."""
+    with no footer (csv, json) are read first and held until copied in (their rows twice)."""
     parts = list(cfg.subset.parts)
-    rows = [source_rows(cfg, part) for part in parts]
-    if any(r is None for r in rows):
-        columns = {part: source_column(cfg, part, column) for part in parts}
-        rows = [len(columns[part]) for part in parts]
-    else:
-        columns = {}
-    values, filled = np.empty(sum(rows), np.float64), 0
+    rows = {part: source_rows(cfg, part) for part in parts}
+    columns = {part: source_column(cfg, part, column) for part, n in rows.items() if n is None}  # no footer
+    rows.update({part: len(values) for part, values in columns.items()})
+    values, filled = np.empty(sum(rows.values()), np.float64), 0
     for part in parts:
         column_values = columns.pop(part) if part in columns else source_column(cfg, part, column)
         valued = column_values[~np.isnan(column_values)]
         values[filled:filled + len(valued)] = valued
         filled += len(valued)
         del column_values, valued
-    return threshold_of(values[:filled], sum(rows), fraction)
+    return threshold_of(values[:filled], sum(rows.values()), fraction)
 
 
 def threshold_of(values: np.ndarray, total: int, fraction: float) -> float | None:

@@ -35,7 +35,8 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _with_source_columns(cfg, part: int, tags: pa.Table) -> pa.Table:
     """tag.source_columns from the part's deduplicated metadata, aligned with the tags by key
-    (a `uid` listed there makes select write data/selected/uids.npy)."""
+    (a `uid` listed there makes select write data/selected/uids.npy), and with
+    tag.unsafe_keywords the `unsafe_keyword` tag of the captions: the file read once."""
     path = part_dir("dedup", part) / "metadata.parquet"
     names = pq.read_schema(path).names
     missing = [c for c in cfg.tag.source_columns if c not in names]
@@ -43,9 +44,10 @@ def _with_source_columns(cfg, part: int, tags: pa.Table) -> pa.Table:
         raise InputError(f"{path}: no column {', '.join(f'`{c}`' for c in missing)} (tag.source_columns); "
                          f"the part's metadata has {names}")
     carried = list(cfg.tag.source_columns)
-    if not carried:
+    read = carried + (["caption"] if cfg.tag.unsafe_keywords and "caption" not in carried else [])
+    if not read:
         return tags
-    source = pq.read_table(path, columns=["key", *carried])
+    source = pq.read_table(path, columns=["key", *read])
     row_of = {k: i for i, k in enumerate(source.column("key").to_pylist())}
     keys = tags.column("key").to_pylist()
     lost = [k for k in keys if k not in row_of]
@@ -54,6 +56,10 @@ def _with_source_columns(cfg, part: int, tags: pa.Table) -> pa.Table:
     rows = source.take(pa.array([row_of[k] for k in keys], pa.int64()))
     for name in carried:
         tags = tags.append_column(name, rows.column(name))
+    if cfg.tag.unsafe_keywords:  # whether the caption holds a listed keyword (metadata/keywords.py)
+        from laionbuild.metadata.keywords import KEYWORD_COLUMN, matches
+
+        tags = tags.append_column(KEYWORD_COLUMN, matches(cfg.tag.unsafe_keywords, rows.column("caption")))
     return tags
 
 
@@ -94,11 +100,6 @@ def run(cfg, part: int) -> None:
     tags = _with_source_columns(cfg, part, tags)
     tags = _joined(tags, part, "faces", "faces.parquet", "face tags")
     tags = _joined(tags, part, "watermark", "watermark.parquet", "watermark scores")
-    if cfg.tag.unsafe_keywords:  # whether the caption holds a listed keyword (metadata/keywords.py)
-        from laionbuild.metadata.keywords import KEYWORD_COLUMN, matches
-
-        hits = matches(cfg.tag.unsafe_keywords, part, tags.column("key").to_pylist())
-        tags = tags.append_column(KEYWORD_COLUMN, pa.array(hits, pa.bool_()))
     skipped = []
     if cfg.tag.heads:
         from laionbuild.models.heads import load_heads
