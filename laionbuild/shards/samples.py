@@ -111,8 +111,9 @@ def part_samples(part: int, frame: pd.DataFrame, root: Path = Path("."),
     are read in file order (shard, then offset within it), `read_ahead` bytes at a time, and
     given out in key order: img2dataset writes a shard's samples in completion order (its
     threads' jitter), but each shard holds a contiguous run of the part's keys, so a run of keys
-    is a forward read through one shard, and the part is one sequential pass per download shard
-    (no seek back), whatever the order within a shard; memory: up to `read_ahead` of images."""
+    is a forward read through one shard, and the part is one sequential pass per download shard:
+    never a seek back within a read-ahead window, and between two windows at most a step back
+    of the threads' jitter (a few samples); memory: up to `read_ahead` of images."""
     tag_names = [c for c in frame.columns if c not in ROW_COLUMNS_SKIP]
     records = frame.to_dict("records")
     keys = [r["key"] for r in records]
