@@ -144,6 +144,9 @@ def test_materialize_refuses_a_workspace_without_a_point(tmp_path):
     project.laionbuild("compose", "assemble.materialize=false")
     result = project.laionbuild("materialize", check=False)
     assert result.returncode == 2 and "nothing selected to materialise" in result.output
+    result = project.laionbuild("materialize", "no-such-point", check=False)  # dvc exp apply's own error
+    assert result.returncode != 0 and "no-such-point" in result.output
+    assert "materialize: false" in (project / "params.yaml").read_text()  # nothing written
 
 
 def test_materialising_reads_each_download_shard_forward(built, monkeypatch):
