@@ -1,5 +1,6 @@
-"""`laionbuild` command line: compose a recipe, build it with DVC, run one stage, show status;
-look at a build (search page, projector export)."""
+"""`laionbuild` command line: compose a recipe, build it with DVC (a sweep: one experiment per
+point; `materialize` the point kept), run one stage, show status; look at a build (search page,
+projector export)."""
 
 from __future__ import annotations
 
@@ -85,13 +86,15 @@ def compose_split_build(args, recipe) -> int:
 
 def cmd_sweep(args) -> int:
     """Each point of a Hydra multirun sweep as one DVC experiment, run one after the other in
-    this workspace; stages a point shares with an earlier one are restored, not recomputed."""
-    from laionbuild.project.sweeps import experiment_name, sweep_points
+    this workspace; stages a point shares with an earlier one are restored, not recomputed. A
+    point is its selection (assemble.materialize=false) unless the overrides set the key."""
+    from laionbuild.project.sweeps import experiment_name, sweep_points, with_sweep_defaults
 
     points, varying = sweep_points(args.overrides)
     if compose_splits_recipe(points[0], conf_dir=args.conf_dir) is not None:
         raise RecipeError("build -m: a split build (recipe.splits) is not swept: DVC's Hydra composition writes one "
                           "params.yaml; sweep a split's recipe in a repository of its own")
+    points = [with_sweep_defaults(point) for point in points]
     for point in points:  # every point is a valid recipe before any work starts
         compose(point, conf_dir=args.conf_dir)
     enable_dvc_hydra()
@@ -110,6 +113,9 @@ def cmd_sweep(args) -> int:
         if code:
             return code
     print(f"{len(points)} experiments: {', '.join(names)} (dvc exp show)")
+    if all("++assemble.materialize=false" in point for point in points):
+        print("each point is its selection (assemble.materialize=false): keep one with "
+              "`dvc exp apply NAME && laionbuild materialize`")
     return 0
 
 
@@ -142,6 +148,11 @@ def cmd_build(args) -> int:
     if args.multirun:
         return cmd_sweep(args)
     cmd_compose(args)
+    return _repro(args)
+
+
+def _repro(args) -> int:
+    """`dvc repro` of params.yaml as it is (up to --stage), with progress lines when asked."""
     clear_dead_dvc_locks()
     repro = ["repro"]
     if args.force:
@@ -166,6 +177,49 @@ def cmd_build(args) -> int:
         progress = BuildProgress(list(cfg.subset.parts), step_order(cfg), shards_prefix=prefix)
         return run_with_progress([sys.executable, "-m", "dvc", *repro], dvc_env(), progress)
     return run_dvc(*repro).returncode
+
+
+def cmd_materialize(args) -> int:
+    """Build the outputs of the sweep point in the workspace (assemble.materialize=false, e.g.
+    after `dvc exp apply NAME`): its params.yaml with only assemble.materialize set to true
+    (project/sweeps.materialized_params: the point's other values kept as they are, not
+    recomposed from conf/), then `dvc repro`: assemble, export, index, report and card run;
+    everything before them is up to date. The outputs are those of a plain build of the same
+    recipe. Run again after a failure, it resumes (params.yaml already says true)."""
+    import yaml
+
+    from laionbuild.project.layout import SELECTED
+    from laionbuild.project.outputs import materialized
+    from laionbuild.project.sweeps import materialized_params
+
+    check_output_layouts()
+    if args.experiment:
+        code = run_dvc("exp", "apply", args.experiment).returncode
+        if code:
+            return code
+    params = Path("params.yaml")
+    if not params.exists():
+        raise RecipeError("materialize: params.yaml not found: run it in a dataset repo holding a sweep point "
+                          "(`dvc exp apply NAME` first, or `laionbuild materialize NAME`)")
+    load_params(params)  # a valid recipe before anything is written
+    if not (SELECTED / "selected.parquet").exists():
+        raise RecipeError(f"materialize: {SELECTED / 'selected.parquet'} not found: nothing selected to materialise "
+                          "in this workspace; `dvc exp apply NAME` (a point of `laionbuild build -m`) or "
+                          "`dvc checkout` first")
+    text = params.read_text()
+    if (yaml.safe_load(text) or {}).get("assemble", {}).get("materialize", True) is False:
+        atomic_write_text(params, materialized_params(text))
+        load_params(params)
+        print("params.yaml: assemble.materialize=true (nothing else changed); building the point's data/dataset, "
+              "data/embeddings, data/export, data/index", flush=True)
+    elif materialized():
+        raise RecipeError("materialize: nothing to materialise: params.yaml has assemble.materialize=true and "
+                          "data/embeddings is materialised (`dvc repro` builds what is stale); a sweep point: "
+                          "`dvc exp apply NAME && laionbuild materialize` (or `laionbuild materialize NAME`)")
+    else:
+        print("params.yaml: assemble.materialize is true already; building what is not yet materialised", flush=True)
+    args.stage, args.force = None, False
+    return _repro(args)
 
 
 def cmd_stage(args) -> int:
@@ -312,6 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="progress lines (stages, parts, shards, samples/s) and a live funnel "
                         "(default: on when stderr is a terminal)")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("materialize", help="build the shards, embeddings, export and index of the sweep point in "
+                                           "the workspace (assemble.materialize=false, e.g. after `dvc exp apply "
+                                           "NAME`): byte-identical to a plain build of its recipe")
+    p.add_argument("experiment", nargs="?", help="`dvc exp apply` this experiment first")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress lines (default: on when stderr is a terminal)")
+    p.set_defaults(func=cmd_materialize)
 
     p = sub.add_parser("init", help="scaffold a dataset repo (git + DVC, conf/config.yaml over the shipped conf/, "
                                     "dvc.yaml, params.yaml)")

@@ -136,9 +136,11 @@ def test_push_then_pull_in_a_fresh_clone_is_byte_identical(repo, tmp_path):
 
 
 def test_the_same_recipe_built_in_two_fresh_repos_is_identical(repo, tmp_path):
-    """`repo` holds the min_clip_similarity=0.0 point (previous test); build it again from scratch."""
+    """`repo` holds the min_clip_similarity=0.0 point (previous test), its selection only (a sweep
+    point): materialised, it is the plain build of its recipe from scratch."""
     import numpy as np
 
+    repo.laionbuild("materialize")
     Project(tmp_path).laionbuild("init", str(tmp_path / "again"))
     again = Project(tmp_path / "again")
     again.build("subset.parts=[0]", "select.min_clip_similarity=0.0")

@@ -6,6 +6,9 @@
   Hydra composition (`hydra.enabled` in `.dvc/config`, conf/ and config.yaml: ours) writes each
   point's params.yaml and the stages validate it; DVC's cache and run-cache make the points share
   every stage their params do not touch, so a threshold sweep costs one build plus K selections.
+  A point is its selection only (`assemble.materialize=false`, SWEEP_DEFAULTS) unless the
+  overrides set `assemble.materialize`: no image bytes copied, no vectors re-indexed per point;
+  `laionbuild materialize` builds the point kept (`dvc exp apply NAME` first).
 - `laionbuild init DIR` scaffolds a dataset repo of one's own (git + DVC with Hydra enabled),
   committed: by default only what a user edits or DVC must find in the repo -- conf/config.yaml
   (which searches the shipped conf/ after the repo's own: recipes of one's own need not copy
@@ -39,6 +42,22 @@ hydra:
   searchpath:
     - {SHIPPED_CONF_SEARCHPATH}
 """
+
+
+# what every point of `build -m` gets unless its overrides set the key: `++` sets it whether or not
+# the composed recipe has it (a repo's own conf/assemble/default.yaml may predate the key)
+SWEEP_DEFAULTS = {"assemble.materialize": "false"}
+
+
+def override_key(override: str) -> str:
+    """`+a.b=1`, `++a.b=1`, `~a.b`, `a.b=1` -> `a.b`."""
+    return override.lstrip("+~").split("=", 1)[0].strip()
+
+
+def with_sweep_defaults(point: list[str]) -> list[str]:
+    """A sweep point's overrides, then SWEEP_DEFAULTS' for the keys the point does not set."""
+    given = {override_key(o) for o in point}
+    return [*point, *(f"++{k}={v}" for k, v in SWEEP_DEFAULTS.items() if k not in given)]
 
 
 def sweep_points(overrides: list[str]) -> tuple[list[list[str]], list[list[str]]]:
@@ -117,3 +136,28 @@ def run(args: list[str], cwd: Path) -> None:
     proc = subprocess.run(args, cwd=cwd, text=True, capture_output=True)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(args)} failed in {cwd}: {proc.stderr.strip() or proc.stdout.strip()}")
+
+
+def materialized_params(text: str) -> str:
+    """A point's params.yaml (`text`, as `dvc exp apply` puts it in the workspace) with
+    `assemble.materialize: true` and every other value as it is: the point's own overrides are
+    in its params.yaml, not recomposed from conf/ (which may have changed since, and whose
+    overrides DVC does not record). The one line is edited in place, so the rest keeps its bytes
+    (a point composed by `laionbuild compose` or DVC's Hydra composition gives the params.yaml a
+    plain `laionbuild build` of the same overrides writes); the edit is checked by parsing both.
+    Raises RecipeError when params.yaml does not say assemble.materialize: false."""
+    import yaml
+
+    params = yaml.safe_load(text) or {}
+    assemble = params.get("assemble")
+    if not isinstance(assemble, dict) or assemble.get("materialize", True) is not False:
+        raise RecipeError("materialize: params.yaml does not say assemble.materialize: false (not a sweep point)")
+    wanted = {**params, "assemble": {**assemble, "materialize": True}}
+    block = re.search(r"^assemble:[ \t]*\n(?:(?:[ \t]+[^\n]*)?\n)*", text, flags=re.M)
+    if block:
+        body = re.sub(r"^([ \t]+materialize:[ \t]*)false([ \t]*(?:#[^\n]*)?)$", r"\g<1>true\g<2>",
+                      block.group(0), count=1, flags=re.M)
+        edited = text[:block.start()] + body + text[block.end():]
+        if yaml.safe_load(edited) == wanted:
+            return edited
+    return yaml.safe_dump(wanted, sort_keys=False)  # (another layout: the values, re-dumped)

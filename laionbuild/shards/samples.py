@@ -8,10 +8,12 @@ or `webp`, img2dataset's bytes as they are, never re-encoded), `txt` (the captio
 Order is dataset order: `subset.parts` order, then key order within a part (img2dataset stores
 samples in completion order; the part's selected keys give the order back).
 
-Cost: one sequential read of each download shard of a part that has a selected sample (a shard
-under `download.shards_url` is copied once to `data/.tmp` for the part's duration, not read by
-ranged requests per image), one pass over the part's tags and deduplicated metadata; memory is
-one part's member index (~200 bytes per sample: 1M-row parts ≈ 200 MB).
+Cost: one sequential read of each download shard of a part that has a selected sample (its
+headers and `.json` members first, then the selected images in file order, `part_samples`; a
+shard under `download.shards_url` is copied once to `data/.tmp` for the part's duration, not
+read by ranged requests per image), one pass over the part's tags and deduplicated metadata;
+image bytes are copied as they are (never decoded or re-encoded); memory is one part's member
+index (~200 bytes per sample: 1M-row parts ≈ 200 MB) and up to READ_AHEAD_BYTES of images.
 """
 
 from __future__ import annotations
@@ -86,17 +88,50 @@ def _plain(value):
     return value
 
 
-def part_samples(part: int, frame: pd.DataFrame, root: Path = Path(".")) -> Iterator[dict]:
-    """The webdataset samples of a part's selected rows (`part_rows`), in their order."""
+# bytes of images read ahead, in file order, before they are given out in key order
+READ_AHEAD_BYTES = 256 << 20
+
+
+def _batches(keys: list[str], images: dict[str, tuple], limit: int) -> Iterator[tuple[int, int]]:
+    """(start, end) runs of consecutive `keys` whose images add up to at most `limit` bytes (a
+    larger image alone)."""
+    start = 0
+    while start < len(keys):
+        end, size = start + 1, images[keys[start]][1].size
+        while end < len(keys) and size + images[keys[end]][1].size <= limit:
+            size += images[keys[end]][1].size
+            end += 1
+        yield start, end
+        start = end
+
+
+def part_samples(part: int, frame: pd.DataFrame, root: Path = Path("."),
+                 read_ahead: int = READ_AHEAD_BYTES) -> Iterator[dict]:
+    """The webdataset samples of a part's selected rows (`part_rows`), in their order. Images
+    are read in file order (shard, then offset within it), `read_ahead` bytes at a time, and
+    given out in key order: img2dataset writes a shard's samples in completion order (its
+    threads' jitter), but each shard holds a contiguous run of the part's keys, so a run of keys
+    is a forward read through one shard, and the part is one sequential pass per download shard:
+    never a seek back within a read-ahead window, and between two windows at most a step back
+    of the threads' jitter (a few samples); memory: up to `read_ahead` of images."""
     tag_names = [c for c in frame.columns if c not in ROW_COLUMNS_SKIP]
+    records = frame.to_dict("records")
+    keys = [r["key"] for r in records]
     with downloaded_images(part, root) as images:
-        for record in frame.to_dict("records"):
-            key = record["key"]
-            tar, member, ext = images[key]
-            meta = {"key": key, "part": part, "url": record["url"], "caption": record["caption"],
-                    "tags": {c: _plain(record[c]) for c in tag_names}}
-            yield {"__key__": key, ext: tar.extractfile(member).read(), "txt": record["caption"].encode(),
-                   "json": json.dumps(meta, sort_keys=True).encode()}
+        shard_of = {id(tar): i for i, tar in enumerate(dict.fromkeys(t for t, _, _ in images.values()))}
+        for start, end in _batches(keys, images, read_ahead):
+            wanted = sorted(range(start, end), key=lambda i: (shard_of[id(images[keys[i]][0])],
+                                                               images[keys[i]][1].offset_data))
+            data = {}
+            for i in wanted:
+                tar, member, _ = images[keys[i]]
+                data[i] = tar.extractfile(member).read()
+            for i in range(start, end):
+                record, key = records[i], keys[i]
+                meta = {"key": key, "part": part, "url": record["url"], "caption": record["caption"],
+                        "tags": {c: _plain(record[c]) for c in tag_names}}
+                yield {"__key__": key, images[key][2]: data.pop(i), "txt": record["caption"].encode(),
+                       "json": json.dumps(meta, sort_keys=True).encode()}
 
 
 def selected_samples(parts: list[int], root: Path = Path(".")) -> Iterator[dict]:

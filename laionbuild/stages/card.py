@@ -64,6 +64,8 @@ def run(cfg) -> None:
         "name": cfg.recipe.name,
         "description": cfg.recipe.description,
         "samples": funnel.get("selected"),
+        # false: a sweep point, its selection only (no data/dataset shards yet: `laionbuild materialize`)
+        "materialized": cfg.assemble.materialize,
         "untrained_weights": untrained,
         "git": git,
         "recipe": recipe,
@@ -117,6 +119,11 @@ def markdown(card: dict) -> str:
     if card["untrained_weights"]:
         lines += ["> **WARNING: UNTRAINED weights** (`pretrained: random`): embeddings, CLIP similarities, "
                   "score tags and the index are not meaningful.", ""]
+    if not card.get("materialized", True):
+        lines += ["> **Not materialised** (`assemble.materialize: false`, a sweep point): the selection is "
+                  "`data/selected/selected.parquet`; `laionbuild.read('.')` reads its samples from the download's "
+                  "shards; `laionbuild materialize` builds data/dataset, data/embeddings, data/export and data/index.",
+                  ""]
     lines += [f"- samples: **{card['samples']}**",
               f"- git commit: `{card['git']['commit']}`" + (" (recipe files modified since)" if
                                                            card["git"]["recipe_files_modified"] else ""), ""]

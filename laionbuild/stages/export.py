@@ -7,6 +7,10 @@
   same order, columns taken from the prepared metadata. Fields holding tabs, newlines or quotes
   are quoted (RFC 4180 style with a tab delimiter: Python's csv and pandas read it back whole);
 - `export.json`: what was written, with row counts.
+
+On an unmaterialised point (`assemble.materialize=false`: data/embeddings holds only the marker)
+it writes only the same marker (`project/outputs.UNMATERIALIZED_FILE`), the same bytes for every
+point, so a sweep point caches nothing here; `laionbuild materialize` writes the files.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import pyarrow.parquet as pq
 from laionbuild.project.atomic import atomic_dir, write_json
 from laionbuild.project.files import numbered
 from laionbuild.project.layout import EXPORT, SELECTED, embeddings_dir, part_dir
-from laionbuild.project.outputs import selected_keys
+from laionbuild.project.outputs import UNMATERIALIZED, UNMATERIALIZED_FILE, materialized, selected_keys
 from laionbuild.recipe.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -77,6 +81,11 @@ def write_tsv(cfg, path) -> int:
 
 def run(cfg) -> None:
     e = cfg.export
+    if not materialized():  # a sweep point: nothing to export until it is materialised
+        with atomic_dir(EXPORT) as out:
+            write_json(out / UNMATERIALIZED_FILE, UNMATERIALIZED)
+        log.info("export: unmaterialised point (assemble.materialize=false): only %s", EXPORT / UNMATERIALIZED_FILE)
+        return
     with atomic_dir(EXPORT) as out:
         written = {}
         if e.h5:

@@ -136,9 +136,11 @@ def run(cfg) -> None:
     if len(active) > 1:
         count(lambda sql: con.execute(sql).fetchone(), "tags", active[:-1], counts)
     with atomic_dir(SELECTED) as out:
-        # uncompressed: a few times the bytes of snappy for less CPU per sweep point (docs/benchmarks.md)
+        # zstd: ~2.2 bytes per selected sample (uncompressed ~18, snappy ~5) for ~0.4 CPU-s more per
+        # 10M selected rows: a sweep point's selection is what it adds to DVC's cache (#22: <= 16 B a
+        # sample; at 400M that is ~0.9 GB a point instead of 7.2 GB). docs/benchmarks.md
         con.execute(f"COPY (SELECT part, key FROM tags WHERE {where(active)}{order}) "
-                    f"TO {sql_string(out / 'selected.parquet')} (FORMAT parquet, COMPRESSION 'uncompressed')")
+                    f"TO {sql_string(out / 'selected.parquet')} (FORMAT parquet, COMPRESSION 'zstd')")
         selected = pq.read_metadata(out / "selected.parquet").num_rows
         if "uid" in available:  # DataComp's subset file: the selected uids, sorted
             uids = con.execute(f"SELECT uid FROM tags WHERE {where(active)}").fetch_arrow_table().column("uid")
