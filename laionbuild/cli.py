@@ -43,10 +43,17 @@ def cmd_compose(args) -> int:
         if (splits := compose_splits_recipe(args.overrides, conf_dir=args.conf_dir)) is not None:
             return compose_split_build(args, splits)
         raise
-    atomic_write_text(args.output, to_yaml(cfg))
     if Path(args.output).resolve() != Path("params.yaml").resolve():
+        atomic_write_text(args.output, to_yaml(cfg))
         print(f"wrote {args.output} (recipe={cfg.recipe.name}, parts={list(cfg.subset.parts)})")
         return 0  # not this project's build recipe: leave the workspace alone
+    from laionbuild.project.splits import is_split_root
+
+    if is_split_root():  # its dvc.yaml is the union graph: one build's params.yaml would not fit it
+        raise RecipeError(f"recipe {cfg.recipe.name} is one build, and this repository is a split build (dvc.yaml holds "
+                          "`union`): compose a split build's recipe here, or build this one in a repository of its "
+                          "own (`laionbuild init DIR`)")
+    atomic_write_text(args.output, to_yaml(cfg))
     removed, kept = prune_stale_parts(list(cfg.subset.parts))
     for path in removed:
         log.info("removed %s from the workspace (part not in subset.parts; kept in DVC's cache)", path)

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import random
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -236,6 +237,7 @@ def test_a_new_text_encoder_for_one_split_re_embeds_that_split_only(laion5b, tmp
     moved = tmp_path / "mclip-tiny-moved"
     shutil.copytree(laion5b.text_model, moved)
     nolang = f"laion1b_nolang.select.min_clip_similarity={_threshold_inside(laion5b.direct['laion1b_nolang']['similarity'])}"
+    laion5b.build(*laion5b.overrides, nolang)  # the state this test starts from, whatever ran before it
     before = _union(laion5b)
     result = laion5b.build(*laion5b.overrides, nolang, f"laion2b_multi.embed.text_model={moved}")
     ran = _stages(result)
@@ -275,7 +277,23 @@ def test_a_split_build_is_refused_where_it_cannot_be_built(tmp_path):
     (project / "dvc.lock").unlink()
     missing = project.laionbuild("compose", *FAST, "recipe=laion5b", check=False)  # multi's text encoder not given
     assert missing.returncode == 2 and "split laion2b_multi" in missing.output and "embed.text_model" in missing.output
-    assert not (project / "params.yaml").exists()  # nothing written
+    assert not (project / "params.yaml").exists() and not (project / "splits").exists()  # nothing written
     project.laionbuild("compose", *FAST, *given)
     assert (project / "dvc.yaml").read_text().startswith("# laionbuild split build")
     assert sorted(p.name for p in (project / "splits").iterdir()) == sorted(SPLITS)
+    one = project.laionbuild("compose", *FAST, "recipe=demo", check=False)  # one build's recipe at a split root
+    assert one.returncode == 2 and "is one build, and this repository is a split build" in one.output
+    assert (project / "dvc.yaml").read_text().startswith("# laionbuild split build")
+    assert "splits:" in (project / "params.yaml").read_text()  # the split build's, not overwritten
+
+
+def test_a_split_named_like_a_section_is_refused(tmp_path):
+    from laionbuild.recipe.errors import RecipeError
+    from laionbuild.recipe.schema import compose_splits_recipe
+
+    conf = tmp_path / "conf"
+    shutil.copytree(ROOT / "conf", conf)
+    (conf / "recipe" / "bad5b.yaml").write_text("# @package _global_\nrecipe: {name: bad5b}\n"
+                                               "splits: {tag: laion5b_en, laion2b_multi: laion2b_multi}\n")
+    with pytest.raises(RecipeError, match="split `tag` is named like a recipe section"):
+        compose_splits_recipe(["recipe=bad5b"], conf_dir=conf)

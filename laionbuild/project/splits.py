@@ -75,16 +75,25 @@ def compose_splits(recipe, overrides: list[str], conf_dir: str | Path) -> dict:
 
     conf_dir = Path(conf_dir).resolve()
     common, own = split_overrides(overrides, recipe.splits)
-    composed = {}
-    for name, split_recipe in recipe.splits.items():
-        if compose_splits_recipe([f"recipe={split_recipe}"], conf_dir) is not None:
-            raise RecipeError(f"splits.{name}: recipe `{split_recipe}` is a split build itself (splits do not nest)")
-        split_dir(name).mkdir(parents=True, exist_ok=True)
-        with _in(split_dir(name)):
-            try:
-                composed[name] = compose([f"recipe={split_recipe}", *common, *own[name]], conf_dir=conf_dir)
-            except RecipeError as exc:
-                raise RecipeError(f"split {name} (recipe {split_recipe}, in {split_dir(name)}/): {exc}") from None
+    composed, made = {}, []
+    try:
+        for name, split_recipe in recipe.splits.items():
+            if compose_splits_recipe([f"recipe={split_recipe}"], conf_dir) is not None:
+                raise RecipeError(f"splits.{name}: recipe `{split_recipe}` is a split build itself (splits do not nest)")
+            if not split_dir(name).exists():
+                made.append(split_dir(name))
+            split_dir(name).mkdir(parents=True, exist_ok=True)
+            with _in(split_dir(name)):
+                try:
+                    composed[name] = compose([f"recipe={split_recipe}", *common, *own[name]], conf_dir=conf_dir)
+                except RecipeError as exc:
+                    raise RecipeError(f"split {name} (recipe {split_recipe}, in {split_dir(name)}/): {exc}") from None
+    except RecipeError:
+        for folder in made:  # (empty folders left behind would be stray splits to the next compose)
+            folder.rmdir()
+        if made and SPLITS.is_dir() and not any(SPLITS.iterdir()):
+            SPLITS.rmdir()
+        raise
     return composed
 
 

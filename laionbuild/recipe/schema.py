@@ -876,6 +876,10 @@ def compose_splits_recipe(overrides: List[str], conf_dir: str | Path = "conf",
     if "splits" not in raw:
         return None
     recipe = typed(SplitsRecipe, OmegaConf.to_container(raw, resolve=True), where, origin)
+    taken = sorted(set(recipe.splits) & (set(GROUPS) | {"splits", "hydra"}))
+    if taken:  # `SPLIT.key=value` goes to that split: a split named like a section would take its overrides
+        raise RecipeError(f"{where}: split `{taken[0]}` is named like a recipe section ({', '.join(sorted(GROUPS))}): "
+                          "rename it (e.g. laion2b_en), so `section.key=value` overrides still go to every split")
     if not recipe.splits:
         raise RecipeError(f"{where}: `splits` is empty: name each split and the recipe it builds, "
                           "e.g. splits: {laion2b_en: laion5b_en}")

@@ -38,7 +38,7 @@ def _selected(out, names) -> dict[str, int]:
             selected = pq.ParquetFile(split_dir(name) / "data/selected/selected.parquet")
             counts[name] = 0
             for batch in selected.iter_batches(columns=["part", "key"], batch_size=1 << 20):
-                writer.write_table(pa.table({"split": pa.array([name] * batch.num_rows, pa.string()),
+                writer.write_table(pa.table({"split": pa.repeat(pa.scalar(name, pa.string()), batch.num_rows),
                                              "part": batch.column("part").cast(pa.int64()),
                                              "key": batch.column("key").cast(pa.string())}, schema=SCHEMA))
                 counts[name] += batch.num_rows
