@@ -137,7 +137,9 @@ def _direct(project, split: str) -> pd.DataFrame:
 
 
 def _union(project) -> pd.DataFrame:
-    return pd.read_parquet(project / "data/union/selected.parquet")
+    files = sorted((project / "data/union").glob("*.parquet"))
+    assert [f.name for f in files] == [f"{i:02d}_{s}.parquet" for i, s in enumerate(SPLITS)]  # one a split, in order
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
 
 def test_each_split_is_its_own_recipe_with_its_own_threshold_and_text_encoder(laion5b):

@@ -2,8 +2,11 @@
 `recipe=laion5b`; docs/multilingual.md). Runs at the root of the repository, on its params.yaml
 (`recipe`, `splits`), and reads only what each split's select, report and card wrote:
 
-- `data/union/selected.parquet`: (split, part, key) of every split's selected samples, split by
-  split in the recipe's order, each in its build order. Keys are the splits' own (5-digit part +
+- `data/union/NN_<split>.parquet`, one file per split (NN its place in the recipe's order, so
+  name order is split order and `pd.read_parquet("data/union")` reads them all): (split, part,
+  key) of the split's selected samples in its build order. One file a split, so a change to one
+  split rewrites all but DVC caches only the changed split's file (at LAION-5B ~80 GB of keys
+  otherwise cached again whole per change). Keys are the splits' own (5-digit part +
   9-digit row), so the same key can be in two splits: (split, key) is unique, and a row's
   images, embeddings and tags are in splits/<split>/data/ under that key. Streamed one record
   batch at a time: memory follows a batch, not the 5.85 billion rows.
@@ -31,12 +34,16 @@ UNION = DATA / "union"
 SCHEMA = pa.schema([("split", pa.string()), ("part", pa.int64()), ("key", pa.string())])
 
 
+def union_file(index: int, name: str) -> str:
+    return f"{index:02d}_{name}.parquet"
+
+
 def _selected(out, names) -> dict[str, int]:
     counts = {}
-    with pq.ParquetWriter(out / "selected.parquet", SCHEMA) as writer:
-        for name in names:
-            selected = pq.ParquetFile(split_dir(name) / "data/selected/selected.parquet")
-            counts[name] = 0
+    for index, name in enumerate(names):
+        selected = pq.ParquetFile(split_dir(name) / "data/selected/selected.parquet")
+        counts[name] = 0
+        with pq.ParquetWriter(out / union_file(index, name), SCHEMA, compression="zstd") as writer:
             for batch in selected.iter_batches(columns=["part", "key"], batch_size=1 << 20):
                 writer.write_table(pa.table({"split": pa.repeat(pa.scalar(name, pa.string()), batch.num_rows),
                                              "part": batch.column("part").cast(pa.int64()),
@@ -99,8 +106,8 @@ def markdown(card: dict) -> str:
     names = [s["split"] for s in card["splits"]]
     lines = [f"# {card['name']}", "", card["description"], "",
              f"**{card['samples']:,} samples** over {len(names)} splits, each its own build in `splits/<split>/` "
-             "(its recipe `params.yaml`, its own card, report and index); `data/union/selected.parquet` lists "
-             "(split, part, key).", ""]
+             "(its recipe `params.yaml`, its own card, report and index); `data/union/` lists (split, part, key), "
+             "one file per split.", ""]
     if card["untrained_weights"]:
         lines += ["**Warning: untrained (random) model weights were used in a split: not a real dataset.**", ""]
     lines += ["## Splits", "", "| split | recipe | source | parts | image model | captions embedded by | "
