@@ -196,7 +196,6 @@ def cmd_materialize(args) -> int:
     import yaml
 
     from laionbuild.project.layout import SELECTED
-    from laionbuild.project.outputs import materialized
     from laionbuild.project.sweeps import materialized_params
 
     check_output_layouts()
@@ -219,7 +218,7 @@ def cmd_materialize(args) -> int:
         load_params(params)
         print("params.yaml: assemble.materialize=true (nothing else changed); building the point's data/dataset, "
               "data/embeddings, data/export, data/index", flush=True)
-    elif materialized():
+    elif _fully_materialized():
         raise RecipeError("materialize: nothing to materialise: params.yaml has assemble.materialize=true and "
                           "data/embeddings is materialised (`dvc repro` builds what is stale); a sweep point: "
                           "`dvc exp apply NAME && laionbuild materialize` (or `laionbuild materialize NAME`)")
@@ -227,6 +226,19 @@ def cmd_materialize(args) -> int:
         print("params.yaml: assemble.materialize is true already; building what is not yet materialised", flush=True)
     args.stage, args.force = None, False
     return _repro(args)
+
+
+def _fully_materialized() -> bool:
+    """Whether every output a point materialises is there as a plain build's: data/embeddings,
+    data/export without the marker, data/index over the selection (no all-samples parts.json).
+    A failed `laionbuild materialize` (say, autofaiss out of memory) leaves one short: run again,
+    it resumes."""
+    from laionbuild.project.index_filter import PARTS_FILE
+    from laionbuild.project.layout import EMBEDDINGS, EXPORT, INDEX
+    from laionbuild.project.outputs import UNMATERIALIZED_FILE, materialized
+
+    return (EMBEDDINGS.is_dir() and materialized() and EXPORT.is_dir() and not (EXPORT / UNMATERIALIZED_FILE).exists()
+            and (INDEX / "image.index").exists() and not (INDEX / PARTS_FILE).exists())
 
 
 def cmd_stage(args) -> int:

@@ -296,3 +296,40 @@ def test_an_ivf_index_is_searched_with_the_nprobe_autofaiss_tuned(point, tmp_pat
         assert {keys[r] for r in found} == chosen and found[0] == exact_top(q, img, rows)
     metrics = json.loads((project / "data/metrics/index_filtered.json").read_text())
     assert metrics["recall_at_1"] == 1.0 and metrics["short_results"] == 0.0 and metrics["outside_selection"] == 0
+
+
+def test_a_screened_sample_keeps_its_id_with_no_vector_and_no_metadata(point, tmp_path, monkeypatch):
+    """An image hash list (select.image_blocklists) on an unmaterialised point: the all-samples
+    index holds a zero vector and the bare key for each matched sample, ids unchanged, and no
+    search returns it."""
+    import glob
+
+    import pyarrow.parquet as pq
+
+    project = copy_of(point[0], tmp_path / "project")
+    keys, _, text = embedded(project)
+    shard_tables = sorted(glob.glob(str(project / "data/images/part_1/*.parquet")))
+    rows = pq.read_table(shard_tables[0], columns=["laionbuild_key", "status", "sha256"]).to_pylist()
+    listed = [r for r in rows if r["status"] == "success" and str(r["laionbuild_key"]) in keys][:2]
+    assert len(listed) == 2
+    (tmp_path / "list.txt").write_text("".join(r["sha256"] + "\n" for r in listed))
+    rule = f"select.image_blocklists=[{{name: x, path: '{tmp_path / 'list.txt'}', match: image_sha256}}]"
+    sims = similarities(project)
+    result = project.laionbuild("build", "--stage", "report", *POINT, rule, f"select.min_clip_similarity={sims[0]!r}")
+    assert "index" in result.ran  # (data/screened is its dependency)
+    blocked = {str(r["laionbuild_key"]) for r in listed}
+    ids = [keys.index(k) for k in sorted(blocked)]
+    index = faiss.read_index(str(project / "data/index/image.index"))
+    assert index.ntotal == len(keys)  # ids stay rows of data/embed
+    for i in ids:
+        assert not np.any(index.reconstruct(i))
+    meta = pd.concat([pd.read_parquet(f) for f in sorted((project / "data/index/metadata").glob("*.parquet"))])
+    assert meta["key"].astype(str).tolist() == keys
+    gone = meta[meta["key"].astype(str).isin(blocked)]
+    assert gone["url"].isna().all() and gone["caption"].isna().all()
+    assert sum(p.get("blocked", 0) for p in json.loads((project / "data/index/parts.json").read_text())) == 2
+    from laionbuild.explore.query import BuildIndex
+
+    monkeypatch.chdir(project.path)
+    _, found = BuildIndex().search(text[:1], len(keys))
+    assert not {keys[r] for r in found} & blocked and len(found) == len(selected(project))

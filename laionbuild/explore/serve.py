@@ -65,7 +65,7 @@ class SearchService:
             readme = EMBEDDINGS / "README.txt"  # assemble says there whether the weights were untrained
             self.untrained = readme.exists() and "UNTRAINED" in readme.read_text()
         else:  # an unmaterialised point: images from the download's shards (only selected rows are reachable)
-            add_downloaded_parts(self.images, cfg.subset.parts)
+            add_downloaded_parts(self.images, cfg.subset.parts, only=set(meta["key"].astype(str)))
             self.untrained = any(read_json(part_dir("embed", p) / "model.json")["untrained"] for p in cfg.subset.parts)
 
     def info(self) -> dict:

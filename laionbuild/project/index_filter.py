@@ -86,8 +86,16 @@ def selected_ids(root: Path = Path(".")) -> np.ndarray:
     the first, imports included), so ~1-1.5 min over LAION-400M's ~400 parts."""
     selected = pq.ParquetFile(root / SELECTED / "selected.parquet")
     files = numbered(root / INDEX / "metadata", "metadata", ".parquet")
+    parts = read_json(root / INDEX / PARTS_FILE)
+    if len(files) != len(parts):
+        raise InputError(f"{root / INDEX}: {len(files)} metadata files for {len(parts)} indexed parts (parts.json); "
+                         "rebuild the index (`laionbuild build`)")
+    outside = sorted(set(selected_parts(selected)) - {entry["part"] for entry in parts})
+    if outside:
+        raise InputError(f"{root / INDEX}: the selection has samples of part {outside[0]}, which the index does not "
+                         "hold (built for other subset.parts?); rebuild the index (`laionbuild build`)")
     ids = []
-    for entry, path in zip(read_json(root / INDEX / PARTS_FILE), files):
+    for entry, path in zip(parts, files):
         wanted = _selected_of_part(selected, entry["part"])
         if not len(wanted):
             continue
@@ -99,6 +107,21 @@ def selected_ids(root: Path = Path(".")) -> np.ndarray:
                              f"indexed (e.g. {wanted[~found][0]}); rebuild the index (`laionbuild build`)")
         ids.append(entry["first_id"] + at)
     return np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
+
+
+def selected_parts(selected: pq.ParquetFile) -> list[int]:
+    """The parts a selection has samples of, from its row groups' statistics where they say."""
+    import pyarrow.compute as pc
+
+    index = selected.schema_arrow.get_field_index("part")
+    found: set[int] = set()
+    for i in range(selected.num_row_groups):
+        stats = selected.metadata.row_group(i).column(index).statistics
+        if stats is not None and stats.has_min_max and stats.min == stats.max:
+            found.add(int(stats.min))
+        else:
+            found.update(int(p) for p in pc.unique(selected.read_row_group(i, columns=["part"]).column("part")).to_pylist())
+    return sorted(found)
 
 
 def _keys(column) -> np.ndarray:
@@ -140,7 +163,7 @@ class SelectionFilter:
         mask = np.zeros(index.ntotal, bool)  # (transient: 1 byte a vector, 400 MB at 400M)
         mask[self.ids] = True
         self.bitmap = np.packbits(mask, bitorder="little")  # faiss: bit (i & 7) of byte i >> 3
-        self.selector = faiss.IDSelectorBitmap(index.ntotal, faiss.swig_ptr(self.bitmap))
+        self.selector = faiss.IDSelectorBitmap(len(self.bitmap), faiss.swig_ptr(self.bitmap))  # (n: bytes)
         self._kept: list = []
         self.params = search_parameters(index, self.selector, self._kept)
 
@@ -223,18 +246,25 @@ def exact_search_within(queries: np.ndarray, k: int, ids: np.ndarray, model: str
                         root: Path = Path("."), chunk: int = 262_144) -> np.ndarray:
     """Exact inner-product top k of `queries` over the image embeddings of the index ids `ids`
     (sorted) only, as index ids: one pass over the indexed files, a chunk of a file's selected
-    rows at a time (memory: one chunk). Ties break toward the lower id."""
+    rows at a time, each chunk's top k by faiss's brute-force knn (BLAS, all cores), merged with
+    the best so far (2k candidates a query): memory one chunk and its k per query, not a
+    queries x chunk score matrix."""
+    import faiss
+
     best_d = np.full((len(queries), 0), -np.inf, np.float32)
     best_i = np.zeros((len(queries), 0), np.int64)
+    queries = np.ascontiguousarray(queries, np.float32)
     start = 0
     for path in embedding_files("img_emb", model, root):
         array = np.load(path, mmap_mode="r")
         mine = ids[(ids >= start) & (ids < start + len(array))]
         for offset in range(0, len(mine), chunk):
             block_ids = mine[offset:offset + chunk]
-            block = np.asarray(array[block_ids - start], np.float32)
-            d = np.concatenate([best_d, queries @ block.T], axis=1)
-            i = np.concatenate([best_i, np.broadcast_to(block_ids, (len(queries), len(block_ids)))], axis=1)
+            block = np.ascontiguousarray(array[block_ids - start], np.float32)
+            top = min(k, len(block_ids))
+            block_d, local = faiss.knn(queries, block, top, faiss.METRIC_INNER_PRODUCT)
+            d = np.concatenate([best_d, block_d], axis=1)
+            i = np.concatenate([best_i, block_ids[local]], axis=1)
             order = np.lexsort((i, -d), axis=1)[:, :k]
             best_d, best_i = np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
         start += len(array)

@@ -37,6 +37,15 @@ def materialized(root: Path = Path(".")) -> bool:
 SCREENED_FILE = "blocked.parquet"  # data/screened/part_N/: (key, list) of the samples an image list names
 
 
+def screened_keys(part: int) -> set[str]:
+    """The keys of part `part` the screen stage matched against select.image_blocklists (empty
+    when no list is set or the part has no screened output)."""
+    path = part_dir("screen", part) / SCREENED_FILE
+    if not path.exists():
+        return set()
+    return {str(k) for k in pq.read_table(path, columns=["key"]).column("key").to_pylist()}
+
+
 def screened_files(cfg) -> list[str]:
     return [str(part_dir("screen", p) / SCREENED_FILE) for p in cfg.subset.parts]
 

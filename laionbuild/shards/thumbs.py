@@ -84,10 +84,12 @@ class ShardImages:
         self.close()
 
 
-def add_downloaded_parts(images: ShardImages, parts, exclude=None) -> None:
+def add_downloaded_parts(images: ShardImages, parts, exclude=None, only=None) -> None:
     """Register the successfully downloaded samples of img2dataset's shards of `parts`, by our
     key, from the shards' parquet files (no tar is opened until an image is read), less the
-    keys of `exclude` (a table with a `key` column: samples an image hash list matched)."""
+    keys of `exclude` (a table with a `key` column: samples an image hash list matched), and
+    with `only` (a set of keys) just those: serve on a sweep point maps its selected samples,
+    not every downloaded one (~400M Python entries at LAION-400M)."""
     from laionbuild.project.layout import KEY_COLUMN
     from laionbuild.shards.storage import part_shards
 
@@ -97,7 +99,8 @@ def add_downloaded_parts(images: ShardImages, parts, exclude=None) -> None:
             rows = pq.read_table(shard.parquet, columns=["key", "status", KEY_COLUMN]).to_pydict()
             images.add_shard(shard.location, {ours: stem for stem, status, ours in
                                               zip(rows["key"], rows["status"], rows[KEY_COLUMN])
-                                              if status == "success" and ours not in left_out})
+                                              if status == "success" and ours not in left_out
+                                              and (only is None or ours in only)})
 
 
 def thumbnail(data: bytes, size: int, square: bool = False) -> Image.Image:

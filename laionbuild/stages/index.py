@@ -52,7 +52,14 @@ def run(cfg) -> None:
         linked.mkdir(parents=True)
         for i, entry in enumerate(parts):
             target = (embed_dir(entry["part"], c.model) / "img_emb" / "img_emb_0.npy").resolve()
-            (linked / f"img_emb_{i:06d}.npy").symlink_to(target)
+            blocked = _blocked_rows(entry["part"])
+            if len(blocked):  # samples an image hash list names: zero vectors (ids stay rows), no metadata
+                emb = np.load(target)
+                emb[blocked] = 0
+                np.save(linked / f"img_emb_{i:06d}.npy", emb)
+                entry["blocked"] = int(len(blocked))
+            else:  # (the common case: a link, no copy)
+                (linked / f"img_emb_{i:06d}.npy").symlink_to(target)
         embeddings = str(linked.resolve())
     if cfg.engine.name == "spark":
         # autofaiss's own Spark path: trained on the driver, vectors added by one task per slice
@@ -113,10 +120,24 @@ def _build(cfg, c, source, embeddings: str, distributed: dict, parts: list | Non
         log.info("index: %s with %d vectors", type(index).__name__, index.ntotal)
 
 
+def _blocked_rows(part: int) -> np.ndarray:
+    """The rows of part `part`'s embeddings whose samples the screen stage matched (image hash
+    lists): a selection never holds them, and the all-samples index keeps neither their vectors
+    (zeroed) nor their url, caption or tags, so data/index holds nothing of them but the key."""
+    from laionbuild.project.outputs import screened_keys
+
+    blocked = screened_keys(part)
+    if not blocked:
+        return np.zeros(0, np.int64)
+    keys = pq.read_table(part_dir("embed", part) / "metadata" / "metadata_0.parquet",
+                         columns=[KEY_COLUMN]).column(KEY_COLUMN).to_pylist()
+    return np.flatnonzero([str(k) in blocked for k in keys])
+
+
 def _all_metadata(parts: list, folder) -> list:
     """`metadata/metadata_NNNNNN.parquet` of every embedded sample, one file per part in build
     order (row i over the files = index id i): key, url, caption and tags, the columns
-    data/embeddings/metadata has. Memory: one part's rows."""
+    data/embeddings/metadata has (only the key of a screened sample). Memory: one part's rows."""
     from laionbuild.shards.samples import part_rows
 
     folder.mkdir()
@@ -125,7 +146,11 @@ def _all_metadata(parts: list, folder) -> list:
         keys = pq.read_table(part_dir("embed", entry["part"]) / "metadata" / "metadata_0.parquet",
                              columns=[KEY_COLUMN]).column(KEY_COLUMN).to_pylist()
         path = folder / f"metadata_{i:06d}.parquet"
-        part_rows(entry["part"], [str(k) for k in keys]).drop(columns=["part"]).to_parquet(path, index=False)
+        rows = part_rows(entry["part"], [str(k) for k in keys]).drop(columns=["part"])
+        blocked = _blocked_rows(entry["part"]) if entry.get("blocked") else []
+        if len(blocked):
+            rows.loc[rows.index[blocked], [c for c in rows.columns if c != "key"]] = None
+        rows.to_parquet(path, index=False)
         files.append(path)
     return files
 
