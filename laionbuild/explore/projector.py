@@ -8,7 +8,9 @@ build at a git revision or DVC experiment name of that project, read from DVC's 
 directory's name (plus `@REV`).
 
 Read from each build: `data/embeddings/img_emb` + `metadata` (clip-retrieval's layout, rows in
-dataset order) and the images from `data/dataset/*.tar`. Written to DIR, in the projector's
+dataset order) and the images from `data/dataset/*.tar`; of an unmaterialised sweep point
+(`build -m`: assemble.materialize=false), its selection (`data/selected`) with each part's
+`data/embed` and the download's shards, the same rows `laionbuild materialize` would write. Written to DIR, in the projector's
 formats: `tensors.tsv` (N rows of D tab-separated floats, no header), `metadata.tsv` (a header
 `build caption url key`, then N rows; tabs and newlines in captions become spaces),
 `sprite.png` (the N thumbnails in row-major order on a ceil(sqrt N)-square grid, at most
@@ -29,6 +31,8 @@ from PIL import Image
 
 from laionbuild.project.atomic import atomic_dir
 from laionbuild.project.files import by_number
+from laionbuild.project.layout import KEY_COLUMN
+from laionbuild.project.outputs import UNMATERIALIZED_FILE
 from laionbuild.recipe.errors import InputError, MissingInputError
 from laionbuild.shards.thumbs import ShardImages, thumbnail
 
@@ -97,9 +101,15 @@ def load_build(ref: BuildRef, limit: int | None) -> tuple[np.ndarray, pd.DataFra
     """(embeddings, metadata with key/url/caption, its dataset shards' images) of one build;
     with `limit`, that many rows evenly spaced over the build."""
     files = _Files(ref)
+    where = f"{ref.path}{'@' + ref.rev if ref.rev else ''}"
+    if files.list("data/embeddings", UNMATERIALIZED_FILE):  # a sweep point: its selection only
+        embeddings, metadata, images = _selection(files, ref, where)
+        if limit is not None and len(metadata) > limit:
+            rows = np.linspace(0, len(metadata) - 1, limit).round().astype(int)
+            embeddings, metadata = embeddings[rows], metadata.iloc[rows].reset_index(drop=True)
+        return embeddings, metadata, images
     emb_files = by_number(files.list("data/embeddings/img_emb", ".npy"))
     meta_files = by_number(files.list("data/embeddings/metadata", ".parquet"))
-    where = f"{ref.path}{'@' + ref.rev if ref.rev else ''}"
     if not emb_files or not meta_files:
         raise MissingInputError(f"{ref.label}: no data/embeddings in {where}; build it first (`laionbuild build`)")
     embeddings = np.concatenate([np.load(io.BytesIO(files.read(f))) for f in emb_files]).astype(np.float32)
@@ -115,6 +125,33 @@ def load_build(ref: BuildRef, limit: int | None) -> tuple[np.ndarray, pd.DataFra
     for shard in files.list("data/dataset", ".tar"):
         images.add_shard(shard)
     return embeddings, metadata, images
+
+
+def _selection(files: _Files, ref: BuildRef, where: str) -> tuple[np.ndarray, pd.DataFrame, ShardImages]:
+    """An unmaterialised point (assemble.materialize=false): its selected samples (data/selected,
+    build order) with their image embeddings and captions from each part's data/embed, and
+    their images from the download's shards, what `laionbuild materialize` would write."""
+    if not files.list("data/selected", "selected.parquet"):
+        raise MissingInputError(f"{ref.label}: no data/selected in {where}; build it first (`laionbuild build`)")
+    selected = pd.read_parquet(io.BytesIO(files.read("data/selected/selected.parquet")), columns=["part", "key"])
+    embeddings, metadata = [], []
+    images = ShardImages(open_file=files.open)
+    for part, keys in selected.groupby("part", sort=False)["key"]:
+        base = f"data/embed/part_{part}"
+        meta = pd.read_parquet(io.BytesIO(files.read(f"{base}/metadata/metadata_0.parquet")),
+                               columns=[KEY_COLUMN, "url", "caption"])
+        row_of = pd.Series(np.arange(len(meta)), index=meta[KEY_COLUMN].astype(str))
+        rows = row_of.loc[keys.astype(str)].to_numpy()
+        embeddings.append(np.load(io.BytesIO(files.read(f"{base}/img_emb/img_emb_0.npy")))[rows].astype(np.float32))
+        metadata.append(meta.iloc[rows].rename(columns={KEY_COLUMN: "key"})[["key", "url", "caption"]])
+        wanted = set(keys.astype(str))
+        for table in files.list(f"data/images/part_{part}", ".parquet"):
+            shard = pd.read_parquet(io.BytesIO(files.read(table)), columns=["key", "status", KEY_COLUMN])
+            ok = shard[(shard["status"] == "success") & shard[KEY_COLUMN].astype(str).isin(wanted)]
+            images.add_shard(table[:-len(".parquet")] + ".tar", dict(zip(ok[KEY_COLUMN].astype(str), ok["key"])))
+    if not embeddings:
+        raise InputError(f"{ref.label}: no sample is selected in {where}")
+    return np.concatenate(embeddings), pd.concat(metadata, ignore_index=True), images
 
 
 def _tsv_field(value) -> str:
