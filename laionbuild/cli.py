@@ -306,7 +306,7 @@ def cmd_stage(args) -> int:
     if args.name in TORCH_FREE_STAGES and without_torch.enable():
         log.info("stage %s runs without torch, in this process and those it spawns (img2dataset needs none; "
                  "LAIONBUILD_WITHOUT_TORCH=0 turns this off)", args.name)
-    run_stage(args.name, cfg, args.part, all_parts=args.all_parts)
+    run_stage(args.name, cfg, args.part, all_parts=args.all_parts, params_yaml=args.params)
     # The stage's outputs are committed (atomic renames). Leave without the interpreter's
     # teardown: pyarrow's parquet threads can abort it at random after all the work is done
     # (apache/arrow#34314, "terminate called without an active exception", SIGABRT), which DVC
@@ -331,24 +331,34 @@ def cmd_retry_failed(args) -> int:
     """Re-attempt the transient download failures of built parts and merge the successes in;
     then record the new outputs in dvc.lock (`dvc commit`), so the next build reruns only what
     follows the download of the parts that changed."""
+    from laionbuild.project.partwise import changed_in_place, is_per_kind, marker_of, restore_marker, write_download_manifest
     from laionbuild.stages.download import retry_part
 
     cfg = load_params(args.params)
     without_torch.enable()
     parts = args.part if args.part else list(cfg.subset.parts)
+    per_kind = is_per_kind()
+    if per_kind and Path("dvc.lock").exists():
+        # the download kind is committed whole afterwards: it must be up to date but for its parts
+        pending = json.loads(run_dvc("status", "--json", "download", capture=True).stdout or "{}").get("download", [])
+        if any(k != "changed outs" for entry in pending if isinstance(entry, dict) for k in entry):
+            raise RecipeError("retry-failed: the download stage is not up to date (its params or inputs changed): "
+                              "`laionbuild build` first, then retry")
     changed = []
     for part in parts:
         if part not in cfg.subset.parts:
             raise RecipeError(f"--part {part}: not in subset.parts {list(cfg.subset.parts)}")
+        marker = marker_of("download", part) if per_kind else None
         failed, recovered = retry_part(cfg, part)
+        if marker is not None:
+            restore_marker("download", part, marker)  # (a part rebuilt from its manifest has none)
         print(f"part {part}: {failed} transient failures re-attempted, {recovered} recovered")
         if recovered:
             changed.append(part)
-    from laionbuild.project.partwise import changed_in_place, is_per_kind
-
-    per_kind = is_per_kind()
     for part in changed if per_kind else []:  # (what reads the part must see it changed)
         changed_in_place("download", part, f"retry-failed: {json.dumps(read_stats(part), sort_keys=True)}")
+    if changed and per_kind:
+        write_download_manifest(list(cfg.subset.parts))
     if changed and Path("dvc.lock").exists():
         result = run_dvc("commit", "--force", *(["download"] if per_kind else [f"download@{p}" for p in changed]))
         if result.returncode:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,15 @@ def test_a_change_reruns_only_the_parts_it_touches(tmp_path, source):
     assert reasons["fetch@0"][0] == "built"
     changed = project.build(*recipe(source, [0, 1, 2, 3]), "prepare.max_aspect_ratio=3.0")
     assert {f"prepare@{p}" for p in range(4)} <= set(changed.ran) and not any(n.startswith("fetch@") for n in changed.ran)
+
+    # a new order of the parts: no part reruns, dedup does (the first occurrence in part order wins)
+    reordered = project.build(*recipe(source, [3, 2, 1, 0]), "prepare.max_aspect_ratio=3.0")
+    assert touched(reordered) == [] and {"dedup", "select"} <= set(reordered.ran), reordered.ran
+
+    # a part's output deleted: that part reruns, and what reads it (its bytes may differ)
+    shutil.rmtree(project / "data/embed/part_2")
+    redone = project.build(*recipe(source, [3, 2, 1, 0]), "prepare.max_aspect_ratio=3.0")
+    assert touched(redone) == ["embed@2", "tag@2"], redone.ran
 
     # a dropped part leaves the kind's folder (kept, not lost), and nothing else reruns
     dropped = project.build(*recipe(source, [0, 1, 2]), "prepare.max_aspect_ratio=3.0")

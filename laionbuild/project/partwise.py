@@ -29,7 +29,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -57,6 +57,8 @@ def per_kind_stage(name: str, stage: dict) -> dict:
     if ITEM in cmd:
         raise ValueError(f"dvc.yaml stage {name}: cmd {do['cmd']!r} uses {ITEM} other than in `--part {ITEM}`")
     deps = list(dict.fromkeys(_folder(d, name) for d in do.get("deps", [])))
+    if name == "fetch":  # the parts' order: the first kind reruns (no part) and its manifest reorders
+        do = {**do, "params": ["subset.parts", *do.get("params", [])]}
     outs = [{_folder(o if isinstance(o, str) else next(iter(o)), name): {"persist": True}} for o in do["outs"]]
     return {k: v for k, v in {**do, "cmd": cmd, "deps": deps, "outs": outs}.items() if v}
 
@@ -75,8 +77,10 @@ def per_kind_graph(graph: dict) -> dict:
     (`data/raw`, `data/deduped`...) as that folder's manifest, `MANIFEST` (one line a part, in
     subset.parts order: the part and its output's id): DVC hashes a small file instead of
     walking every part's files for each stage that reads them (at 1,024 parts, most of DVC's
-    time). And `subset` as a param becomes `subset.name`: the manifests already change with the
-    parts and their order, and the lock does not repeat 1,024 part ids in every global stage."""
+    time). And `subset` as a param becomes `subset.name`: the manifests change with the parts and
+    their order (the fetch kind tracks subset.parts: a new order reruns it, which rewrites its
+    manifest in that order, and so on down to dedup, every part skipped), and the lock does not
+    repeat 1,024 part ids in every global stage."""
     stages = {name: per_kind_stage(name, st) if "foreach" in st else dict(st) for name, st in graph["stages"].items()}
     for stage in stages.values():
         if "deps" in stage:
@@ -175,14 +179,18 @@ class Fingerprints:
         self.stage = stage
         self.spec = _spec(stage, dvc_yaml)
         raw = _load(params_yaml)
-        self.params = {key: _param(raw, key) for key in _param_keys(self.spec)}
+        # (subset.parts is a param of the fetch kind so that a new order of the parts reruns the
+        # chain of manifests down to dedup; it is the graph's, not a part's: no part reruns for it)
+        self.params = {key: _param(raw, key) for key in _param_keys(self.spec) if not key.startswith("subset")}
         self._whole: dict[Path, str] = {}  # a dependency every part shares: digested once
 
-    def record(self, part: int) -> dict:
+    def record(self, part: int, fresh: bool = False) -> dict:
+        """Part `part`'s fingerprint now; `fresh`: the dependencies every part shares digested
+        again (after a part ran: they may have changed while it did)."""
         deps = {}
         for path in part_inputs(self.spec, part):
             if part_of(path) is None and path.as_posix() != f"{PER_PART_INPUTS}/part_{part}.json":
-                if path not in self._whole:
+                if fresh or path not in self._whole:
                     self._whole[path] = input_digest(path)
                 deps[path.as_posix()] = self._whole[path]
             else:
@@ -217,6 +225,19 @@ def changed_in_place(stage: str, part: int, what: str) -> None:
     atomic_write_text(PART_DIRS[stage] / f"part_{part}" / MARKER, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
+def restore_marker(stage: str, part: int, record: dict) -> None:
+    """Put a part's marker back where a command rebuilt its folder without it (retry-failed)."""
+    from laionbuild.project.atomic import atomic_write_text
+
+    path = PART_DIRS[stage] / f"part_{part}" / MARKER
+    if path.parent.is_dir() and not path.exists():
+        atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def write_download_manifest(parts: list[int]) -> None:
+    write_manifest(PART_DIRS["download"], {part: output_id("download", part) for part in parts})
+
+
 def why_stale(old: dict | None, new: dict) -> str | None:
     """None when `old` (a part's marker) is `new`; else what differs: `params: KEYS`, `deps:
     PATHS`, `cmd`, or `missing` when the part has no marker."""
@@ -233,7 +254,8 @@ def why_stale(old: dict | None, new: dict) -> str | None:
 
 # ---- the runner -------------------------------------------------------------------------------
 
-def run_parts(stage: str, parts: Iterable[int], run_part: Callable[[int], None]) -> tuple[list[int], list[int]]:
+def run_parts(stage: str, parts: Iterable[int], run_part: Callable[[int], None],
+              params_yaml: Path = Path("params.yaml")) -> tuple[list[int], list[int]]:
     """Run `run_part` for every part of `parts` whose marker is not its fingerprint, writing
     the marker after each; parts no longer listed move out of the kind's folder to data/.kept
     (nothing built is lost; DVC's cache holds them too). Returns (ran, skipped)."""
@@ -244,7 +266,7 @@ def run_parts(stage: str, parts: Iterable[int], run_part: Callable[[int], None])
     parts = list(parts)
     folder = PART_DIRS[stage]
     _move_dropped(folder, set(parts))
-    fingerprints = Fingerprints(stage)
+    fingerprints = Fingerprints(stage, params_yaml=params_yaml)
     ran, skipped = [], []
     for part in parts:
         record = fingerprints.record(part)
@@ -257,8 +279,12 @@ def run_parts(stage: str, parts: Iterable[int], run_part: Callable[[int], None])
         run_part(part)
         # a part's upstream markers are read again after its own run: a part stage that reads
         # its inputs while another process rewrites them is not done (the next run redoes it)
-        if fingerprints.record(part)["fingerprint"] != record["fingerprint"]:
+        if fingerprints.record(part, fresh=True)["fingerprint"] != record["fingerprint"]:
             raise RuntimeError(f"{stage}@{part}: its inputs changed while it ran; run the build again")
+        # the output's id, what the parts reading it see: new on every run of the part, since a
+        # rerun with the same inputs (a deleted output, a download from the live web) need not
+        # give the same bytes
+        record["output"] = hashlib.sha256(f"{record['fingerprint']}\0{uuid.uuid4()}".encode()).hexdigest()
         atomic_write_text(marker, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
         ran.append(part)
     write_manifest(folder, {part: output_id(stage, part) for part in parts})
@@ -301,8 +327,10 @@ def _move_dropped(folder: Path, parts: set[int]) -> None:
         if part is None or part in parts:
             continue
         target = KEPT / folder.name / path.name
-        if target.exists():
-            shutil.rmtree(target)
+        for n in range(1, 1000):  # (an earlier kept copy stays: as project/repo.py numbers them)
+            if not target.exists():
+                break
+            target = KEPT / folder.name / f"{path.name}.{n}"
         target.parent.mkdir(parents=True, exist_ok=True)
         os.rename(path, target)
         log.warning("%s: part %d is not in subset.parts: moved to %s", folder, part, target)

@@ -5,6 +5,7 @@ a test and an engine's executor all call it the same way."""
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 from laionbuild.project.layout import GLOBAL_STAGES, PER_PART_STAGES, SPLIT_STAGES
 from laionbuild.recipe.errors import InputError
@@ -13,7 +14,8 @@ from laionbuild.recipe.errors import InputError
 MODULES = {"select": "selection"}
 
 
-def run_stage(name: str, cfg, part: int | None = None, all_parts: bool = False) -> None:
+def run_stage(name: str, cfg, part: int | None = None, all_parts: bool = False,
+              params_yaml: str = "params.yaml") -> None:
     """Run stage `name`: a per-part stage for `part`, or with `all_parts` for every part of
     subset.parts that is not up to date (the per-kind graph: project/partwise.py)."""
     if name not in PER_PART_STAGES + GLOBAL_STAGES + SPLIT_STAGES:
@@ -24,7 +26,7 @@ def run_stage(name: str, cfg, part: int | None = None, all_parts: bool = False) 
 
         if part is not None:
             raise InputError(f"stage `{name}`: --part and --all-parts exclude each other")
-        run_parts(name, cfg.subset.parts, lambda p: module.run(cfg, p))
+        run_parts(name, cfg.subset.parts, lambda p: module.run(cfg, p), params_yaml=Path(params_yaml))
     elif name in PER_PART_STAGES:
         if part is None:
             raise InputError(f"stage `{name}` runs per part: pass --part N (or --all-parts)")
