@@ -7,11 +7,15 @@ project:
   dvc cpu      the `dvc repro` process's own CPU (not its stage processes'), polled, as a share
                of the build's wall time: DVC's machinery (lock file rewrites, hashing)
   no-op        `dvc repro` with nothing to do; `laionbuild status`
-  +1 part      the build with part N added (its per-part stages plus the global ones), and as a
-               fraction of the full build (goal: <= 1.2/N plus the global stages' own work)
+  +1 part      the build with part N added (its per-part stages plus the global ones), as a
+               fraction of the full build, and its seconds in the per-part stages (the rest is the
+               global stages, whose work grows with all the parts: dedup, select, index, report)
   lock KB      dvc.lock's size
 
-    .venv/bin/python bench/bench_graph.py [--parts 16,64,256,1024] [--rows 40]
+    .venv/bin/python bench/bench_graph.py [--parts 16,64,256,1024] [--rows 40] [--graph per-part,per-kind]
+
+`--graph`: the per-part graph (a DVC stage per part and kind, the default) and the per-kind
+graph (`laionbuild init --graph per-kind`: a stage per kind over every part), side by side.
 
 Goals (#21, at 1,024 parts): no-op repro <= 10 s, status <= 10 s, <= 1 s a part, DVC's CPU
 share <= 20 %. The fit in the issue (4.4 s + 0.125 s x parts, per part) puts 1,112 parts at
@@ -102,41 +106,72 @@ def timed(cmd: list[str], cwd: Path) -> float:
     return time.perf_counter() - start
 
 
+def timed_stages(cmd: list[str], cwd: Path) -> tuple[float, float]:
+    """(wall seconds, of which in per-part stages): each DVC stage line starts the clock of
+    that stage until the next one ("Running stage", "didn't change"); the per-part stages are
+    fetch@N ... tag@N (per-part graph) or fetch ... tag (per-kind graph), the rest global."""
+    import re
+
+    kinds = ("fetch", "prepare", "download", "screen", "faces", "watermark", "embed", "tag")
+    start = last = time.perf_counter()
+    current, per_part = None, 0.0
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail = []
+    for line in proc.stdout:
+        tail = (tail + [line])[-60:]
+        match = re.match(r"(?:Running stage|Stage) '([^']+)'", line)
+        if match:
+            now = time.perf_counter()
+            if current and current.split("@")[0] in kinds:
+                per_part += now - last
+            current, last = match.group(1), now
+    if proc.wait():
+        sys.exit(f"{' '.join(cmd[:3])} failed:\n{''.join(tail)}")
+    end = time.perf_counter()
+    if current and current.split("@")[0] in kinds:
+        per_part += end - last
+    return end - start, per_part
+
+
 def recipe(source: Path, parts: int) -> list[str]:
     return ["recipe=laion2b_en_emb", f"source.base_url={source}", f"source.num_parts={parts + 1}",
             f"subset.parts=[{','.join(map(str, range(parts)))}]", "index.index_key=Flat"]
 
 
-def measure(n: int, rows: int, work: Path) -> dict:
+def measure(n: int, rows: int, work: Path, graph: str = "per-part") -> dict:
     rng = np.random.default_rng(n)
     source = work / "laion2B-en"
     for part in range(n + 1):
         write_part(source, part, rows, rng)
     project = work / "project"
     laionbuild = str(BIN / "laionbuild")
-    timed([laionbuild, "init", str(project)], work)
+    timed([laionbuild, "init", "--graph", graph, str(project)], work)
     with DvcCpu() as dvc:
         full = timed([laionbuild, "build", *recipe(source, n)], project)
     noop = timed([sys.executable, "-m", "dvc", "repro"], project)
     status = timed([laionbuild, "status"], project)
     lock_kb = (project / "dvc.lock").stat().st_size / 1024
-    plus_one = timed([laionbuild, "build", *recipe(source, n + 1)], project)
+    plus_one, plus_one_parts = timed_stages([laionbuild, "build", *recipe(source, n + 1)], project)
     return {"parts": n, "full": full, "per_part": full / n, "dvc_share": dvc.seconds / full, "noop": noop,
-            "status": status, "plus_one": plus_one, "plus_one_share": plus_one / full, "lock_kb": lock_kb}
+            "status": status, "plus_one": plus_one, "plus_one_share": plus_one / full, "lock_kb": lock_kb,
+            "plus_one_parts": plus_one_parts}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="16,64", help="comma-separated part counts (the issue's: 16,64,256,1024)")
     parser.add_argument("--rows", type=int, default=40, help="rows per stand-in part")
+    parser.add_argument("--graph", default="per-part,per-kind",
+                        help="the stage graphs to measure (`laionbuild init --graph`), side by side per size")
     args = parser.parse_args()
-    print(f"{'parts':>6} {'full build':>11} {'per part':>9} {'dvc cpu':>8} {'no-op repro':>12} {'status':>7} "
-          f"{'+1 part':>8} {'(of full)':>9} {'dvc.lock':>9}")
-    for n in (int(p) for p in args.parts.split(",")):
+    print(f"{'graph':>9} {'parts':>6} {'full build':>11} {'per part':>9} {'dvc cpu':>8} {'no-op repro':>12} {'status':>7} "
+          f"{'+1 part':>8} {'(of full)':>9} {'in part stages':>15} {'dvc.lock':>9}")
+    for n, graph in ((int(p), g) for p in args.parts.split(",") for g in args.graph.split(",")):
         with tempfile.TemporaryDirectory(prefix=f"bench_graph_{n}_") as tmp:
-            r = measure(n, args.rows, Path(tmp))
-        print(f"{r['parts']:>6} {r['full']:>10.1f}s {r['per_part']:>8.2f}s {r['dvc_share']:>7.0%} {r['noop']:>11.1f}s "
-              f"{r['status']:>6.1f}s {r['plus_one']:>7.1f}s {r['plus_one_share']:>9.3f} {r['lock_kb']:>7.0f}KB",
+            r = measure(n, args.rows, Path(tmp), graph)
+        print(f"{graph:>9} {r['parts']:>6} {r['full']:>10.1f}s {r['per_part']:>8.2f}s {r['dvc_share']:>7.0%} {r['noop']:>11.1f}s "
+              f"{r['status']:>6.1f}s {r['plus_one']:>7.1f}s {r['plus_one_share']:>9.3f} {r['plus_one_parts']:>14.1f}s "
+              f"{r['lock_kb']:>7.0f}KB",
               flush=True)
 
 

@@ -62,6 +62,12 @@ def cmd_compose(args) -> int:
               f"(never committed); move it back with the part in subset.parts and `dvc commit` it, or delete it",
               file=sys.stderr)
     print(f"wrote {args.output} (recipe={cfg.recipe.name}, parts={list(cfg.subset.parts)})")
+    from laionbuild.project.partwise import PER_KIND_FROM, is_per_kind
+
+    if len(cfg.subset.parts) >= PER_KIND_FROM and Path("dvc.yaml").exists() and not is_per_kind():
+        print(f"{len(cfg.subset.parts)} parts on the per-part stage graph (8 DVC stages a part): `laionbuild graph "
+              "per-kind` builds the same outputs at a fraction of the fixed cost per part (docs/stages.md)",
+              file=sys.stderr)
     return 0
 
 
@@ -141,12 +147,52 @@ def cmd_init(args) -> int:
             raise RuntimeError(f"dvc init failed in {target}")
         enable_dvc_hydra()
         atomic_write_text("params.yaml", to_yaml(compose([], conf_dir="conf")))
+        if args.graph != "per-part":
+            from laionbuild.project.partwise import graph_text
+
+            atomic_write_text("dvc.yaml", graph_text(args.graph, template / "dvc.yaml"))
     finally:
         os.chdir(old)
     run(["git", "add", "-A"], target)
     run(["git", "-c", "user.name=laionbuild", "-c", "user.email=laionbuild@localhost", "commit", "-qm",
          "laionbuild init: recipes (conf/), stage graph (dvc.yaml), composed demo recipe (params.yaml)"], target)
     print(f"initialised a dataset repo in {target} (template: {template}): cd {target} && laionbuild build")
+    return 0
+
+
+def cmd_graph(args) -> int:
+    """Write this project's dvc.yaml as the per-part graph (the shipped one: a stage per part and
+    kind) or the per-kind graph (a stage per kind over every part: project/partwise.py). Outputs
+    stay where they are. To per-kind: every part whose per-part stages DVC finds up to date is
+    adopted (its marker written), so the next build reruns only the global stages. Back to
+    per-part: the per-part stages have no lock entries, so the next build runs them once."""
+    import yaml
+
+    from laionbuild.project.partwise import adopt, graph_text, is_per_kind
+    from laionbuild.project.splits import is_split_root
+    from laionbuild.project.template import template_root
+
+    if is_split_root():
+        raise RecipeError("graph: this is a split build; its splits' dvc.yaml files are the shipped graph")
+    was_per_kind = is_per_kind()
+    stale = None
+    if args.kind == "per-kind" and not was_per_kind and Path("dvc.lock").exists():
+        # the per-part stages DVC finds up to date now: their parts are adopted as built
+        result = run_dvc("status", "--json", capture=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"dvc status failed: {result.stderr.strip()}")
+        stale = set(json.loads(result.stdout or "{}"))
+        lock = set((yaml.safe_load(Path("dvc.lock").read_text()) or {}).get("stages") or {})
+    atomic_write_text("dvc.yaml", graph_text(args.kind, template_root() / "dvc.yaml"))
+    print(f"wrote dvc.yaml: the {args.kind} graph")
+    if stale is not None:
+        cfg = load_params("params.yaml")
+        adopted = adopt(list(cfg.subset.parts), lambda kind, part: f"{kind}@{part}" in lock - stale)
+        print("adopted the built parts (their markers written: the next build reruns none of them): "
+              + ", ".join(f"{kind} {n}/{len(cfg.subset.parts)}" for kind, n in adopted.items()))
+    elif args.kind == "per-part" and was_per_kind:
+        print("the per-part stages have no lock entries yet: the next build runs every part's stages once "
+              "(or, with the outputs up to date, `dvc commit --force` records them as built)")
     return 0
 
 
@@ -172,6 +218,11 @@ def _repro(args) -> int:
     elif args.stage:
         if args.stage not in STAGES and args.stage.split("@")[0] not in STAGES:
             raise RecipeError(f"--stage: unknown stage `{args.stage}`; stages: {', '.join(STAGES)}")
+        from laionbuild.project.partwise import is_per_kind
+
+        if "@" in args.stage and is_per_kind():
+            raise RecipeError(f"--stage {args.stage}: this project's dvc.yaml is the per-kind graph, whose stages run "
+                              f"every part: --stage {args.stage.split('@')[0]}")
         repro.append(args.stage)
     if not split_build and (args.progress or (args.progress is None and sys.stderr.isatty())):
         from laionbuild.explore.progress import BuildProgress, run_with_progress
@@ -255,7 +306,7 @@ def cmd_stage(args) -> int:
     if args.name in TORCH_FREE_STAGES and without_torch.enable():
         log.info("stage %s runs without torch, in this process and those it spawns (img2dataset needs none; "
                  "LAIONBUILD_WITHOUT_TORCH=0 turns this off)", args.name)
-    run_stage(args.name, cfg, args.part)
+    run_stage(args.name, cfg, args.part, all_parts=args.all_parts, params_yaml=args.params)
     # The stage's outputs are committed (atomic renames). Leave without the interpreter's
     # teardown: pyarrow's parquet threads can abort it at random after all the work is done
     # (apache/arrow#34314, "terminate called without an active exception", SIGABRT), which DVC
@@ -266,25 +317,50 @@ def cmd_stage(args) -> int:
     os._exit(0)
 
 
+def read_stats(part: int) -> dict:
+    """A built download part's stats.json ({} when it has none)."""
+    from laionbuild.project.layout import STATS_FILE, part_dir
+
+    try:
+        return json.loads((part_dir("download", part) / STATS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def cmd_retry_failed(args) -> int:
     """Re-attempt the transient download failures of built parts and merge the successes in;
     then record the new outputs in dvc.lock (`dvc commit`), so the next build reruns only what
     follows the download of the parts that changed."""
+    from laionbuild.project.partwise import changed_in_place, is_per_kind, marker_of, restore_marker, write_download_manifest
     from laionbuild.stages.download import retry_part
 
     cfg = load_params(args.params)
     without_torch.enable()
     parts = args.part if args.part else list(cfg.subset.parts)
+    per_kind = is_per_kind()
+    if per_kind and Path("dvc.lock").exists():
+        # the download kind is committed whole afterwards: it must be up to date but for its parts
+        pending = json.loads(run_dvc("status", "--json", "download", capture=True).stdout or "{}").get("download", [])
+        if any(k != "changed outs" for entry in pending if isinstance(entry, dict) for k in entry):
+            raise RecipeError("retry-failed: the download stage is not up to date (its params or inputs changed): "
+                              "`laionbuild build` first, then retry")
     changed = []
     for part in parts:
         if part not in cfg.subset.parts:
             raise RecipeError(f"--part {part}: not in subset.parts {list(cfg.subset.parts)}")
+        marker = marker_of("download", part) if per_kind else None
         failed, recovered = retry_part(cfg, part)
+        if marker is not None:
+            restore_marker("download", part, marker)  # (a part rebuilt from its manifest has none)
         print(f"part {part}: {failed} transient failures re-attempted, {recovered} recovered")
         if recovered:
             changed.append(part)
+    for part in changed if per_kind else []:  # (what reads the part must see it changed)
+        changed_in_place("download", part, f"retry-failed: {json.dumps(read_stats(part), sort_keys=True)}")
+    if changed and per_kind:
+        write_download_manifest(list(cfg.subset.parts))
     if changed and Path("dvc.lock").exists():
-        result = run_dvc("commit", "--force", *[f"download@{p}" for p in changed])
+        result = run_dvc("commit", "--force", *(["download"] if per_kind else [f"download@{p}" for p in changed]))
         if result.returncode:
             return result.returncode
     if changed:
@@ -400,11 +476,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copy-conf", action="store_true",
                    help="copy every shipped group and recipe into conf/ (a frozen copy) instead of searching them "
                         "after the repo's own conf/")
+    p.add_argument("--graph", choices=("per-part", "per-kind"), default="per-part",
+                   help="the stage graph: a DVC stage per part and kind (default), or per kind over every part "
+                        "(fewer, longer stages: for 1,000+ parts; see `laionbuild graph`)")
     p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("graph", help="write dvc.yaml as the per-part or the per-kind stage graph")
+    p.add_argument("kind", choices=("per-part", "per-kind"))
+    p.set_defaults(func=cmd_graph)
 
     p = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
     p.add_argument("name", choices=STAGES + SPLIT_STAGES)
     p.add_argument("--part", type=int, help="part id, for per-part stages")
+    p.add_argument("--all-parts", action="store_true",
+                   help="a per-part stage over every part of subset.parts not up to date (the per-kind graph)")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--layout", type=int, help="the output layout dvc.yaml was written for (assemble: 2); a stage "
                                               "refuses another, so an old dvc.yaml never keeps outputs of an old layout")

@@ -23,6 +23,9 @@ from typing import Callable, TextIO
 from laionbuild.project.layout import GLOBAL_STAGES, PART_DIRS, PER_PART_STAGES, SELECTED, STATS_FILE, WORK, part_dir
 
 _STAGE = re.compile(r"Running stage '([^']+)'|Stage '([^']+)' (?:didn't change|is cached)|'([^']+)' didn't change")
+# the per-kind graph (project/partwise.py): one DVC stage per kind, which names its parts itself
+_PART = re.compile(r"laionbuild: running part stage '([^']+)'")
+_KIND_DONE = re.compile(r"laionbuild: (\w+): \d+ part\(s\) run, \d+ up to date")
 _RATE = re.compile(r" · [\d.]+ samples/s")
 _FUNNEL_STAGES = ("prepare", "dedup", "download", "embed")
 
@@ -50,18 +53,28 @@ class BuildProgress:
 
     def feed(self, line: str) -> None:
         """One line of DVC's output."""
-        match = _STAGE.search(line)
-        if not match:
+        match = _STAGE.search(line) or _PART.search(line)
+        kind_done = _KIND_DONE.search(line)
+        if not match and not kind_done:
             return
         with self._lock:
-            if self.running:
-                self.done.add(self.running)
+            # (a per-kind stage's parts run inside it: its running parts do not finish it)
+            inside = self.running in PER_PART_STAGES and match is not None and bool(_PART.search(line))
+            if self.running and not inside:
+                self.done.update(self._names(self.running))
                 self.running = None
-            if match.group(1):
+            if kind_done:
+                self.done.update(self._names(kind_done.group(1)))
+            elif match.group(1):
                 self.running, self.running_since = match.group(1), time.time()
             else:
-                self.done.add(match.group(2) or match.group(3))
+                self.done.update(self._names(match.group(2) or match.group(3)))
         self.show()
+
+    def _names(self, stage: str) -> list[str]:
+        """What a finished stage counts as: a per-part kind's stage of the per-kind graph is
+        all of its parts."""
+        return [f"{stage}@{p}" for p in self.parts] if stage in PER_PART_STAGES else [stage]
 
     def finish(self) -> None:
         with self._lock:

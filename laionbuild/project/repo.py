@@ -182,6 +182,7 @@ def stage_status() -> list[tuple[str, str, str]]:
     import yaml
 
     from laionbuild.project.inputs import expected, pending
+    from laionbuild.project.partwise import is_per_kind
 
     cfg = load_params("params.yaml")
     lock = {}
@@ -201,7 +202,11 @@ def stage_status() -> list[tuple[str, str, str]]:
              for p in (cfg.subset.parts if s in PER_PART_STAGES else [None])]
     rows = [inputs]
     params = yaml.safe_load(Path("params.yaml").read_text()) or {}
+    per_kind = is_per_kind()
     for name in names[1:]:
+        if per_kind and "@" in name:
+            rows.append(_part_status(name, lock, changed, files))
+            continue
         deleted, why = _why_stale(changed.get(name, []))
         # a tracked section (`select`) names the keys of it that changed (`select.min_clip_similarity`)
         was = lock.get(name, {}).get("params", {}).get("params.yaml", {})
@@ -218,6 +223,35 @@ def stage_status() -> list[tuple[str, str, str]]:
         else:
             rows.append((name, "built", ""))
     return rows
+
+
+def _part_status(name: str, lock: dict, changed: dict, files: dict) -> tuple[str, str, str]:
+    """A part's row in the per-kind graph (project/partwise.py): its kind's stage as DVC
+    sees it, then the part's marker against its fingerprint now (the params that differ, by
+    key; the inputs of that part that differ), and the files the inputs check sees changed."""
+    from laionbuild.project.partwise import Fingerprints, marker_of
+
+    kind, _, part = name.partition("@")
+    part = int(part)
+    marker = marker_of(kind, part)
+    deleted, _ = _why_stale(changed.get(kind, []))
+    if kind not in lock or marker is None or deleted:
+        return name, "missing", ""
+    if kind not in _FINGERPRINTS:
+        _FINGERPRINTS[kind] = Fingerprints(kind)
+    now = _FINGERPRINTS[kind].record(part)
+    was = marker.get("params", {})
+    why = {"file": files.get(name, []),
+           "params": [k for key, value in now["params"].items() if was.get(key) != value
+                      for k in (_changed_keys(key, was.get(key), value) or [key])],
+           "deps": [p for p, digest in now["deps"].items() if marker.get("deps", {}).get(p) != digest]}
+    reason = "; ".join(f"{kind}: {_few(items)}" for kind, items in why.items() if items)
+    if not reason and marker.get("fingerprint") != now["fingerprint"]:
+        reason = "cmd"
+    return name, "stale" if reason else "built", reason
+
+
+_FINGERPRINTS: dict = {}  # per kind, for one status (each kind's params read once)
 
 
 def _why_stale(entries: list) -> tuple[bool, dict[str, list[str]]]:

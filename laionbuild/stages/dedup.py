@@ -26,6 +26,7 @@ from laionbuild.metadata.rules import sql_string
 from laionbuild.project.atomic import atomic_dir
 from laionbuild.project.funnel import Counts
 from laionbuild.project.layout import DEDUPED, TMP, part_dir
+from laionbuild.project.partwise import folder_digest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ def run(cfg) -> None:
             counts.set("after_dedup", pq.read_metadata(target).num_rows)
             counts.save(target.parent)
             log.info("dedup part %d: %d rows kept", part, counts.values["after_dedup"])
+        # what the per-kind graph's stages depend on instead of the folder (project/partwise.py)
+        write_manifest(out, {part: folder_digest(target.parent) for part, target in zip(parts, targets)})
 
 
 def _run_duckdb(cfg, sources, targets) -> None:
