@@ -317,21 +317,13 @@ def cmd_stage(args) -> int:
     os._exit(0)
 
 
-def read_stats(part: int) -> dict:
-    """A built download part's stats.json ({} when it has none)."""
-    from laionbuild.project.layout import STATS_FILE, part_dir
-
-    try:
-        return json.loads((part_dir("download", part) / STATS_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def cmd_retry_failed(args) -> int:
     """Re-attempt the transient download failures of built parts and merge the successes in;
     then record the new outputs in dvc.lock (`dvc commit`), so the next build reruns only what
     follows the download of the parts that changed."""
-    from laionbuild.project.partwise import changed_in_place, is_per_kind, marker_of, restore_marker, write_download_manifest
+    from laionbuild.project.funnel import load_stats
+    from laionbuild.project.layout import part_dir
+    from laionbuild.project.partwise import changed_in_place, is_per_kind, marker_of, refresh_manifest, restore_marker
     from laionbuild.stages.download import retry_part
 
     cfg = load_params(args.params)
@@ -356,9 +348,9 @@ def cmd_retry_failed(args) -> int:
         if recovered:
             changed.append(part)
     for part in changed if per_kind else []:  # (what reads the part must see it changed)
-        changed_in_place("download", part, f"retry-failed: {json.dumps(read_stats(part), sort_keys=True)}")
+        changed_in_place("download", part, f"retry-failed: {json.dumps(load_stats(part_dir('download', part)), sort_keys=True)}")
     if changed and per_kind:
-        write_download_manifest(list(cfg.subset.parts))
+        refresh_manifest("download", list(cfg.subset.parts))
     if changed and Path("dvc.lock").exists():
         result = run_dvc("commit", "--force", *(["download"] if per_kind else [f"download@{p}" for p in changed]))
         if result.returncode:

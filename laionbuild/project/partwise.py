@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from laionbuild.project.layout import DATA, INPUTS, PART_DIRS, PER_PART_STAGES
+from laionbuild.project.layout import DATA, INPUTS, PART_DIRS, PER_PART_STAGES, part_of
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +165,7 @@ def input_digest(path: Path) -> str:
     if path.is_file():
         return memo_digest(path)
     if path.is_dir():
-        h = hashlib.md5()
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            h.update(f"{file.relative_to(path).as_posix()}\0{memo_digest(file)}\0".encode())
-        return "dir:" + h.hexdigest()
+        return "dir:" + folder_digest(path, memo_digest)
     return "missing"
 
 
@@ -200,11 +197,6 @@ class Fingerprints:
         return {"fingerprint": hashlib.sha256(text.encode()).hexdigest(), **body}
 
 
-def part_of(path: Path) -> int | None:
-    name = path.name
-    return int(name[5:]) if name.startswith("part_") and name[5:].isdigit() else None
-
-
 def marker_of(stage: str, part: int) -> dict | None:
     try:
         return json.loads((PART_DIRS[stage] / f"part_{part}" / MARKER).read_text())
@@ -212,44 +204,34 @@ def marker_of(stage: str, part: int) -> dict | None:
         return None
 
 
+def write_marker(stage: str, part: int, record: dict) -> None:
+    from laionbuild.project.atomic import atomic_write_text
+
+    path = PART_DIRS[stage] / f"part_{part}" / MARKER
+    atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def refresh_manifest(stage: str, parts: list[int]) -> None:
+    """The kind's manifest from its parts' markers, in subset.parts order."""
+    write_manifest(PART_DIRS[stage], {part: output_id(stage, part) for part in parts})
+
+
 def changed_in_place(stage: str, part: int, what: str) -> None:
     """Record on a part's marker that its output changed after its stage ran (`laionbuild
     retry-failed` merging recovered downloads into data/images/part_N): the part stays up to
     date, and what reads it sees a new input (its `output` id), so it reruns."""
-    from laionbuild.project.atomic import atomic_write_text
-
     record = marker_of(stage, part)
     if record is None:
         return  # no marker: the next build runs the part anyway
     record["output"] = hashlib.sha256(f"{record.get('output', record['fingerprint'])}\0{what}".encode()).hexdigest()
-    atomic_write_text(PART_DIRS[stage] / f"part_{part}" / MARKER, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    write_marker(stage, part, record)
 
 
 def restore_marker(stage: str, part: int, record: dict) -> None:
     """Put a part's marker back where a command rebuilt its folder without it (retry-failed)."""
-    from laionbuild.project.atomic import atomic_write_text
-
     path = PART_DIRS[stage] / f"part_{part}" / MARKER
     if path.parent.is_dir() and not path.exists():
-        atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
-
-
-def write_download_manifest(parts: list[int]) -> None:
-    write_manifest(PART_DIRS["download"], {part: output_id("download", part) for part in parts})
-
-
-def why_stale(old: dict | None, new: dict) -> str | None:
-    """None when `old` (a part's marker) is `new`; else what differs: `params: KEYS`, `deps:
-    PATHS`, `cmd`, or `missing` when the part has no marker."""
-    if old is None:
-        return "missing"
-    if old.get("fingerprint") == new["fingerprint"]:
-        return None
-    params = [k for k in new["params"] if old.get("params", {}).get(k) != new["params"][k]]
-    deps = [p for p in new["deps"] if old.get("deps", {}).get(p) != new["deps"][p]]
-    why = [f"params: {', '.join(params)}"] if params else []
-    why += [f"deps: {', '.join(deps)}"] if deps else []
-    return "; ".join(why) or "cmd"
+        write_marker(stage, part, record)
 
 
 # ---- the runner -------------------------------------------------------------------------------
@@ -259,7 +241,6 @@ def run_parts(stage: str, parts: Iterable[int], run_part: Callable[[int], None],
     """Run `run_part` for every part of `parts` whose marker is not its fingerprint, writing
     the marker after each; parts no longer listed move out of the kind's folder to data/.kept
     (nothing built is lost; DVC's cache holds them too). Returns (ran, skipped)."""
-    from laionbuild.project.atomic import atomic_write_text
 
     if stage not in PER_PART_STAGES:
         raise ValueError(f"`{stage}` is not a per-part stage ({', '.join(PER_PART_STAGES)})")
@@ -270,7 +251,7 @@ def run_parts(stage: str, parts: Iterable[int], run_part: Callable[[int], None],
     ran, skipped = [], []
     for part in parts:
         record = fingerprints.record(part)
-        if why_stale(marker_of(stage, part), record) is None:
+        if (marker_of(stage, part) or {}).get("fingerprint") == record["fingerprint"]:
             skipped.append(part)
             continue
         print(f"laionbuild: running part stage '{stage}@{part}'", flush=True)
@@ -285,9 +266,9 @@ def run_parts(stage: str, parts: Iterable[int], run_part: Callable[[int], None],
         # rerun with the same inputs (a deleted output, a download from the live web) need not
         # give the same bytes
         record["output"] = hashlib.sha256(f"{record['fingerprint']}\0{uuid.uuid4()}".encode()).hexdigest()
-        atomic_write_text(marker, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+        write_marker(stage, part, record)
         ran.append(part)
-    write_manifest(folder, {part: output_id(stage, part) for part in parts})
+    refresh_manifest(stage, parts)
     print(f"laionbuild: {stage}: {len(ran)} part(s) run, {len(skipped)} up to date", flush=True)
     return ran, skipped
 
@@ -308,14 +289,16 @@ def write_manifest(folder: Path, ids: dict[int, str]) -> None:
         atomic_write_text(path, text)
 
 
-def folder_digest(path: Path) -> str:
-    """md5 over a folder's files (names and contents), for a manifest of a global stage's
-    per-part output (dedup's)."""
+def folder_digest(path: Path, file_digest: Callable[[Path], str] | None = None) -> str:
+    """md5 over a folder's files (names and contents; `file_digest`: files.digest, or
+    memo_digest for inputs read on every run): a part's input, or the manifest of a global
+    stage's per-part output (dedup's)."""
     from laionbuild.project.files import digest
 
+    file_digest = file_digest or digest
     h = hashlib.md5()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f"{file.relative_to(path).as_posix()}\0{digest(file)}\0".encode())
+        h.update(f"{file.relative_to(path).as_posix()}\0{file_digest(file)}\0".encode())
     return h.hexdigest()
 
 
@@ -366,8 +349,6 @@ def adopt(parts: list[int], up_to_date: Callable[[str, int], bool]) -> dict[str,
     part)`), kind by kind in pipeline order (a marker's fingerprint reads the upstream ones),
     and each kind's manifest, so the first per-kind build reruns no part's work. A part not
     adopted (stale, never built) gets no marker and runs then. Returns {kind: parts adopted}."""
-    from laionbuild.project.atomic import atomic_write_text
-
     adopted = {}
     for stage in PER_PART_STAGES:
         folder = PART_DIRS[stage]
@@ -376,9 +357,8 @@ def adopt(parts: list[int], up_to_date: Callable[[str, int], bool]) -> dict[str,
         fingerprints, count = Fingerprints(stage), 0
         for part in parts:
             if (folder / f"part_{part}").is_dir() and up_to_date(stage, part):
-                record = fingerprints.record(part)
-                atomic_write_text(folder / f"part_{part}" / MARKER, json.dumps(record, indent=1, sort_keys=True) + "\n")
+                write_marker(stage, part, fingerprints.record(part))
                 count += 1
-        write_manifest(folder, {part: output_id(stage, part) for part in parts})
+        refresh_manifest(stage, parts)
         adopted[stage] = count
     return adopted

@@ -203,9 +203,10 @@ def stage_status() -> list[tuple[str, str, str]]:
     rows = [inputs]
     params = yaml.safe_load(Path("params.yaml").read_text()) or {}
     per_kind = is_per_kind()
+    fingerprints: dict = {}  # per kind (its params read once), for the per-kind graph's part rows
     for name in names[1:]:
         if per_kind and "@" in name:
-            rows.append(_part_status(name, lock, changed, files))
+            rows.append(_part_status(name, lock, changed, files, fingerprints))
             continue
         deleted, why = _why_stale(changed.get(name, []))
         # a tracked section (`select`) names the keys of it that changed (`select.min_clip_similarity`)
@@ -225,7 +226,7 @@ def stage_status() -> list[tuple[str, str, str]]:
     return rows
 
 
-def _part_status(name: str, lock: dict, changed: dict, files: dict) -> tuple[str, str, str]:
+def _part_status(name: str, lock: dict, changed: dict, files: dict, fingerprints: dict) -> tuple[str, str, str]:
     """A part's row in the per-kind graph (project/partwise.py): its kind's stage as DVC
     sees it, then the part's marker against its fingerprint now (the params that differ, by
     key; the inputs of that part that differ), and the files the inputs check sees changed."""
@@ -237,9 +238,9 @@ def _part_status(name: str, lock: dict, changed: dict, files: dict) -> tuple[str
     deleted, _ = _why_stale(changed.get(kind, []))
     if kind not in lock or marker is None or deleted:
         return name, "missing", ""
-    if kind not in _FINGERPRINTS:
-        _FINGERPRINTS[kind] = Fingerprints(kind)
-    now = _FINGERPRINTS[kind].record(part)
+    if kind not in fingerprints:
+        fingerprints[kind] = Fingerprints(kind)
+    now = fingerprints[kind].record(part)
     was = marker.get("params", {})
     why = {"file": files.get(name, []),
            "params": [k for key, value in now["params"].items() if was.get(key) != value
@@ -249,9 +250,6 @@ def _part_status(name: str, lock: dict, changed: dict, files: dict) -> tuple[str
     if not reason and marker.get("fingerprint") != now["fingerprint"]:
         reason = "cmd"
     return name, "stale" if reason else "built", reason
-
-
-_FINGERPRINTS: dict = {}  # per kind, for one status (each kind's params read once)
 
 
 def _why_stale(entries: list) -> tuple[bool, dict[str, list[str]]]:
