@@ -41,13 +41,25 @@ class Result:
 
     @property
     def ran(self) -> list[str]:
-        """Stages DVC actually ran (not skipped, not restored from its cache), less `inputs`: that
-        one runs on every build by design (it only checks the files stages read; `checked`), so a
-        no-op rebuild has `ran == []`. tests/test_file_inputs.py checks that it runs every time
-        and stays cheap."""
-        names = re.findall(r"Running stage '([^']+)'|running part stage '([^']+)'", self.output)
+        """Stages DVC found changed, in the order it took them: those it ran and those it restored
+        from its run-cache (the outputs an earlier run of the same command, deps and params made:
+        the test session's projects share one DVC cache, `SHARED_CACHE`, so a stage another test
+        already ran is restored), less `inputs`: that one runs on every build by design (it only
+        checks the files stages read; `checked`), so a no-op rebuild has `ran == []`.
+        tests/test_file_inputs.py checks that it runs every time and stays cheap. `executed`:
+        only those it ran."""
+        return self._stages(r"Running stage '([^']+)'|running part stage '([^']+)'|"
+                            r"Stage '([^']+)' is cached - skipping run")
+
+    @property
+    def executed(self) -> list[str]:
+        """Stages whose command DVC ran (not restored from its run-cache), less `inputs`."""
+        return self._stages(r"Running stage '([^']+)'|running part stage '([^']+)'")
+
+    def _stages(self, pattern: str) -> list[str]:
+        names = ["".join(groups) for groups in re.findall(pattern, self.output)]
         # (the per-kind graph: a kind's own stage is not work; the parts it runs are, by name)
-        return [a or b for a, b in names if (a or b) != "inputs" and (a or b) not in PER_PART_STAGES]
+        return [name for name in names if name != "inputs" and name not in PER_PART_STAGES]
 
     @property
     def checked(self) -> bool:
@@ -119,11 +131,37 @@ class Project:
         return self.path / other
 
 
-def new_project(path: Path) -> Project:
+# The test session's one DVC cache, which every project `new_project` makes uses unless told
+# otherwise (set by the `shared_dvc_cache` fixture): a stage that another test already ran with the
+# same command, deps and params is restored from DVC's run-cache instead of recomputed, as in a
+# user's sweeps. Per session only: the run-cache does not know our code, so it must not outlive it.
+SHARED_CACHE: list[Path] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_dvc_cache(tmp_path_factory) -> Path:
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker has its basetemp in the session's one folder
+        root = root.parent
+    SHARED_CACHE[:] = [root / "dvc-cache"]
+    SHARED_CACHE[0].mkdir(exist_ok=True)
+    return SHARED_CACHE[0]
+
+
+def new_project(path: Path, cache: str = "shared") -> Project:
+    """A git + DVC repo holding the shipped recipe files. `cache`: "shared" (the session's DVC
+    cache, `SHARED_CACHE`) or "own" (its own .dvc/cache: for a test that compares two builds,
+    kills one, or counts or deletes cache objects, where a restore from another test's run would
+    make it pass without checking anything)."""
+    if cache not in ("shared", "own"):
+        raise ValueError(f"new_project: cache={cache!r}: 'shared' or 'own'")
     copy_template(ROOT, path, PROJECT_FILES)
     project = Project(path)
     project.run("git", "init", "-q")
     project.dvc("init", "-q")
+    if cache == "shared" and SHARED_CACHE:
+        # (.dvc/config.local: not committed, as `dvc cache dir --local` writes it)
+        (path / ".dvc/config.local").write_text(f"[cache]\n    dir = {SHARED_CACHE[0]}\n")
     project.run("git", "add", "-A")
     project.run("git", "commit", "-qm", "init")
     return project

@@ -34,7 +34,7 @@ def shared_demo(tmp_path_factory) -> tuple[Project, Result]:
                 saved = json.loads(record.read_text())
                 project, result = Project(Path(saved["path"])), Result(saved["returncode"], saved["output"])
             else:
-                project = new_project(root / "shared_demo" / "project")
+                project = new_project(root / "shared_demo" / "project", cache="own")  # copies take its cache along
                 result = project.laionbuild("build", "--progress", *OVERRIDES)
                 record.write_text(json.dumps({"path": str(project.path), "returncode": result.returncode,
                                               "output": result.output}))

@@ -215,7 +215,7 @@ def test_adding_a_part_runs_only_that_part_and_global_stages(built):
     removed = built.build(*base)
     # only the dataset card is rewritten (its outputs are `cache: false`, kept in git, and it records
     # the git commit, which DVC does not see): nothing is recomputed
-    assert removed.ran in ([], ["card"])
+    assert removed.executed in ([], ["card"])
     assert set(GLOBAL + ["dedup", "neardup", "clusters"]) - {"card"} <= set(removed.restored)
     assert {d: tree_digest(built / "data" / d) for d in digests} == digests
     assert (built / "data/metrics/funnel.json").read_text() == funnel

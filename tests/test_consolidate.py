@@ -39,7 +39,7 @@ def test_crawl_files_consolidate_into_seeded_parts(tmp_path):
     assert sum(len(t) for t in prepared) == len(written)
     assert prepared[1]["key"][0].as_py() == "00001000000000"
 
-    again = new_project(tmp_path / "b")  # deterministic: byte-identical parts in a fresh project
+    again = new_project(tmp_path / "b", cache="own")  # deterministic: byte-identical parts in a fresh project
     again.build(*overrides)
     assert [digest(again / f"data/consolidated/part-{p:05d}.parquet") for p in range(3)] == \
         [digest(consolidated / f"part-{p:05d}.parquet") for p in range(3)]

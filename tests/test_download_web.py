@@ -139,7 +139,7 @@ def test_retry_failed_merges_recovered_samples(project, tmp_path, shared):
         write_urls(tmp_path / "source", urls)
         overrides = [*source_overrides(tmp_path / "source"), "download.allow_private_urls=true",
                      "download.number_sample_per_shard=6", "select.min_clip_similarity=null", *shards_url]
-        project.build(*overrides)
+        project.build(*overrides, "--stage", "download")  # (the rest is built after the retry)
         before = stats(project)
         first = json.loads((project / "data/images/part_0/shards.json").read_text()) if shared else None
         assert before["counts"]["downloaded_ok"] == 10 and before["failures"] == {"http 503": 4, "http 404": 2}

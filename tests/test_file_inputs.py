@@ -280,13 +280,14 @@ def test_edited_part_head_weights_and_checkpoint_rerun_what_reads_them(tmp_path_
 
     weights = project.path.parent / "heads" / "brightness.npz"
     head = [f"+tag.heads.brightness={{kind:linear,path:'{weights}'}}"]
-    skipped = project.build(*RECIPE, *head)
+    # (up to the stage under test: what follows the tags is checked by the edited-part build above)
+    skipped = project.build(*RECIPE, *head, "--stage", "tag")
     assert {"tag@0", "tag@1"} <= set(skipped.ran)
     assert "brightness" not in pq.read_schema(project / "data/tags/part_0/tags.parquet").names
     weights.parent.mkdir()
     np.savez(weights, W0=np.ones((32, 1), np.float32), b0=np.zeros(1, np.float32))
     assert project.status_reasons()["tag@0"] == ("stale", f"file: {weights}")
-    appeared = project.build(*RECIPE, *head)
+    appeared = project.build(*RECIPE, *head, "--stage", "tag")
     assert {"tag@0", "tag@1"} <= set(appeared.ran) and not {"embed@0", "download@0"} & set(appeared.ran)
     assert "brightness" in pq.read_schema(project / "data/tags/part_1/tags.parquet").names
 
@@ -295,11 +296,11 @@ def test_edited_part_head_weights_and_checkpoint_rerun_what_reads_them(tmp_path_
     cascade = project.path.parent / "cascade.xml"  # the face detector's weights (opencv_haar: a cascade)
     shutil.copy(haar_cascade_path(), cascade)
     faces = [f"tag.faces.weights={cascade}"]
-    assert {"faces@0", "faces@1"} <= set(project.build(*RECIPE, *head, *faces).ran)
+    assert {"faces@0", "faces@1"} <= set(project.build(*RECIPE, *head, *faces, "--stage", "faces").ran)
     declaration, rest = cascade.read_text().split("\n", 1)
     cascade.write_text(f"{declaration}\n<!-- edited: another cascade -->\n{rest}")
     assert project.status_reasons()["faces@1"] == ("stale", f"file: {cascade}")
-    edited_cascade = project.build(*RECIPE, *head, *faces)
+    edited_cascade = project.build(*RECIPE, *head, *faces, "--stage", "faces")
     assert {"faces@0", "faces@1"} <= set(edited_cascade.ran) and "download@0" not in edited_cascade.ran
 
     import torch
@@ -307,13 +308,13 @@ def test_edited_part_head_weights_and_checkpoint_rerun_what_reads_them(tmp_path_
     checkpoint = project.path.parent / "tiny.pt"
     shutil.copy(next((project / "data/.work/models").glob("laionbuild-tiny-random-seed0.pt")), checkpoint)
     local = [o for o in FAST if not o.startswith("embed.pretrained=")] + [f"embed.pretrained={checkpoint}"]
-    project.laionbuild("build", *local, *RECIPE, *head, *faces)
+    project.laionbuild("build", *local, *RECIPE, *head, *faces, "--stage", "tag")
     md5 = yaml.safe_load((project / "data/embed/part_0/model.json").read_text())["checkpoint_md5"]
     state = torch.load(checkpoint)
     state = {k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}
     torch.save(state, checkpoint)
     assert project.status_reasons()["embed@1"] == ("stale", f"file: {checkpoint}")
-    rewritten = project.laionbuild("build", *local, *RECIPE, *head, *faces)
+    rewritten = project.laionbuild("build", *local, *RECIPE, *head, *faces, "--stage", "tag")
     assert {"embed@0", "embed@1", "tag@0"} <= set(rewritten.ran) and "download@0" not in rewritten.ran
     assert yaml.safe_load((project / "data/embed/part_0/model.json").read_text())["checkpoint_md5"] != md5
 

@@ -107,7 +107,8 @@ def test_a_change_reruns_only_the_parts_it_touches(tmp_path, source):
     pq.write_table(table, meta)
     assert project.status_reasons()["fetch@1"] == ("stale", f"file: {meta}")
     assert project.status()["fetch@0"] == "built"
-    edited = project.build(*recipe(source, [0, 1, 2, 3]))
+    # (from here, up to select: what follows it was checked by `added`)
+    edited = project.build(*recipe(source, [0, 1, 2, 3]), "--stage", "select")
     assert touched(edited) == sorted(f"{s}@1" for s in PER_PART), edited.ran
     captions = [c for f in sorted((project / "data/deduped/part_1").glob("*.parquet"))
                 for c in pq.read_table(f, columns=["caption"]).column(0).to_pylist()]
@@ -118,20 +119,20 @@ def test_a_change_reruns_only_the_parts_it_touches(tmp_path, source):
     reasons = project.status_reasons()
     assert all(reasons[f"prepare@{p}"] == ("stale", "params: prepare.max_aspect_ratio") for p in range(4))
     assert reasons["fetch@0"][0] == "built"
-    changed = project.build(*recipe(source, [0, 1, 2, 3]), "prepare.max_aspect_ratio=3.0")
+    changed = project.build(*recipe(source, [0, 1, 2, 3]), "prepare.max_aspect_ratio=3.0", "--stage", "select")
     assert {f"prepare@{p}" for p in range(4)} <= set(changed.ran) and not any(n.startswith("fetch@") for n in changed.ran)
 
     # a new order of the parts: no part reruns, dedup does (the first occurrence in part order wins)
-    reordered = project.build(*recipe(source, [3, 2, 1, 0]), "prepare.max_aspect_ratio=3.0")
+    reordered = project.build(*recipe(source, [3, 2, 1, 0]), "prepare.max_aspect_ratio=3.0", "--stage", "select")
     assert touched(reordered) == [] and {"dedup", "select"} <= set(reordered.ran), reordered.ran
 
     # a part's output deleted: that part reruns, and what reads it (its bytes may differ)
     shutil.rmtree(project / "data/embed/part_2")
-    redone = project.build(*recipe(source, [3, 2, 1, 0]), "prepare.max_aspect_ratio=3.0")
+    redone = project.build(*recipe(source, [3, 2, 1, 0]), "prepare.max_aspect_ratio=3.0", "--stage", "select")
     assert touched(redone) == ["embed@2", "tag@2"], redone.ran
 
     # a dropped part leaves the kind's folder (kept, not lost), and nothing else reruns
-    dropped = project.build(*recipe(source, [0, 1, 2]), "prepare.max_aspect_ratio=3.0")
+    dropped = project.build(*recipe(source, [0, 1, 2]), "prepare.max_aspect_ratio=3.0", "--stage", "select")
     assert touched(dropped) == [], dropped.ran
     assert not (project / "data/raw/part_3").exists()
     status = project.status()

@@ -42,7 +42,7 @@ def test_compose_keeps_dropped_outputs_the_cache_does_not_hold(project):
 
     # part 1 added back: its fetch comes back from the cache, nothing runs
     again = project.build("subset.parts=[0,1]", "--stage", "fetch")
-    assert again.ran == [], again.ran
+    assert again.executed == [], again.executed
     assert (project / "data/raw/part_1").is_dir()
     # dropped again (now held as it is): removed, not kept a second time
     project.laionbuild("compose", *FAST, "subset.parts=[0]")
@@ -371,7 +371,7 @@ def test_two_clones_building_at_once_write_one_prefix_once(s3, tmp_path, monkeyp
     fs, _ = s3
     url = f"s3://{S3_BUCKET}/concurrent"
     common = [*FAST, "subset.parts=[0]", f"download.shards_url={url}"]
-    clones = [new_project(tmp_path / "a"), new_project(tmp_path / "b")]
+    clones = [new_project(tmp_path / "a", cache="own"), new_project(tmp_path / "b", cache="own")]
     points = [[], ["select.min_clip_similarity=0.01"]]  # distinct experiments, one download
     for clone, point in zip(clones, points):
         clone.build(*common[len(FAST):], *point, "--stage", "dedup")

@@ -29,8 +29,8 @@ def test_kill_during_download_then_resume(tmp_path):
         overrides = [*source_overrides(source), f"download.number_sample_per_shard={PER_SHARD}",
                      "download.thread_count=2", "select.min_clip_similarity=null"]
 
-        reference = new_project(tmp_path / "reference")
-        reference.build(*overrides)
+        reference = new_project(tmp_path / "reference", cache="own")
+        reference.build(*overrides, "--stage", "select")  # (its selection is all we compare)
         expected = pq.read_table(reference / "data/selected/selected.parquet")["key"].to_pylist()
 
         _kill_and_resume(tmp_path / "killed", server, overrides, expected,
@@ -47,7 +47,7 @@ def _kill_and_resume(path, server, overrides, expected, stats_files: Callable[[P
     """Kill the build once two shards of part 0 are done (`stats_files`: img2dataset's finished
     shards), build again: the expected selection, finished shards not downloaded again."""
     server.requests.clear()
-    project = new_project(path)
+    project = new_project(path, cache="own")  # (killed: nothing restored from another test)
     process = subprocess.Popen([str(BIN / "laionbuild"), "build", *FAST, *overrides], cwd=project.path,
                                env=build_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
@@ -99,7 +99,7 @@ def test_download_stage_killed_at_random_points(tmp_path):
     with ImageServer(delay=0.02) as server:
         source = tmp_path / "source"
         write_source(source, server.url, ROWS, missing_every=10)
-        project = new_project(tmp_path / "project")
+        project = new_project(tmp_path / "project", cache="own")
         project.build(*source_overrides(source), f"download.number_sample_per_shard={PER_SHARD}",
                       "download.thread_count=2", "--stage", "download")
         reference = _shard_keys(project)

@@ -69,7 +69,7 @@ def both(tmp_path_factory, shared_spark, s3):
     from laionbuild.engine.spark import executor_environment
 
     local, _ = shared_demo(tmp_path_factory)
-    on_spark = new_project(tmp_path_factory.mktemp("spark_stages") / "spark")
+    on_spark = new_project(tmp_path_factory.mktemp("spark_stages") / "spark", cache="own")
     jobs = spark_jobs(shared_spark)
     opener_stats = []  # each download's policy opener: executors' workers must have installed it
     handler = logging.Handler()
@@ -220,7 +220,7 @@ def _kill_one_worker(stop: threading.Event, killed: list) -> None:
 
 
 def test_a_killed_spark_worker_is_retried_and_the_output_is_complete(tmp_path):
-    project = new_project(tmp_path / "project")
+    project = new_project(tmp_path / "project", cache="own")
     with FaultyWeb(delay=0.1) as web:
         urls = [web.url(0, f"/img/{i}.jpg") for i in range(40)]
         write_urls(tmp_path / "source", urls)
