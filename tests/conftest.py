@@ -34,6 +34,12 @@ def build_env() -> dict:
     return env
 
 
+# DVC's (and the per-kind graph's) lines for a stage whose command ran, and for one restored from
+# the run-cache
+_RAN = r"Running stage '([^']+)'|running part stage '([^']+)'"
+_RESTORED = r"Stage '([^']+)' is cached - skipping run"
+
+
 @dataclass
 class Result:
     returncode: int
@@ -48,13 +54,12 @@ class Result:
         checks the files stages read; `checked`), so a no-op rebuild has `ran == []`.
         tests/test_file_inputs.py checks that it runs every time and stays cheap. `executed`:
         only those it ran."""
-        return self._stages(r"Running stage '([^']+)'|running part stage '([^']+)'|"
-                            r"Stage '([^']+)' is cached - skipping run")
+        return self._stages(f"{_RAN}|{_RESTORED}")
 
     @property
     def executed(self) -> list[str]:
         """Stages whose command DVC ran (not restored from its run-cache), less `inputs`."""
-        return self._stages(r"Running stage '([^']+)'|running part stage '([^']+)'")
+        return self._stages(_RAN)
 
     def _stages(self, pattern: str) -> list[str]:
         names = ["".join(groups) for groups in re.findall(pattern, self.output)]
@@ -68,7 +73,7 @@ class Result:
 
     @property
     def restored(self) -> list[str]:
-        return re.findall(r"Stage '([^']+)' is cached - skipping run", self.output)
+        return re.findall(_RESTORED, self.output)
 
 
 class Project:
@@ -131,6 +136,13 @@ class Project:
         return self.path / other
 
 
+def session_root(tmp_path_factory) -> Path:
+    """The test session's one temp folder, shared by its pytest-xdist workers (each worker has its
+    own basetemp inside it)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
 # The test session's one DVC cache, which every project `new_project` makes uses unless told
 # otherwise (set by the `shared_dvc_cache` fixture): a stage that another test already ran with the
 # same command, deps and params is restored from DVC's run-cache instead of recomputed, as in a
@@ -140,10 +152,7 @@ SHARED_CACHE: list[Path] = []
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_dvc_cache(tmp_path_factory) -> Path:
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker has its basetemp in the session's one folder
-        root = root.parent
-    SHARED_CACHE[:] = [root / "dvc-cache"]
+    SHARED_CACHE[:] = [session_root(tmp_path_factory) / "dvc-cache"]
     SHARED_CACHE[0].mkdir(exist_ok=True)
     return SHARED_CACHE[0]
 

@@ -7,13 +7,12 @@ works on a copy (`copy_of`)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 from filelock import FileLock
 
-from .conftest import FAST, Project, Result, new_project
+from .conftest import FAST, Project, Result, new_project, session_root
 
 EXTRA = ["tag.faces.detector=opencv_haar", "prepare.max_aspect_ratio=3.5"]
 RECIPE = ["subset.parts=[0,1]", *EXTRA]
@@ -24,10 +23,7 @@ _built: dict[str, tuple[Project, Result]] = {}
 def shared_demo(tmp_path_factory) -> tuple[Project, Result]:
     """(the built project, the output of its `laionbuild build --progress`)."""
     if "demo" not in _built:
-        # under xdist every worker has its own basetemp inside the session's one folder
-        root = tmp_path_factory.getbasetemp()
-        if os.environ.get("PYTEST_XDIST_WORKER"):
-            root = root.parent
+        root = session_root(tmp_path_factory)
         record = root / "shared_demo.json"
         with FileLock(str(root / "shared_demo.lock")):
             if record.exists():
